@@ -1,0 +1,46 @@
+"""The one place that maps a backend name to the module implementing an op family.
+
+Every implementation module exposes the same function names with the same signatures
+(``attention_fwd``/``attention_bwd``, ``conv1d_mlp_fwd``/``conv1d_mlp_bwd``,
+``lora_linear_fwd``/``lora_linear_bwd``, ``merge_lora``):
+
+* eager  -> ``recon_kernels.reference``
+* triton -> ``recon_kernels.triton.<family>``
+* cuda   -> ``recon_kernels.cuda`` (Python launchers of the compiled extension)
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from .. import backends
+
+# A library fragment for the public composite ops (the custom ops register themselves).
+LIB = torch.library.Library("recon", "FRAGMENT")
+
+
+def impl(backend: str, family: str) -> ModuleType:
+    if backend == "eager":
+        return importlib.import_module("recon_kernels.reference")
+    if backend == "triton":
+        return importlib.import_module(f"recon_kernels.triton.{family}")
+    if backend == "cuda":
+        return importlib.import_module("recon_kernels.cuda")
+    raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """Concrete backend for a call; float64 only runs on eager (auto picks it, others raise)."""
+    requested = backends.get_backend() if backend is None else backend
+    if isinstance(requested, str) and requested.lower() == "auto" and dtype == torch.float64:
+        return "eager"
+    name = backends.resolve(requested, device)
+    if dtype == torch.float64 and name != "eager":
+        raise ValueError(
+            f"dtype: backend {name!r} supports float32, float16 and bfloat16, got torch.float64 "
+            "(float64 runs on backend='eager')"
+        )
+    return name

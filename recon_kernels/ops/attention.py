@@ -1,0 +1,205 @@
+"""masked_softmax_attention and causal_attention: validation, custom ops, autograd.
+
+Two opaque custom ops carry the work (``recon::attention_fwd`` -> (out, lse) and
+``recon::attention_bwd`` -> (dq, dk, dv)); forward saves q, k, v, out and lse. The public
+ops ``recon::masked_softmax_attention`` / ``recon::causal_attention`` are composite: they
+validate, resolve the backend and call the forward op, so torch.compile sees one opaque
+node per call and autograd reaches the backward op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _dispatch
+from ._validate import check_device, check_scale, check_tensor, shape_str
+
+MAX_HEAD_DIM = 256
+_LAYOUT_Q = "(B, H, Nq, D)"
+_LAYOUT_KV = "(B, H, Nk, D)"
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("recon::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32; float64 for float64 inputs)."""
+    return _dispatch.impl(backend, "attention").attention_fwd(
+        q, k, v, mask, key_padding_mask, scale, causal
+    )
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, key_padding_mask, scale, causal, backend):
+    B, H, NQ, D = q.shape
+    torch._check(k.shape[-1] == D, lambda: f"k: head dim {k.shape[-1]} != q's {D}")
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, H, NQ, D)), q.new_empty((B, H, NQ), dtype=lse_dtype)
+
+
+@torch.library.custom_op("recon::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the input dtypes."""
+    return _dispatch.impl(backend, "attention").attention_bwd(
+        dout, q, k, v, out, lse, mask, key_padding_mask, scale, causal
+    )
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, key_padding_mask, scale, causal, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, kpm, scale, causal, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, kpm)
+    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask, kpm = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 8
+    dq, dk, dv = attention_bwd(
+        dout, q, k, v, out, lse, mask, kpm, ctx.scale, ctx.causal, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(q, k, v, mask, key_padding_mask, scale):
+    check_tensor("q", q, ndim=4, layout=_LAYOUT_Q)
+    check_tensor("k", k, ndim=4, layout=_LAYOUT_KV)
+    check_tensor("v", v, ndim=4, layout=_LAYOUT_KV)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (same as q), got {t.dtype}")
+        check_device(name, t, "q", q)
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(
+            f"k: expected shape ({B}, {H}, Nk, {D}) to match q {shape_str(q)}, got {shape_str(k)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {shape_str(k)} (same as k), got {shape_str(v)}")
+    if NQ < 1 or NK < 1 or B < 1 or H < 1:
+        raise ValueError(
+            f"q/k: expected B, H, Nq, Nk >= 1, got q {shape_str(q)} and k {shape_str(k)}"
+        )
+    if D < 1 or D > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim D must be in [1, {MAX_HEAD_DIM}], got D={D}")
+    if mask is not None:
+        check_tensor("mask", mask, ndim=(2, 3, 4), dtypes=(torch.bool,))
+        check_device("mask", mask, "q", q)
+        m = mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        for got, want, what in zip(m.shape, (B, H, NQ, NK), ("B", "H", "Nq", "Nk")):
+            if got not in (1, want):
+                raise ValueError(
+                    f"mask: expected a shape broadcastable to (B, H, Nq, Nk) = "
+                    f"({B}, {H}, {NQ}, {NK}), got {shape_str(mask)} (dim {what}: {got})"
+                )
+        mask = m
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, layout="(B, Nk)", dtypes=(torch.bool,))
+        check_device("key_padding_mask", key_padding_mask, "q", q)
+        if tuple(key_padding_mask.shape) != (B, NK):
+            raise ValueError(
+                f"key_padding_mask: expected shape (B, Nk) = ({B}, {NK}), "
+                f"got {shape_str(key_padding_mask)}"
+            )
+    scale = 1.0 / math.sqrt(D) if scale is None else check_scale("scale", scale)
+    return mask, scale
+
+
+def _attention(q, k, v, mask, key_padding_mask, scale, causal, backend):
+    mask, scale = _validate(q, k, v, mask, key_padding_mask, scale)
+    name = _dispatch.resolve(backend, q.device, q.dtype)
+    out, _ = attention_fwd(q, k, v, mask, key_padding_mask, scale, causal, name)
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def masked_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) v, bidirectional.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D), any strides, float32/float16/bfloat16
+    (float64 on the eager backend), D <= 256.
+    mask: bool broadcastable to (B, H, Nq, Nk), True = may attend (SDPA convention).
+    key_padding_mask: bool (B, Nk), True = real token (HF attention_mask convention).
+    scale: defaults to 1/sqrt(D). A query row with no allowed key returns 0 (0 gradient).
+    Returns (B, H, Nq, D) contiguous in q's dtype. Saves q, k, v, out and the
+    log-sum-exp (B, H, Nq) for backward.
+    """
+    return _attention(q, k, v, mask, key_padding_mask, scale, False, backend)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal attention: query i sees keys j <= i + Nk - Nq (bottom-right aligned, so a
+    decode step with Nq=1 sees every key). Shapes and the rest as masked_softmax_attention.
+    """
+    return _attention(q, k, v, None, key_padding_mask, scale, True, backend)
+
+
+_dispatch.LIB.define(
+    "masked_softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, *, "
+    "Tensor? key_padding_mask=None, float? scale=None, str? backend=None) -> Tensor"
+)
+_dispatch.LIB.impl("masked_softmax_attention", masked_softmax_attention, "CompositeImplicitAutograd")
+_dispatch.LIB.define(
+    "causal_attention(Tensor q, Tensor k, Tensor v, *, Tensor? key_padding_mask=None, "
+    "float? scale=None, str? backend=None) -> Tensor"
+)
+_dispatch.LIB.impl("causal_attention", causal_attention, "CompositeImplicitAutograd")

@@ -1,0 +1,211 @@
+"""lora_linear (x Wᵀ + b + s·(x Aᵀ) Bᵀ, never forming W + s·BA) and merge_lora.
+
+Custom ops ``recon::lora_linear_fwd`` -> (y, xa) and ``recon::lora_linear_bwd``; forward
+saves x and xa = x Aᵀ (M, r) (plus the weights, which are parameters, not activations).
+dW is computed only when the base weight requires grad (the fine-tuning case skips it).
+``recon::merge_lora`` returns weight + scale · B A.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch
+from ._validate import check_like, check_scale, check_tensor, shape_str
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("recon::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, in) -> (y (M, out), xa (M, r)), both in x.dtype."""
+    return _dispatch.impl(backend, "lora").lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, backend):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "x/weight inner size mismatch")
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+@torch.library.custom_op("recon::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    needs_dw: bool,
+    has_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dA, dB); dweight/dbias are empty (0,) when not needed."""
+    dx, dw, dbias, da, db = _dispatch.impl(backend, "lora").lora_linear_bwd(
+        dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias
+    )
+    if dw is None:
+        dw = weight.new_empty(0)
+    if dbias is None:
+        dbias = weight.new_empty(0)
+    return dx, dw, dbias, da, db
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias, backend):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight) if needs_dw else weight.new_empty(0),
+        weight.new_empty(weight.shape[0] if has_bias else 0),
+        torch.empty_like(lora_a),
+        torch.empty_like(lora_b),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, backend = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, dy, dxa):
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    needs_dw = bool(ctx.needs_input_grad[1])
+    needs_dbias = ctx.has_bias and bool(ctx.needs_input_grad[2])
+    dx, dw, dbias, da, db = lora_linear_bwd(
+        dy, x, weight, lora_a, lora_b, xa, ctx.scale, needs_dw, needs_dbias, ctx.backend
+    )
+    return dx, dw if needs_dw else None, dbias if needs_dbias else None, da, db, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("recon::merge_lora_op", mutates_args=())
+def merge_lora_op(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, backend: str
+) -> torch.Tensor:
+    """weight + scale · lora_b @ lora_a, in weight's dtype."""
+    return _dispatch.impl(backend, "lora").merge_lora(weight, lora_a, lora_b, scale)
+
+
+@merge_lora_op.register_fake
+def _(weight, lora_a, lora_b, scale, backend):
+    return torch.empty_like(weight)
+
+
+def _merge_setup(ctx, inputs, output):
+    weight, lora_a, lora_b, scale, backend = inputs
+    ctx.save_for_backward(lora_a, lora_b)
+    ctx.scale = scale
+
+
+def _merge_backward(ctx, g):
+    lora_a, lora_b = ctx.saved_tensors
+    # d/dA = s Bᵀ g, d/dB = s g Aᵀ: (out, r)ᵀ (out, in) and (out, in) (r, in)ᵀ, small GEMMs
+    da = (ctx.scale * (lora_b.float().t() @ g.float())).to(lora_a.dtype)
+    db = (ctx.scale * (g.float() @ lora_a.float().t())).to(lora_b.dtype)
+    return g, da, db, None, None
+
+
+merge_lora_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _validate_lora(name_x, x, weight, lora_a, lora_b):
+    check_tensor("weight", weight, ndim=2, layout="(out, in)")
+    check_tensor("lora_a", lora_a, ndim=2, layout="(r, in)")
+    check_tensor("lora_b", lora_b, ndim=2, layout="(out, r)")
+    ref_name, ref = (name_x, x) if x is not None else ("weight", weight)
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not ref:
+            check_like(name, t, ref_name, ref)
+    out_f, in_f = weight.shape
+    if lora_a.shape[1] != in_f:
+        raise ValueError(
+            f"lora_a: expected shape (r, {in_f}) to match weight {shape_str(weight)}, got {shape_str(lora_a)}"
+        )
+    r = lora_a.shape[0]
+    if tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(
+            f"lora_b: expected shape ({out_f}, {r}) = (out, r) to match weight {shape_str(weight)} "
+            f"and lora_a {shape_str(lora_a)}, got {shape_str(lora_b)}"
+        )
+    if r < 1:
+        raise ValueError(f"lora_a: expected rank r >= 1, got shape {shape_str(lora_a)}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x Wᵀ + b + scale · (x Aᵀ) Bᵀ without materialising W + scale · B A.
+
+    x: (..., in); weight: (out, in); lora_a: (r, in); lora_b: (out, r) (peft layout);
+    bias: (out,) or None. Returns (..., out) in x's dtype. Saves x and x Aᵀ (M, r) for
+    backward; dW only when weight.requires_grad.
+    """
+    check_tensor("x", x, ndim=range(1, 9), layout="(..., in)")
+    _validate_lora("x", x, weight, lora_a, lora_b)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x: expected last dim {weight.shape[1]} (weight's in features), got shape {shape_str(x)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, layout="(out,)")
+        check_like("bias", bias, "x", x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {shape_str(bias)}")
+    scale = check_scale("scale", scale)
+    name = _dispatch.resolve(backend, x.device, x.dtype)
+    lead = x.shape[:-1]
+    y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, name)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def merge_lora(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """weight + scale · lora_b @ lora_a (a new tensor in weight's dtype, fp32 accumulation).
+
+    weight: (out, in); lora_a: (r, in); lora_b: (out, r)."""
+    _validate_lora(None, None, weight, lora_a, lora_b)
+    scale = check_scale("scale", scale)
+    name = _dispatch.resolve(backend, weight.device, weight.dtype)
+    return merge_lora_op(weight, lora_a, lora_b, scale, name)
+
+
+_dispatch.LIB.define(
+    "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+    "float scale, *, str? backend=None) -> Tensor"
+)
+_dispatch.LIB.impl("lora_linear", lora_linear, "CompositeImplicitAutograd")
+_dispatch.LIB.define(
+    "merge_lora(Tensor weight, Tensor lora_a, Tensor lora_b, float scale, *, str? backend=None) -> Tensor"
+)
+_dispatch.LIB.impl("merge_lora", merge_lora, "CompositeImplicitAutograd")

@@ -1,0 +1,272 @@
+"""Eager PyTorch references of every op: the test oracle AND the CPU (``eager``) kernels.
+
+Everything here is plain differentiable PyTorch, float64 capable, and written for clarity
+rather than speed. Two kinds of functions live here:
+
+* ``attention``, ``conv1d_mlp``, ``lora_linear``, ``merge_lora``: the oracle. Autograd
+  through them gives the reference gradients. They compute in the input dtype, so running
+  them on fp16/bf16 inputs gives "what eager PyTorch gets in low precision" (the
+  baseline of the 2x-error tolerance rule).
+* ``*_fwd`` / ``*_bwd``: the ``eager`` backend of the custom ops. Same math with explicit
+  backward formulas (the ones the kernels implement), accumulating in float32 for
+  half-precision inputs like the kernels do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention_allowed(
+    nq: int,
+    nk: int,
+    *,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean ``(B|1, H|1, Nq, Nk)`` tensor of allowed (query, key) pairs, or None for all.
+
+    mask: bool broadcastable to (B, H, Nq, Nk), True = may attend.
+    key_padding_mask: bool (B, Nk), True = real token.
+    causal: query i sees keys j <= i + Nk - Nq (bottom-right aligned).
+    """
+    allowed = None
+    if mask is not None:
+        allowed = mask
+    if key_padding_mask is not None:
+        kpm = key_padding_mask[:, None, None, :]
+        allowed = kpm if allowed is None else allowed & kpm
+    if causal:
+        i = torch.arange(nq, device=device)[:, None]
+        j = torch.arange(nk, device=device)[None, :]
+        cm = j <= i + (nk - nq)
+        allowed = cm if allowed is None else allowed & cm
+    return allowed
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) v in the input dtype; rows with no allowed key give 0.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D). Returns (B, H, Nq, D).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    allowed = attention_allowed(
+        q.shape[-2],
+        k.shape[-2],
+        mask=mask,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        device=q.device,
+    )
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if allowed is not None:
+        # fully-masked rows are NaN after softmax: define them as 0 (and 0 gradient)
+        p = torch.where(allowed.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype))
+    return torch.matmul(p, v)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager kernel: returns (out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32/64).
+
+    lse is the natural log-sum-exp of the scaled, masked scores; +inf for rows with no
+    allowed key (so that exp(s - lse) == 0 in backward).
+    """
+    acc = _acc_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    allowed = attention_allowed(
+        q.shape[-2],
+        k.shape[-2],
+        mask=mask,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        device=q.device,
+    )
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    p = torch.exp(s - lse[..., None])
+    out = torch.matmul(p, vf)
+    return out.to(q.dtype), lse
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager kernel backward (FlashAttention formulas): returns dq, dk, dv."""
+    acc = _acc_dtype(q.dtype)
+    qf, kf, vf, of, dof = (t.to(acc) for t in (q, k, v, out, dout))
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    allowed = attention_allowed(
+        q.shape[-2],
+        k.shape[-2],
+        mask=mask,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        device=q.device,
+    )
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.exp(s - lse.to(acc)[..., None])  # (B, H, Nq, Nk); 0 where masked / empty row
+    delta = (dof * of).sum(-1, keepdim=True)  # (B, H, Nq, 1)
+    dv = torch.matmul(p.transpose(-1, -2), dof)
+    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    ds = p * (dp - delta) * scale
+    dq = torch.matmul(ds, kf)
+    dk = torch.matmul(ds.transpose(-1, -2), qf)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+def apply_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "relu":
+        return F.relu(h)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def activation_grad(h: torch.Tensor, name: str) -> torch.Tensor:
+    """d act(h) / dh, elementwise."""
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + h * pdf
+    if name == "gelu_tanh":
+        c = math.sqrt(2.0 / math.pi)
+        inner = c * (h + 0.044715 * h**3)
+        t = torch.tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
+    if name == "relu":
+        return (h > 0).to(h.dtype)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def conv1d_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """act(x W1ᵀ + b1) W2ᵀ + b2. x: (..., C); w1: (hidden, C); w2: (C_out, hidden)."""
+    h = F.linear(x, w1, b1)
+    return F.linear(apply_activation(h, activation), w2, b2)
+
+
+def conv1d_mlp_fwd(x, w1, b1, w2, b2, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager kernel: x (M, C) -> (y (M, C_out), h (M, hidden) pre-activation, x.dtype)."""
+    accd = _acc_dtype(x.dtype)
+    h = F.linear(x.to(accd), w1.to(accd), None if b1 is None else b1.to(accd))
+    y = F.linear(apply_activation(h, act), w2.to(accd), None if b2 is None else b2.to(accd))
+    return y.to(x.dtype), h.to(x.dtype)
+
+
+def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool):
+    """Eager kernel backward. All 2-D. Returns dx, dw1, db1|None, dw2, db2|None."""
+    accd = _acc_dtype(x.dtype)
+    dyf, xf, w1f, w2f, hf = (t.to(accd) for t in (dy, x, w1, w2, h))
+    a = apply_activation(hf, act)
+    dw2 = dyf.t() @ a
+    db2 = dyf.sum(0) if has_b2 else None
+    dh = (dyf @ w2f) * activation_grad(hf, act)
+    dw1 = dh.t() @ xf
+    db1 = dh.sum(0) if has_b1 else None
+    dx = dh @ w1f
+    cast = lambda t, ref: None if t is None else t.to(ref.dtype)  # noqa: E731
+    return dx.to(x.dtype), dw1.to(w1.dtype), cast(db1, w1), dw2.to(w2.dtype), cast(db2, w2)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """x Wᵀ + b + scale·(x Aᵀ) Bᵀ. weight: (out, in); lora_a: (r, in); lora_b: (out, r)."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+
+
+def merge_lora(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """weight + scale · lora_b @ lora_a, in weight's dtype (computed in fp32 or better)."""
+    accd = _acc_dtype(weight.dtype)
+    return (weight.to(accd) + scale * (lora_b.to(accd) @ lora_a.to(accd))).to(weight.dtype)
+
+
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale: float):
+    """Eager kernel: x (M, in) -> (y (M, out), xa (M, r)), both in x.dtype."""
+    accd = _acc_dtype(x.dtype)
+    xf = x.to(accd)
+    xa = xf @ lora_a.to(accd).t()
+    y = xf @ weight.to(accd).t() + scale * (xa @ lora_b.to(accd).t())
+    if bias is not None:
+        y = y + bias.to(accd)
+    return y.to(x.dtype), xa.to(x.dtype)
+
+
+def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scale: float, needs_dw: bool, has_bias: bool):
+    """Eager kernel backward. Returns dx, dweight|None, dbias|None, dA, dB."""
+    accd = _acc_dtype(x.dtype)
+    dyf, xf, wf, af, bf, xaf = (t.to(accd) for t in (dy, x, weight, lora_a, lora_b, xa))
+    dyb = dyf @ bf  # (M, r)
+    dx = dyf @ wf + scale * (dyb @ af)
+    da = scale * (dyb.t() @ xf)
+    db = scale * (dyf.t() @ xaf)
+    dw = (dyf.t() @ xf).to(weight.dtype) if needs_dw else None
+    dbias = dyf.sum(0).to(weight.dtype) if has_bias else None
+    return dx.to(x.dtype), dw, dbias, da.to(lora_a.dtype), db.to(lora_b.dtype)

@@ -1,0 +1,48 @@
+"""Helpers shared by the Triton kernels: interpreter detection, dot precision, upcasting."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import: @triton.jit picks the interpreter at decoration time too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUPPORTED_DTYPES = tuple(TORCH_TO_TL)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton ``input_precision`` that matches PyTorch matmul semantics for ``dtype``.
+
+    float32 inputs get full-precision products ("ieee") unless the user allowed TF32 for
+    CUDA matmuls, as torch.matmul does; fp16/bf16 always run on tensor cores.
+    """
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{name}: the triton backend supports float32, float16 and bfloat16, got {t.dtype} "
+            "(use backend='eager' for float64)"
+        )
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation.
+
+    UPCAST (the CPU interpreter) converts the operands to float32 first: the interpreter's
+    bf16 arithmetic is wrong, and fp32 products of bf16/fp16 values are exact, so the
+    result equals what the tensor cores compute on the GPU.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)

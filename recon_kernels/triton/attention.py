@@ -1,0 +1,424 @@
+"""Fused attention in Triton: online-softmax forward (saves log-sum-exp) and an atomic-free
+backward (delta preprocess, a dK/dV pass over key blocks, a dQ pass over query blocks).
+
+One kernel per pass; masking variants are constexpr flags:
+
+* ``HAS_KPM``: key padding mask (B, Nk), read as one byte per key;
+* ``HAS_MASK``: boolean mask broadcastable to (B, H, Nq, Nk), read through its broadcast
+  strides (stride 0 on broadcast dims; never expanded in memory);
+* ``CAUSAL``: query i sees keys j <= i + Nk - Nq (bottom-right aligned).
+
+Rows with no allowed key produce output 0 and lse = +inf, so every backward term
+exp(s - lse) is exactly 0 there: no NaN, zero gradient.
+
+Layout: q (B, H, Nq, D), k/v (B, H, Nk, D), any strides. The head dim is padded to a power
+of two (>= 16) inside the kernel and masked. Scores use exp2 with scale·log2(e) folded in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_dtype, dot_precision, mma
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    if INTERPRET:
+        # Unequal M/N blocks catch transposition bugs; small enough to exercise many tiles.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    out = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    if kind != "fwd" and bm != bn and not (bm == 64 and bn == 128):
+                        # backward passes like square-ish tiles (or FA2's 64x128 for dK/dV)
+                        continue
+                    out.append(
+                        triton.Config(
+                            {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages
+                        )
+                    )
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs that cannot fit or make no sense for these sizes (keyed on N and D)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    nq = named_args["NQ"]
+    nk = named_args["NK"]
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # tiles larger than the sequence only waste work: keep the smallest that covers it
+        if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
+            continue
+        # register / shared-memory budget: big head dims need small tiles and few stages
+        if block_d >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        if block_d >= 128 and bm * bn > 128 * 64:
+            continue
+        if block_d <= 64 and c.num_warps == 8 and bm * bn < 128 * 64:
+            continue
+        smem = c.num_stages * (bn * block_d * 2) * 2 + bm * block_d * 2
+        if smem > 200 * 1024:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+_KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL"]
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _allowed(
+    qi, kj, b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn, NQ, NK,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
+):
+    """Which (query, key) pairs may attend. qi and kj are broadcastable 2-D index tiles,
+    so the same helper serves the (M, N) tiles of forward/dQ and the (N, M) tiles of dK/dV."""
+    ok = (qi >= 0) & (kj >= 0)  # all True, with the broadcast shape
+    if BOUNDS:
+        ok = ok & (qi < NQ) & (kj < NK)
+    if HAS_KPM:
+        kp = tl.load(KPM + b * skpb + kj * skpn, mask=kj < NK, other=0)
+        ok = ok & (kp != 0)
+    if HAS_MASK:
+        mk = tl.load(MASK + b * smb + h * smh + qi * smm + kj * smn, mask=(qi < NQ) & (kj < NK), other=0)
+        ok = ok & (mk != 0)
+    if CAUSAL:
+        ok = ok & (kj <= qi + (NK - NQ))
+    return ok
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, K, V, MASK, KPM,
+    offs_m, offs_d, b, h, skn, skd, svn, svd, smb, smh, smm, smn, skpb, skpn,
+    NQ, NK, HEAD_DIM, qk_scale, lo, hi,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        s = s * qk_scale
+        if HAS_MASK or HAS_KPM or BOUNDS:
+            ok = _allowed(
+                offs_m[:, None], offs_n[None, :], b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn,
+                NQ, NK, HAS_MASK, HAS_KPM, CAUSAL and BOUNDS, BOUNDS,
+            )
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing allowed so far keeps m = -inf: shift by 0 instead (exp2(-inf) = 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, MASK, KPM,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, NQ, NK, HEAD_DIM, NQ_KEY, NK_KEY, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m  # heaviest query blocks first: better tail balance
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys [0, n_full) need no causal/bounds test for any row of this block; the rest do.
+    if CAUSAL:
+        hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M + NK - NQ)
+        hi = tl.maximum(hi, 0)
+        n_full = tl.minimum(hi, pid_m * BLOCK_M + NK - NQ + 1)
+    else:
+        hi = NK
+        n_full = NK
+    n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
+        smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, 0, n_full,
+        BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, False, PRECISION, UPCAST,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
+        smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, n_full, hi,
+        BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, True, PRECISION, UPCAST,
+    )
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, NQ, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO * O (float32), stored contiguous (B, H, Nq)."""
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    bh = (tl.program_id(0) // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, NQ, NK, HEAD_DIM, NQ_KEY, NK_KEY, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per key block: dV = Pᵀ dO and dK = scale · dSᵀ Q over all query blocks.
+
+    Tiles are kept transposed ((N, M) orientation) so no transpose is needed for the dots.
+    dK, dV are written contiguous (B, H, Nk, D)."""
+    num_n = tl.cdiv(NK, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    bh = (pid // num_n).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < NK
+    d_ok = offs_d < HEAD_DIM
+    kv_msk = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_msk, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_msk, other=0.0)
+    Q += b * sqb + h * sqh
+    DO += b * sdob + h * sdoh
+    LSE += b * slb + h * slh
+    DELTA += bh * NQ
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
+        lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, NQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < NQ
+        qt = tl.load(Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
+        ok = _allowed(
+            offs_m[None, :], offs_n[:, None], b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn,
+            NQ, NK, HAS_MASK, HAS_KPM, CAUSAL, True,
+        )
+        pt = tl.where(ok, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+        do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        dv = mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+    dk = dk * sm_scale
+    out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_msk)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_msk)
+
+
+@triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, NQ, NK, HEAD_DIM, NQ_KEY, NK_KEY, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per query block: dQ = scale · dS K over the key blocks it can see.
+    dQ is written contiguous (B, H, Nq, D)."""
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < NQ
+    d_ok = offs_d < HEAD_DIM
+    q_msk = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_msk, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=q_msk, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = NK
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + NK - NQ), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < NK
+        kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(V + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        ok = _allowed(
+            offs_m[:, None], offs_n[None, :], b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn,
+            NQ, NK, HAS_MASK, HAS_KPM, CAUSAL, True,
+        )
+        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, UPCAST)
+    dq = dq * sm_scale
+    tl.store(
+        DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=q_msk,
+    )
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _mask_args(q, nk, mask, key_padding_mask):
+    """Pointers + strides of the optional masks as uint8 views (dummy q when absent)."""
+    B, H, NQ, _ = q.shape
+    if mask is not None:
+        m = mask.expand(B, H, NQ, nk)  # a view: broadcast dims get stride 0
+        m = m.view(torch.uint8)
+        mask_t, mstr = m, tuple(m.stride())
+    else:
+        mask_t, mstr = q, (0, 0, 0, 0)
+    if key_padding_mask is not None:
+        kp = key_padding_mask.view(torch.uint8)
+        kpm_t, kstr = kp, tuple(kp.stride())
+    else:
+        kpm_t, kstr = q, (0, 0)
+    return mask_t, mstr, kpm_t, kstr
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
+    """q (B, H, Nq, D), k/v (B, H, Nk, D) any strides -> (out contiguous, lse (B, H, Nq) fp32)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(name, t)
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    out = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
+    grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, mask_t, kpm_t,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mstr, *kstr,
+        H, NQ, NK, D, _bucket(NQ), _bucket(NK), scale * LOG2E,
+        BLOCK_D=_block_d(D), HAS_MASK=mask is not None, HAS_KPM=key_padding_mask is not None,
+        CAUSAL=causal, PRECISION=dot_precision(q.dtype), UPCAST=INTERPRET,
+    )
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, mask, key_padding_mask, scale: float, causal: bool):
+    """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    block_d = _block_d(D)
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    pre_bm = 64 if not INTERPRET else 32
+    _bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm) * B * H,)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, NQ, D, BLOCK_M=pre_bm, BLOCK_D=block_d
+    )
+    dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=q.device)
+    mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
+    common = dict(
+        BLOCK_D=block_d, HAS_MASK=mask is not None, HAS_KPM=key_padding_mask is not None,
+        CAUSAL=causal, PRECISION=dot_precision(q.dtype), UPCAST=INTERPRET,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *mstr, *kstr)
+    sizes = (H, NQ, NK, D, _bucket(NQ), _bucket(NK), scale * LOG2E, scale)
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(NK, meta["BLOCK_N"]) * B * H,)](
+        q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, *strides, *sizes, **common
+    )
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)](
+        q, k, v, dout, lse, delta, dq, mask_t, kpm_t, *strides, *sizes, **common
+    )
+    return dq, dk, dv
