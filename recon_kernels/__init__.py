@@ -25,6 +25,7 @@ __all__ = [
     "conv1d_mlp",
     "lora_linear",
     "merge_lora",
+    "nn",
     "explain",
     "get_backend",
     "masked_softmax_attention",

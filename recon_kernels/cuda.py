@@ -7,7 +7,7 @@ import importlib
 import shutil
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     try:
         return importlib.import_module("recon_kernels._cuda"), None

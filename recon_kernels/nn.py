@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
-from .ops import causal_attention, masked_softmax_attention
+from .ops import causal_attention, conv1d_mlp, lora_linear, masked_softmax_attention, merge_lora
+from .reference import ACTIVATIONS
 
 
 class MultiheadAttention(nn.Module):
@@ -65,3 +68,182 @@ class MultiheadAttention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(B, N, E)  # (B, N, E)
         return self.proj(y)
+
+
+class ConvMLP(nn.Module):
+    """The transformer MLP act(x W1ᵀ + b1) W2ᵀ + b2 as one fused op (a kernel-size-1 conv).
+
+    x: (..., in_features) -> (..., out_features). Parameters live in ``fc1``/``fc2``
+    (nn.Linear layout), so state dicts of Linear-GELU-Linear MLPs load with renamed keys.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        *,
+        activation: str = "gelu",
+        bias: bool = True,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        out_features = in_features if out_features is None else out_features
+        kw = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **kw)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **kw)
+        self.activation, self.backend = activation, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv1d_mlp(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            activation=self.activation, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, backend={self.backend!r}"
+
+    @classmethod
+    def _from_weights(cls, w1, b1, w2, b2, activation, backend) -> ConvMLP:
+        hidden, c_in = w1.shape
+        m = cls(
+            c_in, hidden, w2.shape[0], activation=activation, bias=b1 is not None,
+            backend=backend, device=w1.device, dtype=w1.dtype,
+        )
+        if (b1 is None) != (b2 is None):
+            raise ValueError("b1/b2: ConvMLP expects both biases or neither")
+        with torch.no_grad():
+            m.fc1.weight.copy_(w1)
+            m.fc2.weight.copy_(w2)
+            if b1 is not None:
+                m.fc1.bias.copy_(b1)
+                m.fc2.bias.copy_(b2)
+        return m
+
+    @classmethod
+    def from_linear(
+        cls, fc1: nn.Linear, fc2: nn.Linear, activation: str = "gelu", backend: str | None = None
+    ) -> ConvMLP:
+        """From an nn.Linear pair (fc1: C -> hidden, fc2: hidden -> C_out)."""
+        return cls._from_weights(fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, backend)
+
+    @classmethod
+    def from_conv1d(
+        cls, conv1: nn.Conv1d, conv2: nn.Conv1d, activation: str = "gelu", backend: str | None = None
+    ) -> ConvMLP:
+        """From two nn.Conv1d(kernel_size=1) layers, weights (out, in, 1)."""
+        for name, c in (("conv1", conv1), ("conv2", conv2)):
+            if c.kernel_size != (1,) or c.groups != 1:
+                raise ValueError(
+                    f"{name}: expected kernel_size=1 and groups=1, got kernel_size={c.kernel_size}, "
+                    f"groups={c.groups}"
+                )
+        return cls._from_weights(
+            conv1.weight[..., 0], conv1.bias, conv2.weight[..., 0], conv2.bias, activation, backend
+        )
+
+    @classmethod
+    def from_hf_conv1d(
+        cls, c_fc: nn.Module, c_proj: nn.Module, activation: str = "gelu_tanh",
+        backend: str | None = None,
+    ) -> ConvMLP:
+        """From Hugging Face GPT-2 ``Conv1D`` layers, whose weights are (in, out)."""
+        return cls._from_weights(
+            c_fc.weight.t(), c_fc.bias, c_proj.weight.t(), c_proj.bias, activation, backend
+        )
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling · B(A(dropout(x))), computed by the fused ``lora_linear`` op.
+
+    Wraps an existing nn.Linear (kept as ``base_layer``); ``lora_A``: Linear(in, r),
+    ``lora_B``: Linear(r, out), no biases, peft layout and init (kaiming-uniform A, zero B,
+    so the output equals the base layer's at init). scaling = alpha / r, or alpha / sqrt(r)
+    with ``use_rslora=True``. ``merge()`` folds the update into the base weight in place,
+    ``unmerge()`` takes it out again. With dropout > 0 in training the dropped input only
+    feeds the LoRA branch, as in peft, so that path runs unfused (base matmul + small GEMMs).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float = 1.0,
+        dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: expected a positive int, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        self.base_layer = base
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.backend = backend
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            return base(x) + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+        return lora_linear(
+            x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + scaling · B A (in place). No-op if already merged."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_(merge_lora(w, self.lora_A.weight, self.lora_B.weight, self.scaling, backend=self.backend))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - scaling · B A (in place). No-op if not merged."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_(merge_lora(w, self.lora_A.weight, self.lora_B.weight, -self.scaling, backend=self.backend))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
