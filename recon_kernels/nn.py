@@ -51,9 +51,7 @@ class MultiheadAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"x: expected shape (B, N, {self.embed_dim}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x: expected shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
         B, N, E = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         # views of the packed tensor, no copies: the kernels take any strides
@@ -100,8 +98,13 @@ class ConvMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv1d_mlp(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-            activation=self.activation, backend=self.backend,
+            x,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            activation=self.activation,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -111,8 +114,14 @@ class ConvMLP(nn.Module):
     def _from_weights(cls, w1, b1, w2, b2, activation, backend) -> ConvMLP:
         hidden, c_in = w1.shape
         m = cls(
-            c_in, hidden, w2.shape[0], activation=activation, bias=b1 is not None,
-            backend=backend, device=w1.device, dtype=w1.dtype,
+            c_in,
+            hidden,
+            w2.shape[0],
+            activation=activation,
+            bias=b1 is not None,
+            backend=backend,
+            device=w1.device,
+            dtype=w1.dtype,
         )
         if (b1 is None) != (b2 is None):
             raise ValueError("b1/b2: ConvMLP expects both biases or neither")
@@ -133,7 +142,11 @@ class ConvMLP(nn.Module):
 
     @classmethod
     def from_conv1d(
-        cls, conv1: nn.Conv1d, conv2: nn.Conv1d, activation: str = "gelu", backend: str | None = None
+        cls,
+        conv1: nn.Conv1d,
+        conv2: nn.Conv1d,
+        activation: str = "gelu",
+        backend: str | None = None,
     ) -> ConvMLP:
         """From two nn.Conv1d(kernel_size=1) layers, weights (out, in, 1)."""
         for name, c in (("conv1", conv1), ("conv2", conv2)):
@@ -148,7 +161,10 @@ class ConvMLP(nn.Module):
 
     @classmethod
     def from_hf_conv1d(
-        cls, c_fc: nn.Module, c_proj: nn.Module, activation: str = "gelu_tanh",
+        cls,
+        c_fc: nn.Module,
+        c_proj: nn.Module,
+        activation: str = "gelu_tanh",
         backend: str | None = None,
     ) -> ConvMLP:
         """From Hugging Face GPT-2 ``Conv1D`` layers, whose weights are (in, out)."""
@@ -223,7 +239,12 @@ class LoRALinear(nn.Module):
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             return base(x) + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
         return lora_linear(
-            x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
             backend=self.backend,
         )
 
@@ -233,7 +254,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         w = self.base_layer.weight
-        w.copy_(merge_lora(w, self.lora_A.weight, self.lora_B.weight, self.scaling, backend=self.backend))
+        w.copy_(
+            merge_lora(
+                w, self.lora_A.weight, self.lora_B.weight, self.scaling, backend=self.backend
+            )
+        )
         self.merged = True
 
     @torch.no_grad()
@@ -242,7 +267,11 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         w = self.base_layer.weight
-        w.copy_(merge_lora(w, self.lora_A.weight, self.lora_B.weight, -self.scaling, backend=self.backend))
+        w.copy_(
+            merge_lora(
+                w, self.lora_A.weight, self.lora_B.weight, -self.scaling, backend=self.backend
+            )
+        )
         self.merged = False
 
     def extra_repr(self) -> str:

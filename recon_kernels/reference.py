@@ -259,7 +259,9 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale: float):
     return y.to(x.dtype), xa.to(x.dtype)
 
 
-def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scale: float, needs_dw: bool, has_bias: bool):
+def lora_linear_bwd(
+    dy, x, weight, lora_a, lora_b, xa, scale: float, needs_dw: bool, has_bias: bool
+):
     """Eager kernel backward. Returns dx, dweight|None, dbias|None, dA, dB."""
     accd = _acc_dtype(x.dtype)
     dyf, xf, wf, af, bf, xaf = (t.to(accd) for t in (dy, x, weight, lora_a, lora_b, xa))

@@ -33,20 +33,31 @@ def kernel_cases():
         cases.append(pytest.param("triton", "cuda", id="triton-cuda"))
         why = rk.why_unavailable("cuda", "cuda")
         cases.append(
-            pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.skipif(why is not None, reason=str(why)))
+            pytest.param(
+                "cuda",
+                "cuda",
+                id="cuda-cuda",
+                marks=pytest.mark.skipif(why is not None, reason=str(why)),
+            )
         )
     else:
         cases.append(pytest.param("triton", "cpu", id="triton-interp"))
         cases.append(
             pytest.param(
-                "cuda", "cuda", id="cuda-cuda",
-                marks=pytest.mark.skip(reason="needs a CUDA GPU to run the CUDA kernels (none visible)"),
+                "cuda",
+                "cuda",
+                id="cuda-cuda",
+                marks=pytest.mark.skip(
+                    reason="needs a CUDA GPU to run the CUDA kernels (none visible)"
+                ),
             )
         )
     return cases
 
 
-def assert_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor | None, dtype):
+def assert_rule(
+    name: str, got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor | None, dtype
+):
     """The FlashAttention rule: |kernel - ref64| <= 2 * |eager_in_dtype - ref64| + atol.
 
     ref_lowp: the eager reference run in the same low precision (None for float32/64, where

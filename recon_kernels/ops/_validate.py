@@ -30,9 +30,7 @@ def check_tensor(
             lay = f" {layout}" if layout else ""
             raise ValueError(f"{name}: expected a {want} tensor{lay}, got shape {shape_str(t)}")
     if dtypes is not None and t.dtype not in dtypes:
-        raise ValueError(
-            f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}"
-        )
+        raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     return t
 
 
@@ -60,7 +58,9 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
 def check_scale(name: str, scale: object) -> float:
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
-            raise ValueError(f"{name}: expected a Python float, got a tensor of shape {shape_str(scale)}")
+            raise ValueError(
+                f"{name}: expected a Python float, got a tensor of shape {shape_str(scale)}"
+            )
         scale = float(scale)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{name}: expected a float, got {type(scale).__name__}")

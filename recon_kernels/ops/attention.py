@@ -134,7 +134,9 @@ def _validate(q, k, v, mask, key_padding_mask, scale):
                 )
         mask = m
     if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, ndim=2, layout="(B, Nk)", dtypes=(torch.bool,))
+        check_tensor(
+            "key_padding_mask", key_padding_mask, ndim=2, layout="(B, Nk)", dtypes=(torch.bool,)
+        )
         check_device("key_padding_mask", key_padding_mask, "q", q)
         if tuple(key_padding_mask.shape) != (B, NK):
             raise ValueError(
@@ -197,7 +199,9 @@ _dispatch.LIB.define(
     "masked_softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, *, "
     "Tensor? key_padding_mask=None, float? scale=None, str? backend=None) -> Tensor"
 )
-_dispatch.LIB.impl("masked_softmax_attention", masked_softmax_attention, "CompositeImplicitAutograd")
+_dispatch.LIB.impl(
+    "masked_softmax_attention", masked_softmax_attention, "CompositeImplicitAutograd"
+)
 _dispatch.LIB.define(
     "causal_attention(Tensor q, Tensor k, Tensor v, *, Tensor? key_padding_mask=None, "
     "float? scale=None, str? backend=None) -> Tensor"

@@ -109,7 +109,9 @@ def _validate(x, w1, b1, w2, b2, activation):
     check_like("w2", w2, "x", x)
     C, hidden = x.shape[-1], w1.shape[0]
     if w1.shape[1] != C:
-        raise ValueError(f"w1: expected shape (hidden, {C}) to match x {shape_str(x)}, got {shape_str(w1)}")
+        raise ValueError(
+            f"w1: expected shape (hidden, {C}) to match x {shape_str(x)}, got {shape_str(w1)}"
+        )
     if w2.shape[1] != hidden:
         raise ValueError(
             f"w2: expected shape (C_out, {hidden}) to match w1 {shape_str(w1)}, got {shape_str(w2)}"
@@ -123,7 +125,9 @@ def _validate(x, w1, b1, w2, b2, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     if min(C, hidden, w2.shape[0]) < 1:
-        raise ValueError(f"w1/w2: expected non-empty weights, got {shape_str(w1)} and {shape_str(w2)}")
+        raise ValueError(
+            f"w1/w2: expected non-empty weights, got {shape_str(w1)} and {shape_str(w2)}"
+        )
 
 
 def conv1d_mlp(

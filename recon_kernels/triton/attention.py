@@ -83,8 +83,24 @@ _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL"]
 
 @triton.jit
 def _allowed(
-    qi, kj, b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn, NQ, NK,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
+    qi,
+    kj,
+    b,
+    h,
+    MASK,
+    KPM,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    NQ,
+    NK,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOUNDS: tl.constexpr,
 ):
     """Which (query, key) pairs may attend. qi and kj are broadcastable 2-D index tiles,
     so the same helper serves the (M, N) tiles of forward/dQ and the (N, M) tiles of dK/dV."""
@@ -95,7 +111,9 @@ def _allowed(
         kp = tl.load(KPM + b * skpb + kj * skpn, mask=kj < NK, other=0)
         ok = ok & (kp != 0)
     if HAS_MASK:
-        mk = tl.load(MASK + b * smb + h * smh + qi * smm + kj * smn, mask=(qi < NQ) & (kj < NK), other=0)
+        mk = tl.load(
+            MASK + b * smb + h * smh + qi * smm + kj * smn, mask=(qi < NQ) & (kj < NK), other=0
+        )
         ok = ok & (mk != 0)
     if CAUSAL:
         ok = ok & (kj <= qi + (NK - NQ))
@@ -107,24 +125,73 @@ def _allowed(
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, K, V, MASK, KPM,
-    offs_m, offs_d, b, h, skn, skd, svn, svd, smb, smh, smm, smn, skpb, skpn,
-    NQ, NK, HEAD_DIM, qk_scale, lo, hi,
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    MASK,
+    KPM,
+    offs_m,
+    offs_d,
+    b,
+    h,
+    skn,
+    skd,
+    svn,
+    svd,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    qk_scale,
+    lo,
+    hi,
     BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, BOUNDS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOUNDS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = tl.load(
+            K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
         s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
         s = s * qk_scale
         if HAS_MASK or HAS_KPM or BOUNDS:
             ok = _allowed(
-                offs_m[:, None], offs_n[None, :], b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn,
-                NQ, NK, HAS_MASK, HAS_KPM, CAUSAL and BOUNDS, BOUNDS,
+                offs_m[:, None],
+                offs_n[None, :],
+                b,
+                h,
+                MASK,
+                KPM,
+                smb,
+                smh,
+                smm,
+                smn,
+                skpb,
+                skpn,
+                NQ,
+                NK,
+                HAS_MASK,
+                HAS_KPM,
+                CAUSAL and BOUNDS,
+                BOUNDS,
             )
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -133,7 +200,11 @@ def _fwd_inner(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(
+            V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -142,13 +213,53 @@ def _fwd_inner(
 @triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, MASK, KPM,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
-    H, NQ, NK, HEAD_DIM, NQ_KEY, NK_KEY, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    MASK,
+    KPM,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    slb,
+    slh,
+    slm,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    H,
+    NQ,
+    NK,
+    HEAD_DIM,
+    NQ_KEY,
+    NK_KEY,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid = tl.program_id(0)
@@ -164,7 +275,8 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -183,14 +295,78 @@ def _attn_fwd_kernel(
         n_full = NK
     n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
-        smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, 0, n_full,
-        BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, False, PRECISION, UPCAST,
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        MASK,
+        KPM,
+        offs_m,
+        offs_d,
+        b,
+        h,
+        skn,
+        skd,
+        svn,
+        svd,
+        smb,
+        smh,
+        smm,
+        smn,
+        skpb,
+        skpn,
+        NQ,
+        NK,
+        HEAD_DIM,
+        qk_scale,
+        0,
+        n_full,
+        BLOCK_N,
+        HAS_MASK,
+        HAS_KPM,
+        CAUSAL,
+        False,
+        PRECISION,
+        UPCAST,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
-        smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, n_full, hi,
-        BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, True, PRECISION, UPCAST,
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        MASK,
+        KPM,
+        offs_m,
+        offs_d,
+        b,
+        h,
+        skn,
+        skd,
+        svn,
+        svd,
+        smb,
+        smh,
+        smm,
+        smn,
+        skpb,
+        skpn,
+        NQ,
+        NK,
+        HEAD_DIM,
+        qk_scale,
+        n_full,
+        hi,
+        BLOCK_N,
+        HAS_MASK,
+        HAS_KPM,
+        CAUSAL,
+        True,
+        PRECISION,
+        UPCAST,
     )
 
     empty = l_i == 0.0
@@ -199,7 +375,8 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(
         O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
     )
     tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
 
@@ -209,8 +386,22 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, NQ, HEAD_DIM,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    sob,
+    soh,
+    som,
+    sod,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    H,
+    NQ,
+    HEAD_DIM,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO * O (float32), stored contiguous (B, H, Nq)."""
     num_m = tl.cdiv(NQ, BLOCK_M)
@@ -221,22 +412,72 @@ def _bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=msk, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=msk, other=0.0)
+    o = tl.load(
+        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=msk, other=0.0
+    )
+    do = tl.load(
+        DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=msk, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune}
+)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
-    H, NQ, NK, HEAD_DIM, NQ_KEY, NK_KEY, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    MASK,
+    KPM,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    slb,
+    slh,
+    slm,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    H,
+    NQ,
+    NK,
+    HEAD_DIM,
+    NQ_KEY,
+    NK_KEY,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One program per key block: dV = Pᵀ dO and dK = scale · dSᵀ Q over all query blocks.
 
@@ -253,8 +494,16 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n < NK
     d_ok = offs_d < HEAD_DIM
     kv_msk = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_msk, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_msk, other=0.0)
+    k = tl.load(
+        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        mask=kv_msk,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+        mask=kv_msk,
+        other=0.0,
+    )
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
     LSE += b * slb + h * slh
@@ -269,18 +518,44 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(lo, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
-        qt = tl.load(Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        qt = tl.load(
+            Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+            mask=m_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
         lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
         st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
         ok = _allowed(
-            offs_m[None, :], offs_n[:, None], b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn,
-            NQ, NK, HAS_MASK, HAS_KPM, CAUSAL, True,
+            offs_m[None, :],
+            offs_n[:, None],
+            b,
+            h,
+            MASK,
+            KPM,
+            smb,
+            smh,
+            smm,
+            smn,
+            skpb,
+            skpn,
+            NQ,
+            NK,
+            HAS_MASK,
+            HAS_KPM,
+            CAUSAL,
+            True,
         )
         pt = tl.where(ok, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
-        do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(
+            DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         dv = mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
+        dpt = mma(
+            v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
+        )
         dst = pt * (dpt - delta[None, :])
         dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
     dk = dk * sm_scale
@@ -292,13 +567,56 @@ def _attn_bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
-    H, NQ, NK, HEAD_DIM, NQ_KEY, NK_KEY, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    MASK,
+    KPM,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    slb,
+    slh,
+    slm,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    H,
+    NQ,
+    NK,
+    HEAD_DIM,
+    NQ_KEY,
+    NK_KEY,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One program per query block: dQ = scale · dS K over the key blocks it can see.
     dQ is written contiguous (B, H, Nq, D)."""
@@ -315,9 +633,18 @@ def _attn_bwd_dq_kernel(
     m_ok = offs_m < NQ
     d_ok = offs_d < HEAD_DIM
     q_msk = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_msk, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=q_msk, other=0.0)
-    lse = tl.load(LSE + b * slb + h * slh + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_msk, other=0.0
+    )
+    do = tl.load(
+        DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+        mask=q_msk,
+        other=0.0,
+    )
+    lse = (
+        tl.load(LSE + b * slb + h * slh + offs_m * slm, mask=m_ok, other=float("inf"))
+        * 1.4426950408889634
+    )
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_ok, other=0.0)
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -329,12 +656,36 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
-        kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(V + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = tl.load(
+            K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        vt = tl.load(
+            V + offs_n[None, :] * svn + offs_d[:, None] * svd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
         ok = _allowed(
-            offs_m[:, None], offs_n[None, :], b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn,
-            NQ, NK, HAS_MASK, HAS_KPM, CAUSAL, True,
+            offs_m[:, None],
+            offs_n[None, :],
+            b,
+            h,
+            MASK,
+            KPM,
+            smb,
+            smh,
+            smm,
+            smn,
+            skpb,
+            skpn,
+            NQ,
+            NK,
+            HAS_MASK,
+            HAS_KPM,
+            CAUSAL,
+            True,
         )
         p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
@@ -343,7 +694,8 @@ def _attn_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(
         DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=q_msk,
+        dq.to(DQ.dtype.element_ty),
+        mask=q_msk,
     )
 
 
@@ -386,11 +738,33 @@ def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
     mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask_t, kpm_t,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mstr, *kstr,
-        H, NQ, NK, D, _bucket(NQ), _bucket(NK), scale * LOG2E,
-        BLOCK_D=_block_d(D), HAS_MASK=mask is not None, HAS_KPM=key_padding_mask is not None,
-        CAUSAL=causal, PRECISION=dot_precision(q.dtype), UPCAST=INTERPRET,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask_t,
+        kpm_t,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *lse.stride(),
+        *mstr,
+        *kstr,
+        H,
+        NQ,
+        NK,
+        D,
+        _bucket(NQ),
+        _bucket(NK),
+        scale * LOG2E,
+        BLOCK_D=_block_d(D),
+        HAS_MASK=mask is not None,
+        HAS_KPM=key_padding_mask is not None,
+        CAUSAL=causal,
+        PRECISION=dot_precision(q.dtype),
+        UPCAST=INTERPRET,
     )
     return out, lse
 
@@ -410,8 +784,12 @@ def attention_bwd(dout, q, k, v, out, lse, mask, key_padding_mask, scale: float,
     dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=q.device)
     mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
     common = dict(
-        BLOCK_D=block_d, HAS_MASK=mask is not None, HAS_KPM=key_padding_mask is not None,
-        CAUSAL=causal, PRECISION=dot_precision(q.dtype), UPCAST=INTERPRET,
+        BLOCK_D=block_d,
+        HAS_MASK=mask is not None,
+        HAS_KPM=key_padding_mask is not None,
+        CAUSAL=causal,
+        PRECISION=dot_precision(q.dtype),
+        UPCAST=INTERPRET,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *mstr, *kstr)
     sizes = (H, NQ, NK, D, _bucket(NQ), _bucket(NK), scale * LOG2E, scale)
