@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import nn, reference
+from . import integrations, nn, reference
 from .backends import (
     available_backends,
     explain,
@@ -15,6 +15,7 @@ from .backends import (
     use_backend,
     why_unavailable,
 )
+from .integrations import patch_sdpa, scaled_dot_product_attention
 from .ops import causal_attention, conv1d_mlp, lora_linear, masked_softmax_attention, merge_lora
 
 __version__ = "0.1.0"
@@ -26,10 +27,13 @@ __all__ = [
     "lora_linear",
     "merge_lora",
     "nn",
+    "patch_sdpa",
     "explain",
     "get_backend",
+    "integrations",
     "masked_softmax_attention",
     "reference",
+    "scaled_dot_product_attention",
     "set_backend",
     "use_backend",
     "why_unavailable",
