@@ -1,0 +1,143 @@
+"""GPT (causal LM) and ImageGPT (next-patch regression)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import kernel_cases
+from test_models_common import assert_kernel_parity, compile_train_step, train_smoke
+
+import python_models as pm
+
+
+def tiny_gpt(**kw) -> pm.GPT:
+    torch.manual_seed(0)
+    return pm.GPT.from_name("tiny", backend="eager", vocab_size=61, block_size=32, **kw)
+
+
+def padded_batch(device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 61, (3, 13), generator=g)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[1, 9:] = False  # right padding
+    mask[2, 4:] = False
+    return idx.to(device), mask.to(device)
+
+
+def test_loss_is_next_token_cross_entropy():
+    model = tiny_gpt()
+    idx, mask = padded_batch()
+    out = model(idx, attention_mask=mask)
+    # independent formula: positions t with a real token at t+1 predict idx[t+1]
+    logits = out.logits[:, :-1]
+    tgt = idx[:, 1:]
+    keep = mask[:, 1:]
+    ref = F.cross_entropy(logits[keep], tgt[keep])
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=0)
+    # explicit aligned targets give the same loss
+    targets = torch.where(keep, tgt, torch.full_like(tgt, -100))
+    targets = torch.cat([targets, torch.full((3, 1), -100)], dim=1)
+    torch.testing.assert_close(model(idx, targets, mask).loss, ref, rtol=1e-6, atol=0)
+
+
+def test_causality_and_padding():
+    model = tiny_gpt().eval()
+    idx, mask = padded_batch()
+    base = model(idx, attention_mask=mask).logits
+    idx2 = idx.clone()
+    idx2[:, 7] = (idx2[:, 7] + 1) % 61  # change token 7: only positions >= 7 may change
+    out2 = model(idx2, attention_mask=mask).logits
+    torch.testing.assert_close(out2[:, :7], base[:, :7], rtol=0, atol=0)
+    assert (out2[0, 7:] - base[0, 7:]).abs().max() > 1e-4
+    # a padded row equals the same tokens run alone without padding
+    alone = model(idx[1:2, :9]).logits
+    torch.testing.assert_close(base[1:2, :9], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_greedy_and_top_k():
+    model = tiny_gpt().eval()
+    idx = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = model.generate(idx, 6, temperature=0)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], idx)
+    # greedy = argmax of the full forward at every step
+    for t in range(5, 11):
+        assert torch.equal(out[:, t], model(out[:, :t]).logits[:, -1].argmax(-1))
+    # top_k=1 sampling is greedy whatever the temperature
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(idx, 6, temperature=2.0, top_k=1, generator=g), out)
+    # sampled tokens stay in the top k
+    g = torch.Generator().manual_seed(0)
+    s = model.generate(idx, 1, temperature=1.5, top_k=3, generator=g)
+    top3 = model(idx).logits[:, -1].topk(3).indices
+    assert all(s[b, -1] in top3[b] for b in range(2))
+    # context longer than block_size is cropped, not an error
+    long = model.generate(torch.zeros(1, 32, dtype=torch.long), 2, temperature=0)
+    assert long.shape == (1, 34)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(idx, 1, top_k=0)
+
+
+def test_block_size_error():
+    with pytest.raises(ValueError, match="idx: expected at most block_size=32 tokens, got T=33"):
+        tiny_gpt()(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_gpt_kernel_matches_eager(backend, device):
+    model = tiny_gpt().to(device)
+    idx, mask = padded_batch(device)
+    assert_kernel_parity(model, lambda m: m(idx, attention_mask=mask), backend)
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_image_gpt_kernel_matches_eager(backend, device):
+    torch.manual_seed(0)
+    model = pm.ImageGPT.from_name("tiny", backend="eager").to(device)
+    images = torch.rand(3, 1, 8, 8, device=device)
+    assert_kernel_parity(model, lambda m, x: m(x), backend, images)
+
+
+def test_gpt_trains():
+    model = tiny_gpt()
+    idx, mask = padded_batch()
+    first, last = train_smoke(model, lambda m: m(idx, attention_mask=mask))
+    assert last < 0.5 * first, (first, last)
+
+
+def test_image_gpt_is_causal_and_trains():
+    torch.manual_seed(0)
+    model = pm.ImageGPT.from_name("tiny", backend="eager")
+    images = torch.rand(4, 1, 8, 8)
+    pred = model.predict(images)
+    assert pred.shape == (4, 16, 4)
+    # prediction of patch t must not depend on patches >= t: change the last patch
+    images2 = images.clone()
+    images2[:, :, 6:, 6:] += 1.0  # patch 15 (row-major, 2x2 patches)
+    torch.testing.assert_close(model.predict(images2), pred, rtol=0, atol=0)
+    images3 = images.clone()
+    images3[:, :, :2, :2] += 1.0  # patch 0 changes every later prediction
+    assert (model.predict(images3)[:, 1:] - pred[:, 1:]).abs().amax(dim=(0, 2)).min() > 0
+    torch.testing.assert_close(model.predict(images3)[:, 0], pred[:, 0], rtol=0, atol=0)
+    first, last = train_smoke(model, lambda m: m(images))
+    assert last < 0.5 * first, (first, last)
+    assert model.complete(images, 8).shape == images.shape
+    assert model.features(images).shape == (4, 32)
+
+
+def test_compile_gpt_training_step():
+    model = tiny_gpt()
+    idx, mask = padded_batch()
+    ref = model(idx, attention_mask=mask).loss.detach()
+    loss = compile_train_step(model, lambda m: m(idx, attention_mask=mask))
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=0)
+
+
+def test_compile_image_gpt_training_step():
+    torch.manual_seed(0)
+    model = pm.ImageGPT.from_name("tiny", backend="eager")
+    images = torch.rand(2, 1, 8, 8)
+    ref = model(images).loss.detach()
+    torch.testing.assert_close(
+        compile_train_step(model, lambda m: m(images)).detach(), ref, rtol=1e-5, atol=0
+    )
