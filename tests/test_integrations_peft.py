@@ -253,3 +253,24 @@ def test_compile_accelerated_fullgraph_forward():
         torch.testing.assert_close(
             compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=0
         )
+
+
+def test_lora_added_after_apply_recon_kernels_is_honoured(monkeypatch):
+    from recon_kernels.integrations import transformers as rkt
+
+    mlp_calls = []
+    real = rkt.conv1d_mlp
+    monkeypatch.setattr(rkt, "conv1d_mlp", lambda *a, **k: (mlp_calls.append(1), real(*a, **k))[1])
+    plain = make("gpt2").eval()  # LoRA on c_attn and on the MLP's c_fc
+    torch.manual_seed(0)
+    stock = transformers.GPT2LMHeadModel(plain.base_model.model.config)
+    rkt.apply_recon_kernels(stock, backend="eager")  # fused MLPs first ...
+    lora = peft.get_peft_model(stock, plain.peft_config["default"])  # ... then LoRA on c_fc
+    lora.load_state_dict(plain.state_dict())
+    lora.eval()
+    inputs = batch("gpt2")
+    got, want = lora(**inputs).logits, plain(**inputs).logits
+    assert mlp_calls == []  # c_fc is a LoRA layer now: the stock MLP forward runs
+    exact = copy.deepcopy(plain).double()(**inputs).logits
+    real_pos = inputs["attention_mask"].bool()
+    assert_rule("logits", got[real_pos], exact[real_pos], want[real_pos], torch.float32)

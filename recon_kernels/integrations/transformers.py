@@ -41,6 +41,7 @@ for subclasses with a fused ``forward``. ``revert_recon_kernels(model)`` undoes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 
@@ -301,6 +302,25 @@ def fused_mlp(x, w1, b1, w2, b2, activation, backend):
         return conv1d_mlp(x, w1, b1, w2, b2, activation=activation, backend=backend)
 
 
+def _stock_if_changed(method: str):
+    """Wrap a fused method: if the module's submodules are no longer the stock ones (e.g. peft
+    wrapped c_fc in a LoRA layer after patching), run the stock method instead of silently
+    bypassing the wrapper. A Python type check, static under torch.compile."""
+
+    def deco(fused):
+        # wraps: inspect.signature must see fused's (HF's apply_chunking_to_forward counts it)
+        @functools.wraps(fused)
+        def inner(self, *args, **kwargs):
+            if type(self)._recon_check(self) is not None:
+                return getattr(self._recon_base, method)(self, *args, **kwargs)
+            return fused(self, *args, **kwargs)
+
+        inner.__name__ = inner.__qualname__ = method
+        return inner
+
+    return deco
+
+
 def _gpt2_mlp_forward(self, hidden_states):
     # Conv1D weights are (in, out): the transposes are the nn.Linear layout, as views
     y = fused_mlp(
@@ -426,13 +446,19 @@ SUPPORTED_MODEL_TYPES = tuple(_SPECS)
 _patched_classes: dict[type, type] = {}
 
 
-def _patched_class(base: type, method: str, impl) -> type:
-    """A subclass of ``base`` whose ``method`` is the fused one (made once per base class and
-    kept in this module's namespace, so patched models still pickle and deepcopy)."""
+def _patched_class(base: type, spec: _MLPSpec) -> type:
+    """A subclass of ``base`` whose ``spec.method`` is the fused one (made once per base class
+    and kept in this module's namespace, so patched models still pickle and deepcopy)."""
     cls = _patched_classes.get(base)
     if cls is None:
         name = f"Recon{base.__name__}"
-        cls = type(name, (base,), {method: impl, "__module__": __name__, "_recon_base": base})
+        attrs = {
+            spec.method: _stock_if_changed(spec.method)(spec.impl),
+            "__module__": __name__,
+            "_recon_base": base,
+            "_recon_check": staticmethod(spec.check),
+        }
+        cls = type(name, (base,), attrs)
         cls.__qualname__ = name
         globals()[name] = cls
         _patched_classes[base] = cls
@@ -527,7 +553,7 @@ def apply_recon_kernels(
                 if why is not None:
                     report.skipped.append((name, why))
                     continue
-                m.__class__ = _patched_class(base, spec.method, spec.impl)
+                m.__class__ = _patched_class(base, spec)
                 m._recon_activation = act_name
                 m._recon_backend = backend
                 report.mlp_patched.append(name)
