@@ -1,0 +1,919 @@
+"""One Triton GEMM with fused prologue/epilogue options, shared by the MLP and LoRA ops.
+
+    C = epi(alpha · (pro(A) @ B + A2 @ B2) + bias)        A (M, K), B (K, N), C (M, N)
+
+Every operand is addressed through its strides, so transposes are free: pass ``x.t()``
+views (the MLP backward computes dW2ᵀ = act(h)ᵀ dy by writing into ``dw2.t()``). The
+variants are constexpr flags of one kernel, never copies:
+
+* ``PRO_ACT``: apply the activation to A tiles as they are loaded (fp32 math, then back
+  to the input dtype for the tensor cores). dW2 uses it so act(h) is never materialised
+  in backward.
+* ``HAS_AB2``: a second, short K-loop A2 (M, R) @ B2 (R, N) into the same accumulator:
+  the rank-r LoRA update, never forming W + s·B A.
+* ``EPI``: 1 multiplies by act'(Z) (Z = the pre-activation h: dh = (dy W2) ⊙ act'(h));
+  2 adds Z (merge_lora: W + s·B A, also in place with C = Z = W).
+* ``STORE_C2``: also store alpha2 · act(C) (the forward MLP writes h and act(h) in one
+  pass; LoRA writes x Aᵀ and s·x Aᵀ).
+* ``HAS_CSUM``: per-row-block column sums of the final fp32 tile (db1 without
+  re-reading dh), written to a small workspace that the host sums: deterministic, no
+  atomics.
+* split-K (grid axis 1): for small outputs with long K (LoRA dA/dB, dW of few features),
+  each split writes an fp32 partial that the host sums.
+
+Accumulation is fp32; fp32 inputs use ``input_precision`` from ``dot_precision``.
+Grouped program order (GROUP_M row blocks share B tiles in L2); autotune keyed on the
+bucketed token count, N, K, the operand layout and the flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_dtype, dot_precision, mma
+
+ACT_IDS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+EPI_NONE, EPI_DACT, EPI_ADD = 0, 1, 2
+
+SQRT1_2 = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+GELU_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@triton.jit
+def activate(x, ACT: tl.constexpr):
+    """act(x) on fp32 values. 0 identity, 1 gelu (erf), 2 gelu (tanh approx.), 3 relu."""
+    if ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        # 0.5 (1 + tanh(u)) == sigmoid(2u): stable for large |u|, no tanh needed
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return x * tl.sigmoid(2.0 * u)
+    elif ACT == 3:
+        return tl.maximum(x, 0.0)
+    else:
+        return x
+
+
+@triton.jit
+def activate_grad(x, ACT: tl.constexpr):
+    """d act(x) / dx on fp32 values (same ids as ``activate``)."""
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACT == 2:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        s = tl.sigmoid(2.0 * u)
+        # d/dx 0.5 x (1 + tanh u) with 1 - tanh(u)^2 == 4 s (1 - s)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        return s + 2.0 * x * s * (1.0 - s) * du
+    elif ACT == 3:
+        return tl.where(x > 0.0, 1.0, 0.0)
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even, on the GPU and in the interpreter alike.
+
+    The GPU's conversion already rounds to nearest even; the interpreter's fp32 -> bf16
+    conversion truncates, which would add up to one bf16 ulp of error, so there the
+    rounding is done on the bits (finite values; NaN payloads are not preserved)."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+# --------------------------------------------------------------------------- configs
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most preferred first: the first one
+# that fits is the pick when autotuning is off (RECON_TRITON_AUTOTUNE=0).
+_GPU_CONFIGS = (
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+)
+# Unequal tiles catch transposition bugs; GROUP_M=2 exercises partial groups; BLOCK_N=64
+# with _EPI_CHUNK=16 runs the two-level epilogue chunking.
+_INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 2}
+# Column width of one epilogue chunk; small in the interpreter so tests run the chunking.
+_EPI_CHUNK = 16 if INTERPRET else 64
+_SMEM_BUDGET = 160 * 1024  # fits A100 (164 KB) and H100/H200 (227 KB) per block
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config(dict(_INTERP_CONFIG), num_warps=4, num_stages=1)]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
+        )
+        for bm, bn, bk, w, s in _GPU_CONFIGS
+    ]
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("RECON_TRITON_AUTOTUNE", "1") not in ("0", "")
+
+
+def _arch_tile(bm: int, bn: int, bk: int, arch: int, pro_act: bool):
+    """(bm, bn, bk) adjusted for sm_<arch>, or None if unusable. Before Hopper the activation
+    prologue keeps the A tile in registers beside the mma.sync accumulator: tiles above
+    128 x 128 or BLOCK_K 64 spill there (see compile_static), so cap them."""
+    if arch < 90 and pro_act:
+        if bm * bn > 128 * 128:
+            return None
+        bk = min(bk, 32)
+    return bm, bn, bk
+
+
+def tiles_for_arch(arch: int, pro_act: bool) -> list[tuple[int, int, int, int, int]]:
+    """The _GPU_CONFIGS entries (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) used on sm_<arch>."""
+    out = []
+    for bm, bn, bk, w, st in _GPU_CONFIGS:
+        t = _arch_tile(bm, bn, bk, arch, pro_act)
+        if t is not None:
+            out.append((*t, w, st))
+    return out
+
+
+def fit_configs(
+    configs, M: int, N: int, K: int, esize: int, *, arch: int = 90, pro_act: bool = False
+) -> list[triton.Config]:
+    """Shrink each config's tiles to the problem (tiles never exceed the next power of two
+    of a dimension), cap fp32 tiles (no tensor cores on the "ieee" path, 4-byte smem),
+    drop what exceeds the shared-memory budget or spills on this arch, de-duplicate.
+    Never empty."""
+    p2 = lambda n: max(16, triton.next_power_of_2(max(n, 1)))
+    out, seen = [], set()
+    for c in configs:
+        kw = c.kwargs
+        tile = _arch_tile(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], arch, pro_act)
+        if tile is None:
+            continue
+        bm, bn, bk = min(tile[0], p2(M)), min(tile[1], p2(N)), min(tile[2], p2(K))
+        warps, stages = c.num_warps, c.num_stages
+        if esize >= 4:
+            bm, bn, bk = min(bm, 128), min(bn, 128), min(bk, 32)
+        if M >= 1024 and bm < 64:
+            continue  # small row tiles only pay for decode-sized M
+        if bm * bn <= 64 * 64:
+            warps = 4
+        while stages > 2 and stages * (bm * bk + bk * bn) * esize > _SMEM_BUDGET:
+            stages -= 1
+        if stages * (bm * bk + bk * bn) * esize > _SMEM_BUDGET:
+            continue
+        key = (bm, bn, bk, warps, stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(
+            triton.Config(
+                {**kw, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                num_warps=warps,
+                num_stages=stages,
+            )
+        )
+    if not out:
+        out = [triton.Config({**configs[-1].kwargs, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
+    return out
+
+
+@functools.cache
+def _arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _prune(configs, named_args, **kwargs):
+    a = named_args["A"]
+    kept = fit_configs(
+        configs,
+        named_args["M"],
+        named_args["N"],
+        named_args["K"],
+        a.element_size(),
+        arch=_arch(a.device.index or 0) if a.device.type == "cuda" else 90,
+        pro_act=bool(kwargs.get("PRO_ACT", False)),
+    )
+    return kept if _autotune_enabled() else kept[:1]
+
+
+_KEY = [
+    "M_KEY",
+    "N",
+    "K",
+    "R",
+    "SPLIT_K",
+    "LAYOUT",
+    "ACT",
+    "PRO_ACT",
+    "HAS_AB2",
+    "HAS_BIAS",
+    "EPI",
+    "STORE_C2",
+    "HAS_CSUM",
+]
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    pid_k,
+    pid_m,
+    off_m,
+    off_n,
+    M,
+    N,
+    C,
+    BIAS,
+    Z,
+    C2,
+    CSUM,
+    scs,
+    scm,
+    scn,
+    szm,
+    szn,
+    sc2m,
+    sc2n,
+    alpha,
+    alpha2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPI: tl.constexpr,
+    STORE_C2: tl.constexpr,
+    HAS_CSUM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """alpha, bias, act'(Z) or +Z, store C (and alpha2·act(C), column sums) for the fp32
+    tile ``acc`` whose origin is (off_m, off_n)."""
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    c_ok = (off_m + lm < M)[:, None] & (off_n + ln < N)[None, :]
+    om64 = off_m.to(tl.int64)
+    on64 = off_n.to(tl.int64)
+    acc = acc * alpha
+    if HAS_BIAS:
+        bias = tl.load(BIAS + off_n + ln, mask=off_n + ln < N, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if EPI != 0:
+        z_ptrs = Z + (om64 * szm + on64 * szn) + (lm[:, None] * szm + ln[None, :] * szn)
+        z = tl.load(z_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+        if EPI == 1:
+            acc = acc * activate_grad(z, ACT)
+        else:
+            acc = acc + z
+    c_off = pid_k.to(tl.int64) * scs + om64 * scm + on64 * scn
+    c_ptrs = C + c_off + (lm[:, None] * scm + ln[None, :] * scn)
+    tl.store(c_ptrs, cast_rne(acc, C.dtype.element_ty, UPCAST), mask=c_ok)
+    if STORE_C2:
+        c2_ptrs = C2 + (om64 * sc2m + on64 * sc2n) + (lm[:, None] * sc2m + ln[None, :] * sc2n)
+        c2 = cast_rne(activate(acc, ACT) * alpha2, C2.dtype.element_ty, UPCAST)
+        tl.store(c2_ptrs, c2, mask=c_ok)
+    if HAS_CSUM:
+        colsum = tl.sum(tl.where(c_ok, acc, 0.0), axis=0)
+        tl.store(CSUM + pid_m.to(tl.int64) * N + off_n + ln, colsum, mask=off_n + ln < N)
+
+
+@triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right column halves of a (BLOCK_M, BLOCK_N) tile."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue_halves(
+    acc,
+    pid_k,
+    pid_m,
+    off_m,
+    off_n,
+    M,
+    N,
+    C,
+    BIAS,
+    Z,
+    C2,
+    CSUM,
+    scs,
+    scm,
+    scn,
+    szm,
+    szn,
+    sc2m,
+    sc2n,
+    alpha,
+    alpha2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPI: tl.constexpr,
+    STORE_C2: tl.constexpr,
+    HAS_CSUM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``_epilogue`` on each column half of the tile in turn."""
+    lo, hi = _halves(acc, BLOCK_M, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2
+    _epilogue(
+        lo,
+        pid_k,
+        pid_m,
+        off_m,
+        off_n,
+        M,
+        N,
+        C,
+        BIAS,
+        Z,
+        C2,
+        CSUM,
+        scs,
+        scm,
+        scn,
+        szm,
+        szn,
+        sc2m,
+        sc2n,
+        alpha,
+        alpha2,
+        BLOCK_M,
+        HALF,
+        ACT,
+        HAS_BIAS,
+        EPI,
+        STORE_C2,
+        HAS_CSUM,
+        UPCAST,
+    )
+    _epilogue(
+        hi,
+        pid_k,
+        pid_m,
+        off_m,
+        off_n + HALF,
+        M,
+        N,
+        C,
+        BIAS,
+        Z,
+        C2,
+        CSUM,
+        scs,
+        scm,
+        scn,
+        szm,
+        szn,
+        sc2m,
+        sc2n,
+        alpha,
+        alpha2,
+        BLOCK_M,
+        HALF,
+        ACT,
+        HAS_BIAS,
+        EPI,
+        STORE_C2,
+        HAS_CSUM,
+        UPCAST,
+    )
+
+
+@triton.jit
+def _gemm_kernel(
+    A,
+    B,
+    C,
+    A2,
+    B2,
+    BIAS,
+    Z,
+    C2,
+    CSUM,
+    M,
+    N,
+    K,
+    R,
+    sam,
+    sak,
+    sbk,
+    sbn,
+    scs,
+    scm,
+    scn,
+    sa2m,
+    sa2r,
+    sb2r,
+    sb2n,
+    szm,
+    szn,
+    sc2m,
+    sc2n,
+    alpha,
+    alpha2,
+    SPLIT_K,
+    M_KEY,
+    LAYOUT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACT: tl.constexpr,
+    PRO_ACT: tl.constexpr,
+    HAS_AB2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPI: tl.constexpr,
+    STORE_C2: tl.constexpr,
+    HAS_CSUM: tl.constexpr,
+    EPI_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # grouped order: GROUP_M consecutive row blocks sweep the column blocks together, so
+    # the B tiles they share stay in L2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    # 64-bit offsets only for the scalar tile origins; offsets inside a tile are 32-bit
+    # (the host checks stride * 256 < 2**31), which keeps register pressure down
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    lm = tl.arange(0, BLOCK_M)
+    ln = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = off_m + lm < M
+    n_ok = off_n + ln < N
+    om64 = off_m.to(tl.int64)
+    on64 = off_n.to(tl.int64)
+
+    # this split's K range: whole tiles, the last split ends at K
+    k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    a_ptrs = A + (om64 * sam + k_lo.to(tl.int64) * sak) + (lm[:, None] * sam + rk[None, :] * sak)
+    b_ptrs = B + (k_lo.to(tl.int64) * sbk + on64 * sbn) + (rk[:, None] * sbk + ln[None, :] * sbn)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        # "< K - k" (not k_hi): K is specialised divisible by 16 when it is, which keeps the
+        # masks uniform over vector widths; interior splits never reach K anyway
+        k_ok = rk < K - k
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if PRO_ACT:
+            # act(0) == 0 for every activation, so the masked zeros stay zeros
+            a = cast_rne(activate(a.to(tl.float32), ACT), b.dtype, UPCAST)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
+        a_ptrs += BLOCK_K * sak
+        b_ptrs += BLOCK_K * sbk
+
+    if HAS_AB2:
+        rr = tl.arange(0, BLOCK_R)
+        a2_ptrs = A2 + om64 * sa2m + (lm[:, None] * sa2m + rr[None, :] * sa2r)
+        b2_ptrs = B2 + on64 * sb2n + (rr[:, None] * sb2r + ln[None, :] * sb2n)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = rr < R - r0
+            a2 = tl.load(a2_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            b2 = tl.load(b2_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = mma(a2, b2, acc, PRECISION, UPCAST)
+            a2_ptrs += BLOCK_R * sa2r
+            b2_ptrs += BLOCK_R * sb2r
+
+    # Heavy epilogues (activation math, an extra tile load) on wide tiles run in column
+    # chunks of EPI_CHUNK: fewer live temporaries, no register spills (see compile_static).
+    HEAVY: tl.constexpr = EPI == 1 or (STORE_C2 and ACT != 0)
+    if HEAVY and BLOCK_N >= 4 * EPI_CHUNK:
+        acc_lo, acc_hi = _halves(acc, BLOCK_M, BLOCK_N)
+        _epilogue_halves(
+            acc_lo,
+            pid_k,
+            pid_m,
+            off_m,
+            off_n,
+            M,
+            N,
+            C,
+            BIAS,
+            Z,
+            C2,
+            CSUM,
+            scs,
+            scm,
+            scn,
+            szm,
+            szn,
+            sc2m,
+            sc2n,
+            alpha,
+            alpha2,
+            BLOCK_M,
+            BLOCK_N // 2,
+            ACT,
+            HAS_BIAS,
+            EPI,
+            STORE_C2,
+            HAS_CSUM,
+            UPCAST,
+        )
+        _epilogue_halves(
+            acc_hi,
+            pid_k,
+            pid_m,
+            off_m,
+            off_n + BLOCK_N // 2,
+            M,
+            N,
+            C,
+            BIAS,
+            Z,
+            C2,
+            CSUM,
+            scs,
+            scm,
+            scn,
+            szm,
+            szn,
+            sc2m,
+            sc2n,
+            alpha,
+            alpha2,
+            BLOCK_M,
+            BLOCK_N // 2,
+            ACT,
+            HAS_BIAS,
+            EPI,
+            STORE_C2,
+            HAS_CSUM,
+            UPCAST,
+        )
+    elif HEAVY and BLOCK_N >= 2 * EPI_CHUNK:
+        _epilogue_halves(
+            acc,
+            pid_k,
+            pid_m,
+            off_m,
+            off_n,
+            M,
+            N,
+            C,
+            BIAS,
+            Z,
+            C2,
+            CSUM,
+            scs,
+            scm,
+            scn,
+            szm,
+            szn,
+            sc2m,
+            sc2n,
+            alpha,
+            alpha2,
+            BLOCK_M,
+            BLOCK_N,
+            ACT,
+            HAS_BIAS,
+            EPI,
+            STORE_C2,
+            HAS_CSUM,
+            UPCAST,
+        )
+    else:
+        _epilogue(
+            acc,
+            pid_k,
+            pid_m,
+            off_m,
+            off_n,
+            M,
+            N,
+            C,
+            BIAS,
+            Z,
+            C2,
+            CSUM,
+            scs,
+            scm,
+            scn,
+            szm,
+            szn,
+            sc2m,
+            sc2n,
+            alpha,
+            alpha2,
+            BLOCK_M,
+            BLOCK_N,
+            ACT,
+            HAS_BIAS,
+            EPI,
+            STORE_C2,
+            HAS_CSUM,
+            UPCAST,
+        )
+
+
+_gemm_tuned = triton.autotune(
+    configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}
+)(_gemm_kernel)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split K when the output has too few tiles to fill the machine (LoRA dA/dB, dW of
+    narrow layers). Tiles are counted at the largest candidate tile; each split keeps at
+    least a few K tiles so the fp32 partials stay cheap next to the GEMM."""
+    if INTERPRET:
+        # a virtual 4-"SM" machine with the interpreter's tiles, so that the
+        # small test shapes exercise the split path too
+        sms, bm, bn, min_k = 4, _INTERP_CONFIG["BLOCK_M"], _INTERP_CONFIG["BLOCK_N"], 32
+    elif device.type == "cuda":
+        sms, bm, bn, min_k = _num_sms(device.index or 0), 128, 128, 1024
+    else:
+        return 1
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if tiles * 2 > sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), k // min_k, 32))
+
+
+def _min_block_m(M: int, N: int, K: int, esize: int) -> int:
+    """Smallest BLOCK_M the autotuner may pick for this problem (sizes the CSUM workspace)."""
+    if INTERPRET:
+        return _INTERP_CONFIG["BLOCK_M"]
+    return min(c.kwargs["BLOCK_M"] for c in fit_configs(_configs(), M, N, K, esize))
+
+
+# offsets inside a tile are int32: (tile rows + tile cols) * stride must stay below 2**31
+_MAX_STRIDE = 2**31 // 512
+
+
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+    pro_act: bool = False,
+    ab2: tuple[torch.Tensor, torch.Tensor] | None = None,
+    epi: int = EPI_NONE,
+    z: torch.Tensor | None = None,
+    c2: torch.Tensor | None = None,
+    alpha2: float = 1.0,
+    colsum: bool = False,
+    split_k: int | None = None,
+    tune: bool = True,
+) -> torch.Tensor | None:
+    """out[:] = epi(alpha · (pro(a) @ b + a2 @ b2) + bias); returns fp32 column sums of out
+    (N,) when ``colsum`` (computed from the fp32 values before rounding), else None.
+
+    a: (M, K), b: (K, N), out: (M, N), any strides (views of transposes are fine).
+    ab2: (a2 (M, R), b2 (R, N)). z: (M, N) for ``epi``. c2: (M, N) receives
+    alpha2 · act(out). split_k=None picks it (only for plain GEMMs: no epilogue but alpha).
+    ``tune=False`` launches one fixed config (never re-runs the kernel: safe in place).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    assert b.shape[0] == K and tuple(out.shape) == (M, N), (a.shape, b.shape, out.shape)
+    for name, t in (("a", a), ("b", b)):
+        check_dtype(name, t)
+    extra = ab2 if ab2 is not None else (None, None)
+    for name, t in (
+        ("a", a),
+        ("b", b),
+        ("out", out),
+        ("z", z),
+        ("c2", c2),
+        ("a2", extra[0]),
+        ("b2", extra[1]),
+    ):
+        if t is not None and max(t.stride(), default=0) >= _MAX_STRIDE:
+            raise ValueError(
+                f"{name}: the Triton GEMM takes strides below {_MAX_STRIDE} elements (32-bit "
+                f"offsets inside a tile), got strides {tuple(t.stride())}; pass a contiguous copy"
+            )
+    if M == 0 or N == 0:
+        return torch.zeros(N, dtype=torch.float32, device=out.device) if colsum else None
+    plain = not (bias is not None or ab2 is not None or epi or c2 is not None or colsum)
+    if split_k is None:
+        split_k = _split_k(M, N, K, out.device) if plain and tune else 1
+    assert split_k == 1 or plain, "split-K takes no epilogue besides alpha"
+
+    target = out
+    if split_k > 1:
+        target = torch.empty((split_k, M, N), dtype=torch.float32, device=out.device)
+        sc = target.stride()
+    else:
+        sc = (0, *out.stride())
+    dummy = out
+    a2, b2 = ab2 if ab2 is not None else (dummy, dummy)
+    R = a2.shape[1] if ab2 is not None else 0
+    csum = None
+    if colsum:
+        rows = triton.cdiv(M, _min_block_m(M, N, K, a.element_size()))
+        csum = torch.zeros((rows, N), dtype=torch.float32, device=out.device)
+    layout = int(a.stride(1) == 1) | int(b.stride(0) == 1) << 1 | int(out.stride(1) == 1) << 2
+    args = (
+        a,
+        b,
+        target,
+        a2,
+        b2,
+        bias if bias is not None else dummy,
+        z if z is not None else dummy,
+        c2 if c2 is not None else dummy,
+        csum if csum is not None else dummy,
+        M,
+        N,
+        K,
+        R,
+        *a.stride(),
+        *b.stride(),
+        *sc,
+        *(a2.stride() if ab2 is not None else (0, 0)),
+        *(b2.stride() if ab2 is not None else (0, 0)),
+        *(z.stride() if z is not None else (0, 0)),
+        *(c2.stride() if c2 is not None else (0, 0)),
+        float(alpha),
+        float(alpha2),
+        split_k,
+        triton.next_power_of_2(M),
+        layout,
+    )
+    flags = dict(
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))),
+        ACT=ACT_IDS[act],
+        PRO_ACT=pro_act,
+        HAS_AB2=ab2 is not None,
+        HAS_BIAS=bias is not None,
+        EPI=epi,
+        STORE_C2=c2 is not None,
+        HAS_CSUM=colsum,
+        EPI_CHUNK=_EPI_CHUNK,
+        PRECISION=dot_precision(a.dtype),
+        UPCAST=INTERPRET,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+
+    if tune:
+        _gemm_tuned[grid](*args, **flags)
+    else:
+        # memory-bound uses (merge_lora): a mid-sized tile, no benchmarking
+        fixed = _configs() if INTERPRET else [c for c in _configs() if c.kwargs["BLOCK_M"] == 64]
+        cfg = fit_configs(fixed[:1], M, N, K, a.element_size())[0]
+        _gemm_kernel[grid(cfg.kwargs)](
+            *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+    if split_k > 1:
+        out.copy_(target.sum(0))
+    return csum.sum(0) if csum is not None else None
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def _tl_type(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def compile_static(
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    arch: int = 90,
+    block: tuple[int, int, int, int, int] = _GPU_CONFIGS[0],
+    contiguous_k: tuple[bool, bool] = (True, False),
+    **flags,
+) -> dict:
+    """Compile the GEMM kernel for ``sm_<arch>`` without a GPU (what the JIT would build for
+    row-major operands whose sizes/strides are multiples of 16) and report on it.
+
+    flags: the constexpr variant (ACT, PRO_ACT, HAS_AB2, HAS_BIAS, EPI, STORE_C2, HAS_CSUM).
+    contiguous_k: whether A / B have unit stride along K (A row-major is (True, ...);
+    B = Wᵀ of an nn.Linear weight is K-contiguous, B = x in a dW GEMM is not).
+    Returns {"mma": sorted tensor-core instructions in the PTX, "regs", "spill_bytes",
+    "shared", "ptx"}. Needs the real compiler: not available under TRITON_INTERPRET=1.
+    """
+    if INTERPRET:
+        raise RuntimeError(
+            "compile_static needs TRITON_INTERPRET unset (the JIT, not the interpreter)"
+        )
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _gemm_kernel
+    bm, bn, bk, warps, stages = block
+    defaults = dict(
+        ACT=0, PRO_ACT=False, HAS_AB2=False, HAS_BIAS=False, EPI=0, STORE_C2=False, HAS_CSUM=False
+    )
+    defaults.update(flags)
+    constexprs = dict(
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=8,
+        BLOCK_R=16,
+        EPI_CHUNK=64,
+        PRECISION="ieee",
+        UPCAST=False,
+        SPLIT_K=1,
+        **defaults,
+    )
+    # unit strides are specialised to constants by the JIT: mirror row-major operands
+    unit = {
+        "sak" if contiguous_k[0] else "sam": 1,
+        "sbk" if contiguous_k[1] else "sbn": 1,
+        "scn": 1,
+        "sa2r": 1,
+        "sb2n": 1,
+        "szn": 1,
+        "sc2n": 1,
+    }
+    constexprs.update(unit)
+    ptr = "*" + _tl_type(dtype)
+    ptr_types = dict(A=ptr, B=ptr, C=ptr, A2=ptr, B2=ptr, BIAS=ptr, Z=ptr, C2=ptr, CSUM="*fp32")
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptr_types:
+            signature[name] = ptr_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("alpha", "alpha2"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    ck = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+    ptx = ck.asm["ptx"]
+    mma_ops = sorted(set(re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)))
+    report = {
+        "mma": mma_ops,
+        "shared": ck.metadata.shared,
+        "ptx": ptx,
+        "regs": None,
+        "spill_bytes": None,
+    }
+    report.update(_resource_usage(ck.asm["cubin"]))
+    return report
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and local-memory (spill) bytes from cuobjdump, shipped in the triton wheel."""
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+        )
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res.stdout)
+    if not m:
+        return {}
+    return {"regs": int(m.group(1)), "spill_bytes": int(m.group(2)) + int(m.group(4))}
