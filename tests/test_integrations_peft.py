@@ -160,6 +160,10 @@ def test_merge_unmerge_as_peft(arch, fused_calls):
     assert all(
         torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ours.state_dict().values())
     )
+    merged_plain = copy.deepcopy(plain).merge_and_unload()
+    merged_ours = copy.deepcopy(ours).merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged_ours.modules())
+    torch.testing.assert_close(merged_ours(**inputs).logits, merged_plain(**inputs).logits)
     # W + dW - dW is not W bit for bit: compare with peft on the same unmerged weights
     exact = copy.deepcopy(plain).double()(**inputs).logits
     got, want = ours(**inputs).logits, plain(**inputs).logits
@@ -176,6 +180,8 @@ def test_adapters_save_and_load_unchanged(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     files = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "ours").iterdir())
+    for f in files:  # the same bytes
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "ours" / f).read_bytes(), f
     a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

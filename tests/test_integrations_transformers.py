@@ -53,6 +53,12 @@ def _config(arch: str, **over):
             decoder_intermediate_size=64, mask_ratio=0.5, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )  # fmt: skip
+    elif arch == "vit":
+        cfg = transformers.ViTConfig(
+            image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, num_labels=3,
+        )  # fmt: skip
     else:  # llama: grouped-query attention, RoPE
         cfg = transformers.LlamaConfig(
             vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -66,11 +72,12 @@ def _config(arch: str, **over):
 _MODEL_CLS = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
+    "vit": "ViTForImageClassification",
     "vit_mae": "ViTMAEForPreTraining",
     "llama": "LlamaForCausalLM",
 }
-N_ATTENTION = {"gpt2": 2, "bert": 2, "vit_mae": 3, "llama": 2}  # attention calls per forward
-N_MLP = {"gpt2": 2, "bert": 2, "vit_mae": 3}
+N_ATTENTION = {"gpt2": 2, "bert": 2, "vit": 2, "vit_mae": 3, "llama": 2}  # calls per forward
+N_MLP = {"gpt2": 2, "bert": 2, "vit": 2, "vit_mae": 3}
 
 
 def make(arch: str, impl: str, device: str, seed: int = 0, **over):
@@ -83,6 +90,11 @@ def make(arch: str, impl: str, device: str, seed: int = 0, **over):
 
 def batch(arch: str, device: str) -> dict:
     g = torch.Generator().manual_seed(1)
+    if arch == "vit":
+        return {
+            "pixel_values": torch.randn(2, 3, 16, 16, generator=g).to(device),
+            "labels": torch.tensor([0, 2]).to(device),
+        }
     if arch == "vit_mae":
         return {
             "pixel_values": torch.randn(2, 3, 16, 16, generator=g).to(device),
@@ -147,7 +159,7 @@ def op_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("arch", ["gpt2", "bert", "vit_mae", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "vit", "vit_mae", "llama"])
 def test_attn_implementation_recon(arch, backend, device, op_calls):
     rkt.register()
     stock = make(arch, "sdpa", device)
@@ -162,7 +174,7 @@ def test_attn_implementation_recon(arch, backend, device, op_calls):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("arch", ["gpt2", "bert", "vit_mae"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "vit", "vit_mae"])
 def test_apply_recon_kernels(arch, backend, device, op_calls):
     needs_kernels(backend, "mlp")
     stock = make(arch, "sdpa", device)

@@ -48,13 +48,22 @@ import threading
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    AttentionMaskInterface,
-    bidirectional_mask_function,
-    causal_mask_function,
-)
+import transformers
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+    )
+except ImportError as e:  # pragma: no cover - depends on the installed version
+    raise ImportError(
+        "recon_kernels.integrations.transformers needs transformers >= 4.53 (AttentionInterface "
+        f"and masking_utils.AttentionMaskInterface), found transformers "
+        f"{transformers.__version__}: {e}"
+    ) from e
 
 from ..ops import causal_attention, conv1d_mlp, masked_softmax_attention
 from .sdpa import autocast_inputs, no_autocast, scaled_dot_product_attention
@@ -568,7 +577,10 @@ def apply_recon_kernels(
     if attention:
         register(_default_backend)
         report.attention_before = model.config._attn_implementation
-        model.set_attn_implementation(IMPLEMENTATION)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(IMPLEMENTATION)
+        else:  # older transformers: the config walk below switches every config
+            model.config._attn_implementation = IMPLEMENTATION
         report.attention_after = model.config._attn_implementation
         if report.attention_after != IMPLEMENTATION:
             raise RuntimeError(
@@ -605,7 +617,10 @@ def revert_recon_kernels(model: nn.Module) -> None:
             if attr in m.__dict__:
                 delattr(m, attr)
     if report.attention_after is not None:
-        model.set_attn_implementation(report.attention_before)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(report.attention_before)
+        else:
+            model.config._attn_implementation = report.attention_before
         for cfg, impl in report._config_copies:
             cfg._attn_implementation = impl
     model._recon_patch_report = None
