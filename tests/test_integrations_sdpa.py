@@ -379,3 +379,17 @@ def test_compile_fullgraph_no_graph_break():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, mask), f(q, k, v, mask), rtol=0, atol=0)
+
+
+def test_importing_the_package_does_not_import_transformers_or_peft():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, recon_kernels as rk; "
+        "assert rk.scaled_dot_product_attention and rk.patch_sdpa and rk.integrations; "
+        "bad = [m for m in ('transformers', 'peft') if m in sys.modules]; "
+        "assert not bad, bad; "
+        "rk.integrations.peft.accelerate; assert 'peft' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
