@@ -334,12 +334,19 @@ def test_attention_dropout_falls_back_to_hf_sdpa(monkeypatch, op_calls):
         lambda *a, **k: (hf_calls.append(1), real(*a, **k))[1],
     )
     model = make("gpt2", "recon", "cpu", attn_pdrop=0.1)
-    inputs = batch("gpt2", "cpu")
-    model(**inputs)  # training mode: dropout is active
+    stock = make("gpt2", "sdpa", "cpu", attn_pdrop=0.1)
+    stock.load_state_dict(model.state_dict())
+    inputs = batch("gpt2", "cpu")  # padded: both hand torch the same bool mask, same RNG use
+    torch.manual_seed(3)
+    got = model(**inputs).logits  # training mode: dropout is active
     assert len(hf_calls) == 2 and op_calls["attention"] == 0
+    torch.manual_seed(3)
+    want = stock(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    hf_calls.clear()
     model.eval()
     model(**inputs)
-    assert len(hf_calls) == 2 and op_calls["attention"] == 2
+    assert len(hf_calls) == 0 and op_calls["attention"] == 2
 
 
 def test_generate_with_kv_cache_matches_stock():

@@ -165,9 +165,10 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _dense_mask(attention_mask, causal, L, S, device):
-    """Our compact mask forms as the 4-D bool mask (or None + is_causal) torch's SDPA takes."""
+    """Our compact mask forms (None / (B, S) + causality) as the bool mask torch's SDPA takes
+    (None when nothing is masked); a 4-D mask is returned as is."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask, False
+        return attention_mask
     allowed = None
     if attention_mask is not None:  # (B, S) padding
         allowed = attention_mask.to(torch.bool)[:, None, None, :]
@@ -176,7 +177,7 @@ def _dense_mask(attention_mask, causal, L, S, device):
         j = torch.arange(S, device=device)[None, :]
         cm = j <= i + (S - L)  # bottom-right, as causal_attention
         allowed = cm if allowed is None else allowed & cm
-    return allowed, False
+    return allowed
 
 
 def recon_attention_forward(
@@ -211,7 +212,7 @@ def recon_attention_forward(
 
         why = f"{', '.join(extra)}" if extra else "attention dropout > 0 (training)"
         _warn_once(f"{why}: this call runs on transformers' sdpa attention")
-        mask, _ = _dense_mask(attention_mask, causal, L, S, query.device)
+        mask = _dense_mask(attention_mask, causal, L, S, query.device)
         # the mask now carries causality; repeated kv heads make HF's own GQA step a no-op
         shim = _NoGQA(module)
         return sdpa_attention_forward(
