@@ -1,0 +1,368 @@
+// Attention backward, atomic-free, with recomputation (FlashAttention-2 formulas):
+//   delta_i = sum_d dO_id O_id                             (attn_bwd_delta_kernel)
+//   P = exp2(S * scale * log2 e - lse * log2 e), 0 where masked
+//   dV = P^T dO, dK = scale * dS^T Q with dS = P o (dO V^T - delta)   (one block per key block)
+//   dQ = scale * dS K                                      (one block per query block)
+// The dK/dV pass works on transposed tiles (rows = keys) so that P^T and dS^T are already in
+// the accumulator layout that the next product takes as its A operand.
+#include "attention_common.cuh"
+
+namespace rk {
+
+// One warp per query row.
+template <class T>
+__global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnArgs p) {
+  const int64_t row = int64_t(blockIdx.x) * 8 + warp_id();
+  const int64_t total = int64_t(p.b) * p.h * p.nq;
+  if (row >= total) return;  // whole warps leave together (row is warp-uniform)
+  const int64_t bh = row / p.nq;
+  const int64_t i = row % p.nq;
+  const int64_t b = bh / p.h, h = bh % p.h;
+  const T* o = reinterpret_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + i * p.o_sm;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sm;
+  float acc = 0.0f;
+  for (int c = lane_id(); c < p.d; c += 32) acc += to_float(o[c]) * to_float(dout[c]);
+#pragma unroll
+  for (int m = 16; m >= 1; m >>= 1) acc += shfl_xor(acc, m);
+  if (lane_id() == 0) reinterpret_cast<float*>(p.delta)[row] = acc;
+}
+
+// One block per key block of kBlockRows keys; sweeps the queries kBlockCols at a time.
+template <class T, int kD>
+__global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dkdv_kernel(const AttnArgs p) {
+  using Cfg = BwdCfg<T, kD>;
+  constexpr int kR = Cfg::kBlockRows, kC = Cfg::kBlockCols, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kCT = kC / 8, kDT = Cfg::kAccD / 8;
+
+  T* sK = reinterpret_cast<T*>(smem_base());
+  T* sV = sK + kR * kLd;
+  T* sQ = sV + kR * kLd;
+  T* sdO = sQ + kC * kLd;
+  float* sLse = reinterpret_cast<float*>(sdO + kC * kLd);  // lse * log2(e) of the query block
+  float* sDelta = sLse + kC;
+  float* sStage = sDelta + kC;  // fp32 only
+
+  const int num_n = (p.nk + kR - 1) / kR;
+  const int n_block = static_cast<int>(blockIdx.x % num_n);
+  const int64_t bh = blockIdx.x / num_n;
+  const int64_t b = bh / p.h, h = bh % p.h;
+  const int n0 = n_block * kR;
+  const int warp = warp_id(), lane = lane_id(), g = lane >> 2, t = lane & 3;
+  const int tid = static_cast<int>(threadIdx.x);
+
+  const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* k = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* v = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const float* lse = reinterpret_cast<const float*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
+  const float* delta = reinterpret_cast<const float*>(p.delta) + bh * p.nq;
+  const MaskView mv = make_mask_view(p, b, h);
+  const int d = p.d;
+  const float sl2 = p.scale * kLog2e;
+
+  load_tile_async<T, kR, kD, kThreads>(sK, kLd, k, p.k_sm, n0, 0, p.nk - n0, d);
+  load_tile_async<T, kR, kD, kThreads>(sV, kLd, v, p.v_sm, n0, 0, p.nk - n0, d);
+  cp_async_commit();
+
+  // Queries before the first one that sees key n0 contribute nothing under the causal mask.
+  int m_begin = 0;
+  if (p.causal) m_begin = max(0, n0 - mv.shift) / kC * kC;
+  const int key0 = n0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
+
+  // One sweep over the query blocks accumulating dV and/or dK (compile-time flags) for the
+  // output columns [d0, d0 + kAccD).
+  auto sweep = [&](auto do_dv, auto do_dk, auto& acc_dv, auto& acc_dk, int d0) {
+    constexpr bool kDV = decltype(do_dv)::value;
+    constexpr bool kDK = decltype(do_dk)::value;
+    for (int m0 = m_begin; m0 < p.nq; m0 += kC) {
+      load_tile_async<T, kC, kD, kThreads>(sQ, kLd, q, p.q_sm, m0, 0, p.nq - m0, d);
+      load_tile_async<T, kC, kD, kThreads>(sdO, kLd, dout, p.do_sm, m0, 0, p.nq - m0, d);
+      cp_async_commit();
+      for (int i = tid; i < kC; i += kThreads) {
+        const int r = m0 + i;
+        // lse = +inf (empty rows, and padding) makes P exactly 0
+        sLse[i] = r < p.nq ? lse[r * p.lse_sm] * kLog2e : INFINITY;
+        sDelta[i] = r < p.nq ? delta[r] : 0.0f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // S^T = K Q^T (rows: keys, cols: queries)
+      float st[1][kCT][4];
+      zero(st);
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        if (kk * 16 < d)
+          warp_mma_k16<T, 1, kCT, false, true>(st, sK + warp * 16 * kLd + kk * 16, kLd,
+                                               sQ + kk * 16, kLd, kC);
+      }
+      const bool full = mv.all_allowed(m0, m0 + kC, n0 + kR);
+#pragma unroll
+      for (int ci = 0; ci < kCT; ++ci) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = ci * 8 + 2 * t + (e & 1);
+          const bool ok = full || mv.allowed(m0 + qc, key0 + (e >> 1) * 8);
+          st[0][ci][e] = ok ? exp2f(st[0][ci][e] * sl2 - sLse[qc]) : 0.0f;  // P^T
+        }
+      }
+
+      if constexpr (kDV) {
+        // dV += P^T dO
+        if constexpr (Cfg::kTC) {
+#pragma unroll
+          for (int kk = 0; kk < kC / 16; ++kk) {
+            uint32_t a[4];
+            acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
+            warp_mma_k16_regA<T, kDT>(acc_dv[0], a, sdO + kk * 16 * kLd + d0, kLd, d - d0);
+          }
+        } else {
+          float* stage = sStage + warp * 16 * kLdS;
+          acc_to_smem<kCT>(stage, kLdS, st[0]);
+          syncwarp();
+#pragma unroll
+          for (int kk = 0; kk < kC / 16; ++kk)
+            warp_mma_k16<T, 1, kDT, false, false>(acc_dv, stage + kk * 16, kLdS,
+                                                  sdO + kk * 16 * kLd + d0, kLd, d - d0);
+          syncwarp();
+        }
+      }
+      if constexpr (kDK) {
+        // dP^T = V dO^T, dS^T = P^T o (dP^T - delta)
+        float dpt[1][kCT][4];
+        zero(dpt);
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+          if (kk * 16 < d)
+            warp_mma_k16<T, 1, kCT, false, true>(dpt, sV + warp * 16 * kLd + kk * 16, kLd,
+                                                 sdO + kk * 16, kLd, kC);
+        }
+#pragma unroll
+        for (int ci = 0; ci < kCT; ++ci) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            st[0][ci][e] *= dpt[0][ci][e] - sDelta[ci * 8 + 2 * t + (e & 1)];
+        }
+        // dK += dS^T Q (scaled at the end)
+        if constexpr (Cfg::kTC) {
+#pragma unroll
+          for (int kk = 0; kk < kC / 16; ++kk) {
+            uint32_t a[4];
+            acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
+            warp_mma_k16_regA<T, kDT>(acc_dk[0], a, sQ + kk * 16 * kLd + d0, kLd, d - d0);
+          }
+        } else {
+          float* stage = sStage + warp * 16 * kLdS;
+          acc_to_smem<kCT>(stage, kLdS, st[0]);
+          syncwarp();
+#pragma unroll
+          for (int kk = 0; kk < kC / 16; ++kk)
+            warp_mma_k16<T, 1, kDT, false, false>(acc_dk, stage + kk * 16, kLdS,
+                                                  sQ + kk * 16 * kLd + d0, kLd, d - d0);
+          syncwarp();
+        }
+      }
+      __syncthreads();  // every warp is done with this query block's tiles
+    }
+  };
+
+  cp_async_wait<0>();  // K and V (also when the sweep is empty)
+  __syncthreads();
+  T* dk = reinterpret_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
+  T* dv = reinterpret_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
+  const bool dk_pair = (reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(T)) == 0) && p.dk_sm % 2 == 0;
+  const bool dv_pair = (reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(T)) == 0) && p.dv_sm % 2 == 0;
+  for (int d0 = 0; d0 < d; d0 += Cfg::kAccD) {
+    if constexpr (Cfg::kTwoPass) {
+      float acc[1][kDT][4];
+      zero(acc);
+      sweep(std::true_type{}, std::false_type{}, acc, acc, d0);
+      store_rows<T, kDT>(dv + d0, p.dv_sm, key0, p.nk, d - d0, acc, 1.0f, 1.0f, dv_pair);
+      zero(acc);
+      sweep(std::false_type{}, std::true_type{}, acc, acc, d0);
+      store_rows<T, kDT>(dk + d0, p.dk_sm, key0, p.nk, d - d0, acc, p.scale, p.scale, dk_pair);
+    } else {
+      float acc_dv[1][kDT][4], acc_dk[1][kDT][4];
+      zero(acc_dv);
+      zero(acc_dk);
+      sweep(std::true_type{}, std::true_type{}, acc_dv, acc_dk, d0);
+      store_rows<T, kDT>(dv + d0, p.dv_sm, key0, p.nk, d - d0, acc_dv, 1.0f, 1.0f, dv_pair);
+      store_rows<T, kDT>(dk + d0, p.dk_sm, key0, p.nk, d - d0, acc_dk, p.scale, p.scale,
+                         dk_pair);
+    }
+  }
+}
+
+// One block per query block of kBlockRows queries; sweeps the keys kBlockCols at a time.
+template <class T, int kD>
+__global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel(const AttnArgs p) {
+  using Cfg = BwdCfg<T, kD>;
+  constexpr int kR = Cfg::kBlockRows, kC = Cfg::kBlockCols, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kCT = kC / 8, kDT = Cfg::kAccD / 8;
+
+  T* sQ = reinterpret_cast<T*>(smem_base());
+  T* sdO = sQ + kR * kLd;
+  T* sK = sdO + kR * kLd;
+  T* sV = sK + kC * kLd;
+  // (the lse/delta slots of the layout are unused here: this kernel keeps them in registers)
+  float* sStage = reinterpret_cast<float*>(sV + kC * kLd) + 2 * kC;  // fp32 only
+
+  const int num_m = (p.nq + kR - 1) / kR;
+  int m_block = static_cast<int>(blockIdx.x % num_m);
+  const int64_t bh = blockIdx.x / num_m;
+  if (p.causal) m_block = num_m - 1 - m_block;
+  const int64_t b = bh / p.h, h = bh % p.h;
+  const int m0 = m_block * kR;
+  const int warp = warp_id(), lane = lane_id(), g = lane >> 2, t = lane & 3;
+
+  const T* q = reinterpret_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* k = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* v = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const float* lse = reinterpret_cast<const float*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
+  const float* delta = reinterpret_cast<const float*>(p.delta) + bh * p.nq;
+  const MaskView mv = make_mask_view(p, b, h);
+  const int d = p.d;
+  const float sl2 = p.scale * kLog2e;
+
+  int n_end = p.nk;
+  if (p.causal) n_end = min(p.nk, m0 + kR + mv.shift);
+  n_end = max(n_end, 0);
+  const int n_blocks = (n_end + kC - 1) / kC;
+
+  load_tile_async<T, kR, kD, kThreads>(sQ, kLd, q, p.q_sm, m0, 0, p.nq - m0, d);
+  load_tile_async<T, kR, kD, kThreads>(sdO, kLd, dout, p.do_sm, m0, 0, p.nq - m0, d);
+  cp_async_commit();
+
+  const int row0 = m0 + warp * 16 + g;
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row0 + 8 * i;
+    lse2[i] = r < p.nq ? lse[r * p.lse_sm] * kLog2e : INFINITY;
+    dlt[i] = r < p.nq ? delta[r] : 0.0f;
+  }
+  T* dq = reinterpret_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+  const bool pair_ok = (reinterpret_cast<uintptr_t>(dq) % (2 * sizeof(T)) == 0) && p.dq_sm % 2 == 0;
+
+  // One sweep over the keys per kAccD output columns (a single one except fp32 D = 256).
+  for (int d0 = 0; d0 < d; d0 += Cfg::kAccD) {
+    if (n_blocks > 0) {
+      load_tile_async<T, kC, kD, kThreads>(sK, kLd, k, p.k_sm, 0, 0, p.nk, d);
+      cp_async_commit();
+      load_tile_async<T, kC, kD, kThreads>(sV, kLd, v, p.v_sm, 0, 0, p.nk, d);
+      cp_async_commit();
+    }
+    float acc_dq[1][kDT][4];
+    zero(acc_dq);
+
+    for (int j = 0; j < n_blocks; ++j) {
+      const int n0 = j * kC;
+      cp_async_wait<1>();  // Q, dO and K_j (V_j may still be in flight)
+      __syncthreads();
+
+      float s[1][kCT][4];
+      zero(s);
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        if (kk * 16 < d)
+          warp_mma_k16<T, 1, kCT, false, true>(s, sQ + warp * 16 * kLd + kk * 16, kLd,
+                                               sK + kk * 16, kLd, kC);
+      }
+      const bool full = mv.all_allowed(m0, m0 + kR, n0 + kC);
+#pragma unroll
+      for (int ni = 0; ni < kCT; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok =
+              full || mv.allowed(row0 + (e >> 1) * 8, n0 + ni * 8 + 2 * t + (e & 1));
+          s[0][ni][e] = ok ? exp2f(s[0][ni][e] * sl2 - lse2[e >> 1]) : 0.0f;  // P
+        }
+      }
+
+      cp_async_wait<0>();  // V_j
+      __syncthreads();
+      float dp[1][kCT][4];
+      zero(dp);
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        if (kk * 16 < d)
+          warp_mma_k16<T, 1, kCT, false, true>(dp, sdO + warp * 16 * kLd + kk * 16, kLd,
+                                               sV + kk * 16, kLd, kC);
+      }
+#pragma unroll
+      for (int ni = 0; ni < kCT; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][ni][e] *= dp[0][ni][e] - dlt[e >> 1];  // dS
+      }
+      if constexpr (Cfg::kTC) {
+#pragma unroll
+        for (int kk = 0; kk < kC / 16; ++kk) {
+          uint32_t a[4];
+          acc_to_a_frag<T>(a, s[0][2 * kk], s[0][2 * kk + 1]);
+          warp_mma_k16_regA<T, kDT>(acc_dq[0], a, sK + kk * 16 * kLd + d0, kLd, d - d0);
+        }
+      } else {
+        float* stage = sStage + warp * 16 * kLdS;
+        acc_to_smem<kCT>(stage, kLdS, s[0]);
+        syncwarp();
+#pragma unroll
+        for (int kk = 0; kk < kC / 16; ++kk)
+          warp_mma_k16<T, 1, kDT, false, false>(acc_dq, stage + kk * 16, kLdS,
+                                                sK + kk * 16 * kLd + d0, kLd, d - d0);
+        syncwarp();
+      }
+      __syncthreads();  // every warp is done with K_j and V_j
+      if (j + 1 < n_blocks) {
+        load_tile_async<T, kC, kD, kThreads>(sK, kLd, k, p.k_sm, n0 + kC, 0, p.nk - n0 - kC, d);
+        cp_async_commit();
+        load_tile_async<T, kC, kD, kThreads>(sV, kLd, v, p.v_sm, n0 + kC, 0, p.nk - n0 - kC, d);
+        cp_async_commit();
+      }
+    }
+    store_rows<T, kDT>(dq + d0, p.dq_sm, row0, p.nq, d - d0, acc_dq, p.scale, p.scale, pair_ok);
+  }
+  cp_async_wait<0>();  // (only reached with copies in flight when there was no key block)
+}
+
+template <class T, int kD>
+static std::string launch_attn_bwd(const AttnArgs& a, uintptr_t stream) {
+  using Cfg = BwdCfg<T, kD>;
+  const int64_t rows = int64_t(a.b) * a.h * a.nq;
+  const int64_t delta_blocks = (rows + 7) / 8;
+  const int64_t kv_blocks = int64_t((a.nk + Cfg::kBlockRows - 1) / Cfg::kBlockRows) * a.b * a.h;
+  const int64_t q_blocks = int64_t((a.nq + Cfg::kBlockRows - 1) / Cfg::kBlockRows) * a.b * a.h;
+  if (delta_blocks > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff)
+    return "attention_bwd: too many blocks (B * H * N too large)";
+  std::string err = launch(attn_bwd_delta_kernel<T>, "attention_bwd (delta)",
+                           dim3(static_cast<unsigned>(delta_blocks)), dim3(256), 0, stream, a);
+  if (!err.empty()) return err;
+  err = launch(attn_bwd_dkdv_kernel<T, kD>, "attention_bwd (dK/dV)",
+               dim3(static_cast<unsigned>(kv_blocks)), dim3(Cfg::kThreads), Cfg::kSmemBytes,
+               stream, a);
+  if (!err.empty()) return err;
+  return launch(attn_bwd_dq_kernel<T, kD>, "attention_bwd (dQ)",
+                dim3(static_cast<unsigned>(q_blocks)), dim3(Cfg::kThreads), Cfg::kSmemBytes,
+                stream, a);
+}
+
+std::string attention_bwd(const AttnArgs& a, uintptr_t stream) {
+  std::string err = check_attn_common(a);
+  if (!err.empty()) return err;
+  const int vec = a.dtype == kFloat32 ? 4 : 8;
+  const Operand ops[] = {{"q", a.q, a.q_sb, a.q_sh, a.q_sm},
+        {"k", a.k, a.k_sb, a.k_sh, a.k_sm},
+        {"v", a.v, a.v_sb, a.v_sh, a.v_sm},
+        {"dout", a.dout, a.do_sb, a.do_sh, a.do_sm}};
+  for (const Operand& op : ops) {
+    err = check_aligned(op, vec);
+    if (!err.empty()) return "attention_bwd: " + err;
+  }
+  if (a.o == 0 || a.lse == 0 || a.delta == 0 || a.dq == 0 || a.dk == 0 || a.dv == 0)
+    return "attention_bwd: null pointer among o, lse, delta, dq, dk, dv";
+  RK_DISPATCH_DTYPE(a.dtype, T, RK_DISPATCH_HEAD_DIM(a.d, kD, return launch_attn_bwd<T, kD>(a, stream);))
+}
+
+}  // namespace rk

@@ -1,0 +1,153 @@
+// Pieces shared by the attention forward and backward kernels: tile configurations per
+// (dtype, head-dim bucket), the mask predicate, and host-side argument checks.
+#pragma once
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace rk {
+
+// Forward: 4 warps x 16 query rows; the key tile shrinks for big head dims so the S tile,
+// the O accumulator and the shared tiles fit (fp32 tiles are twice the bytes).
+template <class T, int kD>
+struct FwdCfg {
+  static constexpr bool kTC = TypeInfo<T>::kTensorCore;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = (kD >= 256 || (!kTC && kD >= 128)) ? 32 : 64;
+  static constexpr int kLd = kD + kPad<T>;    // shared row stride of the Q/K/V tiles
+  static constexpr int kLdS = kBlockN + 4;    // fp32 staging row stride of P
+  static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kLd * sizeof(T) +
+                                       (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
+};
+
+// Backward (both passes): a block owns kBlockRows rows (keys for dK/dV, queries for dQ),
+// 16 per warp, and sweeps the other side kBlockCols at a time. Register budget (255 per
+// thread, no spills): D = 256 computes dV and dK in separate sweeps so that one 16 x 256
+// accumulator per warp is live, and fp32 at D = 256 (SIMT, more live operands) also
+// splits the output columns in two halves (kAccD), recomputing S and dP per half.
+template <class T, int kD>
+struct BwdCfg {
+  static constexpr bool kTC = TypeInfo<T>::kTensorCore;
+  static constexpr int kWarps = (!kTC && kD >= 256) ? 2 : 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockRows = 16 * kWarps;
+  static constexpr int kBlockCols = kD <= 64 ? 64 : 32;
+  static constexpr bool kTwoPass = kD >= 256;
+  static constexpr int kAccD = (!kTC && kD >= 256) ? kD / 2 : kD;
+  static constexpr int kLd = kD + kPad<T>;
+  static constexpr int kLdS = kBlockCols + 4;
+  static constexpr size_t kSmemBytes =
+      size_t(2 * kBlockRows + 2 * kBlockCols) * kLd * sizeof(T) +
+      size_t(2 * kBlockCols) * sizeof(float) +  // lse and delta of the column block (dK/dV)
+      (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
+};
+
+// Which (query i, key j) pairs may attend, for one (batch, head).
+struct MaskView {
+  const uint8_t* mask;  // at (b, h); element (i, j) at mask[i * m_sm + j * m_sn]
+  int64_t m_sm, m_sn;
+  const uint8_t* kpm;  // at b; key j at kpm[j * kpm_sn]
+  int64_t kpm_sn;
+  int nq, nk, shift;  // shift = Nk - Nq: causal lets query i see keys j <= i + shift
+  bool causal;
+
+  RK_DEVICE bool allowed(int i, int j) const {
+    if (i >= nq || j >= nk) return false;
+    if (causal && j > i + shift) return false;
+    if (kpm != nullptr && kpm[j * kpm_sn] == 0) return false;
+    if (mask != nullptr && mask[i * m_sm + j * m_sn] == 0) return false;
+    return true;
+  }
+  // True when every pair of queries [i0, i1) x keys below j1 is allowed, so a tile can
+  // skip the per-element test.
+  RK_DEVICE bool all_allowed(int i0, int i1, int j1) const {
+    if (mask != nullptr || kpm != nullptr) return false;
+    if (i1 > nq || j1 > nk) return false;
+    return !causal || j1 - 1 <= i0 + shift;
+  }
+};
+
+RK_DEVICE MaskView make_mask_view(const AttnArgs& p, int64_t b, int64_t h) {
+  MaskView mv;
+  mv.mask = p.mask ? reinterpret_cast<const uint8_t*>(p.mask) + b * p.m_sb + h * p.m_sh : nullptr;
+  mv.m_sm = p.m_sm;
+  mv.m_sn = p.m_sn;
+  mv.kpm = p.kpm ? reinterpret_cast<const uint8_t*>(p.kpm) + b * p.kpm_sb : nullptr;
+  mv.kpm_sn = p.kpm_sn;
+  mv.nq = p.nq;
+  mv.nk = p.nk;
+  mv.shift = p.nk - p.nq;
+  mv.causal = p.causal;
+  return mv;
+}
+
+template <int N>
+RK_DEVICE void zero(float (&acc)[1][N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][i][e] = 0.0f;
+  }
+}
+
+// Writes a warp's 16-row accumulator tile (scaled) to out rows row0, row0 + 8 (row stride
+// ld, unit column stride), columns < d, rows < nrows.
+template <class T, int N>
+RK_DEVICE void store_rows(T* out, int64_t ld, int row0, int nrows, int d,
+                          const float (&acc)[1][N][4], float scale0, float scale1,
+                          bool pair_ok) {
+  const int t = lane_id() & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row0 + half * 8;
+    if (r >= nrows) continue;
+    const float s = half ? scale1 : scale0;
+    T* row = out + r * ld;
+#pragma unroll
+    for (int ni = 0; ni < N; ++ni) {
+      if (ni * 8 >= d) continue;
+      store2<T>(row, ni * 8 + 2 * t, d, acc[0][ni][2 * half] * s, acc[0][ni][2 * half + 1] * s,
+                pair_ok);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ host-side checks
+
+struct Operand {
+  const char* name;
+  uint64_t ptr;
+  int64_t sb, sh, sm;
+};
+
+// Every (B, H, N, D) operand that is copied in 16-byte chunks.
+inline std::string check_aligned(const Operand& op, int vec) {
+  const char* name = op.name;
+  const uint64_t ptr = op.ptr;
+  const int64_t sb = op.sb, sh = op.sh, sm = op.sm;
+  if (ptr == 0) return std::string(name) + ": null pointer";
+  if (ptr % 16 != 0)
+    return std::string(name) + ": expected a 16-byte aligned data pointer, got address " +
+           std::to_string(ptr);
+  if (sb % vec != 0 || sh % vec != 0 || sm % vec != 0)
+    return std::string(name) + ": expected batch/head/row strides that are multiples of " +
+           std::to_string(vec) + " elements (16 bytes), got (" + std::to_string(sb) + ", " +
+           std::to_string(sh) + ", " + std::to_string(sm) + ")";
+  return "";
+}
+
+inline std::string check_attn_common(const AttnArgs& a) {
+  if (a.b < 1 || a.h < 1 || a.nq < 1 || a.nk < 1)
+    return "attention: expected B, H, Nq, Nk >= 1, got B=" + std::to_string(a.b) +
+           " H=" + std::to_string(a.h) + " Nq=" + std::to_string(a.nq) +
+           " Nk=" + std::to_string(a.nk);
+  if (a.d < 1 || a.d > 256)
+    return "attention: head dim D must be in [1, 256], got " + std::to_string(a.d);
+  if (!std::isfinite(a.scale)) return "attention: scale must be finite";
+  return "";
+}
+
+}  // namespace rk

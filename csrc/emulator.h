@@ -1,0 +1,393 @@
+// A CPU emulator for the kernels in this directory (RECON_EMULATE builds only; the GPU
+// extension never includes it). It exists to check, on a machine without a GPU, the index
+// math that cannot be tested otherwise: fragment layouts, tile offsets, masks, pipelines.
+//
+// Every CUDA thread of a block runs as a fiber (ucontext) on one OS thread; blocks run one
+// after another. __syncthreads and the warp-collective primitives (ldmatrix, mma.sync,
+// shfl, __syncwarp) switch fibers until all participants arrive, then compute each lane's
+// result from the PTX ISA definitions, independently of the kernels' own index math:
+//   * ldmatrix: lane l supplies the address of row l % 8 of matrix l / 8; without .trans
+//     lane l receives row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of each matrix, with
+//     .trans the transposed matrix's elements at those coordinates;
+//   * mma.m16n8k16: A/B/C fragments as listed in common.cuh, computed as a 16x8x16 product.
+// Deliberately unforgiving: shared memory starts as 0xFF bytes (NaN in every float type),
+// cp.async copies land only at the cp.async.wait_group that covers them (a missing wait
+// reads stale data), a warp whose lanes reach different collectives or a block whose
+// threads never meet at a barrier is reported as an error, and every ldmatrix / cp.async
+// address is checked for alignment and shared-memory bounds. Launch limits are the
+// smallest of the targeted GPUs (sm_80: 163 KiB of shared memory per block).
+#pragma once
+
+#ifndef RECON_EMULATE
+#error "emulator.h is only for RECON_EMULATE builds"
+#endif
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#define __launch_bounds__(...)
+
+using std::max;
+using std::min;
+
+namespace rk {
+namespace emu {
+
+constexpr size_t kMaxSmem = 166912;  // sm_80 opt-in limit per block
+constexpr size_t kStackBytes = 512 * 1024;
+
+enum Op : int { kOpShfl = 1, kOpSyncwarp, kOpLdsm, kOpLdsmT, kOpMma };
+
+struct Copy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int bytes;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  dim3 tidx;
+  int lane = 0, warp = 0;
+  bool done = false;
+  int wait = 0;  // 0 runnable, 1 block barrier, 2 warp collective
+  uint64_t wait_gen = 0;
+  std::vector<Copy> open;
+  std::deque<std::vector<Copy>> groups;
+};
+
+struct Warp {
+  int arrived = 0;
+  uint64_t gen = 0;
+  int op = 0;
+  alignas(16) unsigned char slots[2][32][64];
+};
+
+struct State {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  unsigned char* smem = nullptr;
+  size_t smem_size = 0;
+  size_t smem_cap = 0;
+  dim3 block_idx, grid, block;
+  int nthreads = 0;
+  int arrived = 0;
+  uint64_t gen = 0;
+  ucontext_t sched;
+  Fiber* cur = nullptr;
+  std::string error;
+  std::function<void()> body;
+};
+
+inline State& st() {
+  static State s;
+  return s;
+}
+
+inline void yield() { swapcontext(&st().cur->ctx, &st().sched); }
+
+// Records the first error and parks the fiber for good (the scheduler stops the launch).
+[[noreturn]] inline void fail(const std::string& msg) {
+  State& s = st();
+  if (s.error.empty()) s.error = msg;
+  for (;;) yield();
+}
+
+inline void syncthreads() {
+  State& s = st();
+  const uint64_t g = s.gen;
+  if (++s.arrived == s.nthreads) {
+    s.arrived = 0;
+    ++s.gen;
+  } else {
+    s.cur->wait = 1;
+    s.cur->wait_gen = g;
+    yield();
+  }
+}
+
+// Deposits this lane's input and returns the 32 deposits (lane l at + l * 64) once every
+// lane of the warp has arrived at the same collective. Slots alternate between two
+// buffers: a lane can only get two collectives ahead after every lane has read this one.
+template <class In>
+inline const unsigned char* exchange(int op, const In& in) {
+  static_assert(sizeof(In) <= 64, "collective payload too large");
+  State& s = st();
+  Fiber& f = *s.cur;
+  Warp& w = s.warps[f.warp];
+  const uint64_t g = w.gen;
+  if (w.arrived == 0) {
+    w.op = op;
+  } else if (w.op != op) {
+    fail("warp " + std::to_string(f.warp) + ": lanes reached different warp collectives (" +
+         std::to_string(w.op) + " vs " + std::to_string(op) + "): divergent .sync.aligned");
+  }
+  memcpy(w.slots[g & 1][f.lane], &in, sizeof(In));
+  if (++w.arrived == 32) {
+    w.arrived = 0;
+    ++w.gen;
+  } else {
+    f.wait = 2;
+    f.wait_gen = g;
+    yield();
+  }
+  return &w.slots[g & 1][0][0];
+}
+
+template <class In>
+inline In slot(const unsigned char* all, int lane) {
+  In v;
+  memcpy(&v, all + lane * 64, sizeof(In));
+  return v;
+}
+
+inline void check_smem(const void* p, size_t bytes, const char* what) {
+  State& s = st();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (c < s.smem || c + bytes > s.smem + s.smem_size)
+    fail(std::string(what) + ": address outside the block's dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(c) % 16 != 0)
+    fail(std::string(what) + ": shared address not 16-byte aligned");
+}
+
+inline unsigned char* smem_base() { return st().smem; }
+
+inline float shfl_xor(float v, int lane_mask) {
+  const unsigned char* all = exchange(kOpShfl, v);
+  return slot<float>(all, st().cur->lane ^ lane_mask);
+}
+
+inline void syncwarp() { exchange(kOpSyncwarp, 0); }
+
+inline uint16_t u16_at(const void* p, int element) {
+  uint16_t v;
+  memcpy(&v, static_cast<const unsigned char*>(p) + 2 * element, 2);
+  return v;
+}
+
+inline void ldsm_impl(uint32_t (&r)[4], const void* p, bool trans) {
+  check_smem(p, 16, trans ? "ldmatrix.trans" : "ldmatrix");
+  const unsigned char* all = exchange(trans ? kOpLdsmT : kOpLdsm, p);
+  const int l = st().cur->lane;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const void* row = slot<const void*>(all, 8 * i + l / 4);
+      lo = u16_at(row, 2 * (l % 4));
+      hi = u16_at(row, 2 * (l % 4) + 1);
+    } else {
+      const void* row0 = slot<const void*>(all, 8 * i + 2 * (l % 4));
+      const void* row1 = slot<const void*>(all, 8 * i + 2 * (l % 4) + 1);
+      lo = u16_at(row0, l / 4);
+      hi = u16_at(row1, l / 4);
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+inline void ldsm_x4(uint32_t (&r)[4], const void* p) { ldsm_impl(r, p, false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], const void* p) { ldsm_impl(r, p, true); }
+
+template <class T>
+inline float half_bits_to_float(uint16_t bits) {
+  if constexpr (std::is_same<T, __half>::value) {
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+  } else {
+    __nv_bfloat16_raw r;
+    r.x = bits;
+    return __bfloat162float(__nv_bfloat16(r));
+  }
+}
+
+template <class T>
+inline void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same<T, float>::value) {
+    fail("mma16816<float> called: fp32 must take the SIMT path");
+  } else {
+    struct In {
+      uint32_t a[4];
+      uint32_t b[2];
+    } in;
+    memcpy(in.a, a, sizeof(in.a));
+    memcpy(in.b, b, sizeof(in.b));
+    const unsigned char* all = exchange(kOpMma, in);
+    // A[row][k]: register (row >= 8) + 2 (k >= 8) of lane (row % 8) * 4 + (k % 8) / 2,
+    // half k % 2. B[k][col]: register (k >= 8) of lane col * 4 + (k % 8) / 2, half k % 2.
+    auto A = [&](int row, int k) {
+      const In v = slot<In>(all, (row % 8) * 4 + (k % 8) / 2);
+      const uint32_t reg = v.a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+      return half_bits_to_float<T>(static_cast<uint16_t>(reg >> (16 * (k % 2))));
+    };
+    auto B = [&](int k, int col) {
+      const In v = slot<In>(all, col * 4 + (k % 8) / 2);
+      const uint32_t reg = v.b[k >= 8 ? 1 : 0];
+      return half_bits_to_float<T>(static_cast<uint16_t>(reg >> (16 * (k % 2))));
+    };
+    const int l = st().cur->lane;
+    for (int e = 0; e < 4; ++e) {
+      const int row = l / 4 + 8 * (e / 2);
+      const int col = 2 * (l % 4) + (e % 2);
+      float acc = d[e];
+      for (int k = 0; k < 16; ++k) acc = fmaf(A(row, k), B(k, col), acc);
+      d[e] = acc;
+    }
+  }
+}
+
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  check_smem(dst, 16, "cp.async destination");
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async: src-size outside [0, 16]");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    fail("cp.async: global source not 16-byte aligned");
+  st().cur->open.push_back(
+      {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes});
+}
+
+inline void cp_async_commit() {
+  Fiber& f = *st().cur;
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+  Fiber& f = *st().cur;
+  while (f.groups.size() > static_cast<size_t>(N)) {
+    for (const Copy& c : f.groups.front()) {
+      if (c.bytes > 0) memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+      memset(c.dst + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+    }
+    f.groups.pop_front();
+  }
+}
+
+inline void fiber_entry() {
+  State& s = st();
+  s.body();
+  s.cur->done = true;
+  // returning resumes uc_link: the scheduler
+}
+
+inline bool runnable(const State& s, const Fiber& f) {
+  if (f.done) return false;
+  if (f.wait == 1) return s.gen != f.wait_gen;
+  if (f.wait == 2) return s.warps[f.warp].gen != f.wait_gen;
+  return true;
+}
+
+inline void run_block(State& s) {
+  memset(s.smem, 0xFF, s.smem_size);  // NaN everywhere: reading unwritten smem shows up
+  s.arrived = 0;
+  s.gen = 0;
+  for (Warp& w : s.warps) {
+    w.arrived = 0;
+    w.gen = 0;
+    w.op = 0;
+  }
+  for (int i = 0; i < s.nthreads; ++i) {
+    Fiber& f = s.fibers[i];
+    f.tidx = dim3(i % s.block.x, (i / s.block.x) % s.block.y, i / (s.block.x * s.block.y));
+    f.lane = i % 32;
+    f.warp = i / 32;
+    f.done = false;
+    f.wait = 0;
+    f.open.clear();
+    f.groups.clear();
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &s.sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  for (;;) {
+    bool all_done = true, progressed = false;
+    for (int i = 0; i < s.nthreads; ++i) {
+      Fiber& f = s.fibers[i];
+      if (f.done) continue;
+      all_done = false;
+      if (!runnable(s, f)) continue;
+      f.wait = 0;
+      s.cur = &f;
+      swapcontext(&s.sched, &f.ctx);
+      progressed = true;
+      if (!s.error.empty()) return;
+    }
+    if (all_done) return;
+    if (!progressed) {
+      int at_barrier = 0, at_warp = 0, exited = 0;
+      for (int i = 0; i < s.nthreads; ++i) {
+        const Fiber& f = s.fibers[i];
+        exited += f.done;
+        at_barrier += !f.done && f.wait == 1;
+        at_warp += !f.done && f.wait == 2;
+      }
+      s.error = "deadlock: " + std::to_string(at_barrier) + " threads at __syncthreads, " +
+                std::to_string(at_warp) + " at a warp collective, " + std::to_string(exited) +
+                " exited";
+      return;
+    }
+  }
+}
+
+template <class P>
+inline std::string launch(void (*kernel)(P), const char* name, dim3 grid, dim3 block,
+                          size_t smem_bytes, const P& p) {
+  State& s = st();
+  const int nthreads = static_cast<int>(block.x * block.y * block.z);
+  if (nthreads < 1 || nthreads > 1024 || nthreads % 32 != 0)
+    return std::string(name) + ": emulator: block of " + std::to_string(nthreads) +
+           " threads (need a multiple of 32, at most 1024)";
+  if (smem_bytes > kMaxSmem)
+    return std::string(name) + ": emulator: " + std::to_string(smem_bytes) +
+           " bytes of shared memory exceed the sm_80 limit of " + std::to_string(kMaxSmem);
+  if (s.smem_cap < smem_bytes + 16) {
+    std::free(s.smem);
+    s.smem_cap = std::max<size_t>(smem_bytes + 16, 4096);
+    s.smem = static_cast<unsigned char*>(std::aligned_alloc(128, (s.smem_cap + 127) / 128 * 128));
+  }
+  s.smem_size = smem_bytes;
+  if (static_cast<int>(s.fibers.size()) < nthreads) {
+    s.fibers.resize(nthreads);
+    for (Fiber& f : s.fibers)
+      if (!f.stack) f.stack.reset(new char[kStackBytes]);
+  }
+  s.warps.assign(nthreads / 32, Warp());
+  s.nthreads = nthreads;
+  s.block = block;
+  s.grid = grid;
+  s.error.clear();
+  s.body = [kernel, p]() { kernel(p); };
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        s.block_idx = dim3(x, y, z);
+        run_block(s);
+        if (!s.error.empty())
+          return std::string(name) + ": emulator: block (" + std::to_string(x) + ", " +
+                 std::to_string(y) + ", " + std::to_string(z) + "): " + s.error;
+      }
+    }
+  }
+  return "";
+}
+
+}  // namespace emu
+}  // namespace rk
+
+#define threadIdx (::rk::emu::st().cur->tidx)
+#define blockIdx (::rk::emu::st().block_idx)
+#define blockDim (::rk::emu::st().block)
+#define gridDim (::rk::emu::st().grid)
+
+inline void __syncthreads() { ::rk::emu::syncthreads(); }

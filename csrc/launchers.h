@@ -1,0 +1,117 @@
+// The host-side API of the extension: plain argument structs and launchers, no CUDA or
+// torch types, so bindings.cpp compiles with the host compiler and pybind11 alone.
+//
+// Pointers are device addresses as integers (torch's Tensor.data_ptr()); strides are in
+// elements; every launcher returns "" on success or the error message (bindings.cpp raises
+// it as RuntimeError). recon_kernels/cuda.py validates everything before calling: shapes,
+// dtypes, devices, unit stride of the last dim and 16-byte alignment of every row that is
+// copied with 16-byte vectors (it makes aligned copies when needed). The launchers check
+// again what would otherwise make a kernel read or write out of bounds.
+//
+// The fields are listed once (X-macros) so that bindings.cpp exposes exactly these names;
+// setting a misspelt field from Python raises AttributeError.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#define RK_DECLARE_FIELD(type, name, init) type name = init;
+
+// Attention forward and backward. q (B, H, Nq, D); k, v (B, H, Nk, D); o/dout/dq like q;
+// dk/dv like k (all with unit stride in D); lse float32 (B, H, Nq) through strides; delta a
+// contiguous float32 (B, H, Nq) workspace; mask uint8 (B, H, Nq, Nk) through strides (0 on
+// broadcast dims); kpm uint8 (B, Nk). Absent masks: pointer 0. scale multiplies q k^T.
+#define RK_ATTN_FIELDS(X)                                                                  \
+  X(uint64_t, q, 0) X(uint64_t, k, 0) X(uint64_t, v, 0) X(uint64_t, o, 0)                  \
+  X(uint64_t, lse, 0) X(uint64_t, dout, 0) X(uint64_t, delta, 0) X(uint64_t, dq, 0)        \
+  X(uint64_t, dk, 0) X(uint64_t, dv, 0) X(uint64_t, mask, 0) X(uint64_t, kpm, 0)           \
+  X(int64_t, q_sb, 0) X(int64_t, q_sh, 0) X(int64_t, q_sm, 0)                              \
+  X(int64_t, k_sb, 0) X(int64_t, k_sh, 0) X(int64_t, k_sm, 0)                              \
+  X(int64_t, v_sb, 0) X(int64_t, v_sh, 0) X(int64_t, v_sm, 0)                              \
+  X(int64_t, o_sb, 0) X(int64_t, o_sh, 0) X(int64_t, o_sm, 0)                              \
+  X(int64_t, do_sb, 0) X(int64_t, do_sh, 0) X(int64_t, do_sm, 0)                           \
+  X(int64_t, dq_sb, 0) X(int64_t, dq_sh, 0) X(int64_t, dq_sm, 0)                           \
+  X(int64_t, dk_sb, 0) X(int64_t, dk_sh, 0) X(int64_t, dk_sm, 0)                           \
+  X(int64_t, dv_sb, 0) X(int64_t, dv_sh, 0) X(int64_t, dv_sm, 0)                           \
+  X(int64_t, lse_sb, 0) X(int64_t, lse_sh, 0) X(int64_t, lse_sm, 0)                        \
+  X(int64_t, m_sb, 0) X(int64_t, m_sh, 0) X(int64_t, m_sm, 0) X(int64_t, m_sn, 0)          \
+  X(int64_t, kpm_sb, 0) X(int64_t, kpm_sn, 0)                                              \
+  X(int, b, 0) X(int, h, 0) X(int, nq, 0) X(int, nk, 0) X(int, d, 0)                       \
+  X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)
+
+// The GEMM behind conv1d_mlp and lora_linear:
+//   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))
+// A[m][k] = a[m * lda + k] (a_trans = 0) or a[k * lda + m] (a_trans = 1);
+// B[k][n] = b[n * ldb + k] (b_trans = 1, nn.Linear weight layout) or b[k * ldb + n] (0).
+// The optional second K segment (k2 > 0, same layouts) is the rank-r LoRA term.
+// v = alpha * acc + bias[n] + residual[m][n]; epi 0: c = v; 1 (MLP forward): c = v,
+// c2 = act(v); 2 (MLP backward): c = v * act'(aux[m][n]), c2 = act(aux) when c2 != 0.
+#define RK_GEMM_FIELDS(X)                                                                 \
+  X(uint64_t, a, 0) X(uint64_t, b, 0) X(uint64_t, a2, 0) X(uint64_t, b2, 0)               \
+  X(uint64_t, c, 0) X(uint64_t, c2, 0) X(uint64_t, bias, 0) X(uint64_t, residual, 0)      \
+  X(uint64_t, aux, 0)                                                                     \
+  X(int64_t, lda, 0) X(int64_t, ldb, 0) X(int64_t, lda2, 0) X(int64_t, ldb2, 0)           \
+  X(int64_t, ldc, 0) X(int64_t, ldc2, 0) X(int64_t, ldr, 0) X(int64_t, ldaux, 0)          \
+  X(int, m, 0) X(int, n, 0) X(int, k, 0) X(int, k2, 0)                                    \
+  X(float, alpha, 1.0f) X(float, alpha2, 1.0f)                                            \
+  X(int, a_trans, 0) X(int, b_trans, 1) X(int, epi, 0) X(int, act, 0) X(int, dtype, 0)
+
+// conv1d_mlp: x (M, C), w1 (hidden, C), w2 (C_out, hidden), row-major with the given row
+// strides; outputs and the act(h) / dh workspaces (M, hidden) likewise. b1/b2/db1/db2 are
+// contiguous vectors, 0 when absent.
+#define RK_MLP_FIELDS(X)                                                                   \
+  X(uint64_t, x, 0) X(uint64_t, w1, 0) X(uint64_t, b1, 0) X(uint64_t, w2, 0)               \
+  X(uint64_t, b2, 0) X(uint64_t, y, 0) X(uint64_t, h, 0) X(uint64_t, act_h, 0)             \
+  X(uint64_t, dy, 0) X(uint64_t, dx, 0) X(uint64_t, dw1, 0) X(uint64_t, db1, 0)            \
+  X(uint64_t, dw2, 0) X(uint64_t, db2, 0) X(uint64_t, dh, 0)                               \
+  X(int64_t, ldx, 0) X(int64_t, ldw1, 0) X(int64_t, ldw2, 0) X(int64_t, ldy, 0)            \
+  X(int64_t, ldh, 0) X(int64_t, ld_act_h, 0) X(int64_t, lddy, 0) X(int64_t, lddx, 0)       \
+  X(int64_t, lddw1, 0) X(int64_t, lddw2, 0) X(int64_t, lddh, 0)                            \
+  X(int, m, 0) X(int, c, 0) X(int, hidden, 0) X(int, c_out, 0) X(int, act, 0)              \
+  X(int, dtype, 0)
+
+// lora_linear: x (M, in), w (out, in), la = lora_a (r, in), lb = lora_b (out, r); xa (M, r)
+// and the dyb = dy lora_b workspace (M, r). merge_lora writes w + scale * lb la to y.
+#define RK_LORA_FIELDS(X)                                                                  \
+  X(uint64_t, x, 0) X(uint64_t, w, 0) X(uint64_t, bias, 0) X(uint64_t, la, 0)              \
+  X(uint64_t, lb, 0) X(uint64_t, y, 0) X(uint64_t, xa, 0) X(uint64_t, dy, 0)               \
+  X(uint64_t, dx, 0) X(uint64_t, dw, 0) X(uint64_t, dbias, 0) X(uint64_t, dla, 0)          \
+  X(uint64_t, dlb, 0) X(uint64_t, dyb, 0)                                                  \
+  X(int64_t, ldx, 0) X(int64_t, ldw, 0) X(int64_t, ldla, 0) X(int64_t, ldlb, 0)            \
+  X(int64_t, ldy, 0) X(int64_t, ldxa, 0) X(int64_t, lddy, 0) X(int64_t, lddx, 0)           \
+  X(int64_t, lddw, 0) X(int64_t, lddla, 0) X(int64_t, lddlb, 0) X(int64_t, lddyb, 0)       \
+  X(int, m, 0) X(int, in, 0) X(int, out, 0) X(int, r, 0) X(float, scale, 1.0f)             \
+  X(int, dtype, 0)
+
+namespace rk {
+
+struct AttnArgs {
+  RK_ATTN_FIELDS(RK_DECLARE_FIELD)
+};
+struct GemmArgs {
+  RK_GEMM_FIELDS(RK_DECLARE_FIELD)
+};
+struct MlpArgs {
+  RK_MLP_FIELDS(RK_DECLARE_FIELD)
+};
+struct LoraArgs {
+  RK_LORA_FIELDS(RK_DECLARE_FIELD)
+};
+
+std::string attention_fwd(const AttnArgs& a, uintptr_t stream);
+std::string attention_bwd(const AttnArgs& a, uintptr_t stream);
+std::string gemm(const GemmArgs& g, uintptr_t stream);
+// out[n] = sum_m x[m * ldx + n] (float32 accumulation, fixed order), out in x's dtype.
+std::string colsum(uint64_t x, int64_t ldx, int m, int n, uint64_t out, int dtype,
+                   uintptr_t stream);
+std::string conv1d_mlp_fwd(const MlpArgs& a, uintptr_t stream);
+std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream);
+std::string lora_linear_fwd(const LoraArgs& a, uintptr_t stream);
+std::string lora_linear_bwd(const LoraArgs& a, uintptr_t stream);
+std::string merge_lora(const LoraArgs& a, uintptr_t stream);
+
+// "" when a CUDA device can run the kernels, else why not (never crashes without a GPU or
+// driver). Defined in bindings.cpp; every launch checks it first.
+std::string device_status();
+
+}  // namespace rk
