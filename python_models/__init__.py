@@ -1,40 +1,48 @@
-"""Models built on the recon_kernels ops: the same weights run on ``backend="eager"`` (the
+r"""Models built on the recon_kernels ops: the same weights run on ``backend="eager"`` (the
 reference) or on the Triton / CUDA kernels.
 
 Every model is a ``ReconModel``: ``Model(config, backend=None)``, ``Model.from_name("tiny" |
 "small" | "base", backend=..., **config_overrides)``, ``model.set_backend(name)``,
 ``model.save_pretrained(dir)`` / ``Model.from_pretrained(dir)`` (config.json +
 model.safetensors; ``load_pretrained(dir)`` picks the class), ``model.config`` a dataclass
-with a comment per field. ``forward`` returns a NamedTuple whose first field is ``loss``:
+with a comment per field. ``forward`` returns a NamedTuple whose first field is ``loss``
+(so a training loop can do ``loss = model(**batch)[0]``):
 
-=================  ============================================  ==================================
-model              forward(...)                                  returns
-=================  ============================================  ==================================
-GPT                (idx (B,T), targets=None, attention_mask=None)  GPTOutput(loss, logits (B,T,V))
-BERT               (input_ids, attention_mask=None,              BERTOutput(loss | None, logits)
-                   token_type_ids=None, labels=None)
-MAE                (images (B,C,H,W), noise=None, mask_ratio=None) MAEOutput(loss, pred (B,L,P),
-                                                                 mask (B,L), ids_restore (B,L))
-Autoencoder        (images)                                      AutoencoderOutput(loss, pred, latent)
-SimCLR             (images, views=None)                          SimCLROutput(loss, z1, z2)
-ImageGPT           (images)                                      ImageGPTOutput(loss, pred (B,L,P))
-=================  ============================================  ==================================
+* ``GPT.forward(idx (B, T) long, targets=None, attention_mask=None)``
+  -> ``GPTOutput(loss, logits (B, T, V))``. targets=None trains next-token prediction on
+  idx itself (HF ``labels=input_ids``; padding from attention_mask ignored).
+  ``generate(idx, max_new_tokens, temperature=1.0, top_k=None, generator=None)``;
+  ``features(idx, attention_mask=None)`` -> (B, n_embd) mean of the final states.
+* ``BERT.forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)``
+  -> ``BERTOutput(loss or None, logits (B, T, V))``; batches from
+  ``MLMCollator.from_config(cfg)(input_ids)`` -> dict(input_ids, labels, attention_mask)
+  (15% of non-special tokens, 80/10/10, labels -100 elsewhere);
+  ``features(input_ids, attention_mask)`` -> (B, dim) final [CLS] state.
+* ``MAE.forward(images (B, C, H, W), noise=None, mask_ratio=None)``
+  -> ``MAEOutput(loss, pred (B, L, P), mask (B, L) 1 = masked, ids_restore (B, L))``.
+* ``Autoencoder.forward(images)`` -> ``AutoencoderOutput(loss, pred (B, L, P), latent (B, bottleneck))``.
+* ``SimCLR.forward(images, views=None)`` -> ``SimCLROutput(loss, z1, z2)`` (two augmentations
+  drawn inside unless ``views=(v1, v2)`` is given).
+* ``ImageGPT.forward(images)`` -> ``ImageGPTOutput(loss, pred (B, L, P))`` (next-patch regression).
 
-(L = number of patches, P = patch_size² · channels.)
+(L = number of patches, P = patch_size² · channels.) ``from_hf``: ``GPT.from_hf(GPT2LMHeadModel)``,
+``BERT.from_hf(BertForMaskedLM)``, ``MAE.from_hf(ViTMAEForPreTraining)``.
 
-* GPT: targets=None trains next-token prediction on idx itself (HF ``labels=input_ids``);
-  ``generate(idx, max_new_tokens, temperature=1.0, top_k=None)``; ``from_hf(GPT2LMHeadModel)``.
-* BERT: labels from ``MLMCollator.from_config(cfg)(input_ids)`` (15%, 80/10/10, -100 elsewhere);
-  ``features(input_ids, attention_mask)`` -> (B, dim) [CLS] state; ``from_hf(BertForMaskedLM)``.
-* Image models (MAE, Autoencoder, SimCLR, ImageGPT) share one encoder class,
-  ``vit.ViTEncoder`` configured by ``vit.EncoderConfig`` (the ``encoder`` field of their
-  configs): ``model.encoder`` is that module (LoRA-wrap it with
-  ``lora.inject_lora(model.encoder, "(qkv|proj|fc1|fc2)")``) and ``model.features(images)``
-  -> (B, dim) is its [CLS] (or mean, ``EncoderConfig.pool``) representation on the full
-  image. Images are (B, C, H, W) float; the tiny/small presets fit sklearn digits (1x8x8,
-  patch 2). ``MAE.from_hf(ViTMAEForPreTraining)``.
-* LoRA (``python_models.lora``): ``inject_lora(model, patterns, r=, alpha=, trainable=("head",))``,
-  ``merge_lora``/``unmerge_lora``/``unwrap_lora``, ``save_adapters``/``load_adapters``.
+Image models (MAE, Autoencoder, SimCLR, ImageGPT) share one encoder class, ``vit.ViTEncoder``,
+configured by ``vit.EncoderConfig`` (the ``encoder`` field of their configs; give all four
+the same one to compare objectives). ``model.encoder`` is that module and
+``model.features(images)`` -> (B, dim) its [CLS] (or mean, ``EncoderConfig.pool``)
+representation of the full, unmasked image. Images are (B, C, H, W) float; the tiny/small
+presets fit sklearn digits (1x8x8, patch 2; patch 4 works too).
+
+LoRA (``python_models.lora``): ``inject_lora(root, patterns, r=8, alpha=16, trainable=())``
+wraps the matching nn.Linear layers under ``root`` and freezes every other parameter of
+``root``. For a few-shot probe, put encoder and head in one module and inject there:
+
+    clf = nn.ModuleDict({"encoder": mae.encoder, "head": nn.Linear(dim, n_classes)})
+    lora.inject_lora(clf, r"encoder\..*(qkv|proj|fc1|fc2)", r=4, trainable=("head",))
+
+then ``merge_lora``/``unmerge_lora``/``unwrap_lora`` and ``save_adapters``/``load_adapters``.
 """
 
 from __future__ import annotations

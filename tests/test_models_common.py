@@ -12,6 +12,7 @@ formula produces: those give O(1e-2..1) relative errors).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -22,6 +23,22 @@ import python_models as pm
 
 RTOL = 1e-4
 KERNEL_MODULES = ("recon_kernels.triton.mlp", "recon_kernels.triton.lora")
+
+
+@contextlib.contextmanager
+def tiny_model_cpu():
+    """One intra-op thread (tiny matmuls gain nothing from more, and with pytest -n 2 on 2
+    cores extra OpenMP threads oversubscribe the CPU ~5x) and flushed denormals (exp() of
+    very negative numbers otherwise slows CPU steps ~3x). Restores both afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,14 +77,17 @@ def assert_kernel_parity(
     pm.set_backend(eager, "eager")
     kern = copy.deepcopy(model).train()
     pm.set_backend(kern, backend)
-    out_e, g_e = loss_and_grads(eager, lambda m: run(m, *inputs))
-    out_64, g_64 = loss_and_grads(eager.double(), lambda m: run(m, *map(_as64, inputs)))
-    try:
-        out_k, g_k = loss_and_grads(kern, lambda m: run(m, *inputs))
-    except ModuleNotFoundError as e:  # a kernel family another engineer has not landed yet
-        if e.name in KERNEL_MODULES:
-            pytest.skip(f"{e.name} is not in the tree yet: kernel path of this model untestable")
-        raise
+    with tiny_model_cpu():
+        out_e, g_e = loss_and_grads(eager, lambda m: run(m, *inputs))
+        out_64, g_64 = loss_and_grads(eager.double(), lambda m: run(m, *map(_as64, inputs)))
+        try:
+            out_k, g_k = loss_and_grads(kern, lambda m: run(m, *inputs))
+        except ModuleNotFoundError as e:  # a kernel family another engineer has not landed yet
+            if e.name in KERNEL_MODULES:
+                pytest.skip(
+                    f"{e.name} is not in the tree yet: kernel path of this model untestable"
+                )
+            raise
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(g_e) == trainable, f"eager grads missing for {sorted(trainable - set(g_e))}"
     assert set(g_k) == trainable, f"{backend} grads missing for {sorted(trainable - set(g_k))}"
@@ -102,18 +122,13 @@ def train_smoke(
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
-    # denormals from exp() of very negative numbers make CPU steps ~10x slower
-    flush = torch.set_flush_denormal(True)
-    try:
+    with tiny_model_cpu():
         for _ in range(steps):
             loss = run(model)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
     return losses[0], sum(losses[-5:]) / 5
 
 
@@ -122,9 +137,10 @@ def compile_train_step(model: torch.nn.Module, run) -> torch.Tensor:
     torch._dynamo.reset()
     cmodel = torch.compile(model, backend="aot_eager", fullgraph=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss = run(cmodel)[0]
-    loss.backward()
-    opt.step()
+    with tiny_model_cpu():
+        loss = run(cmodel)[0]
+        loss.backward()
+        opt.step()
     return loss
 
 

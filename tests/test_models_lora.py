@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import kernel_cases
-from test_models_common import assert_kernel_parity, train_smoke
+from test_models_common import assert_kernel_parity, compile_train_step, train_smoke
 
 import python_models as pm
 from python_models import lora
@@ -152,3 +152,28 @@ def test_lora_model_kernel_matches_eager(backend, device):
     images = torch.rand(3, 1, 8, 8, device=device)
     labels = torch.tensor([1, 4, 7], device=device)
     assert_kernel_parity(model, lambda m, x: m(x, labels), backend, images)
+
+
+def test_documented_few_shot_recipe():
+    """The recipe of the python_models docstring: encoder + head in one ModuleDict."""
+    torch.manual_seed(0)
+    mae = pm.MAE.from_name("tiny", backend="eager")
+    clf = nn.ModuleDict({"encoder": mae.encoder, "head": nn.Linear(32, 10)})
+    names = lora.inject_lora(clf, r"encoder\..*(qkv|proj|fc1|fc2)", r=4, trainable=("head",))
+    assert len(names) == 8 and mae.encoder is clf["encoder"]
+    assert isinstance(mae.encoder.blocks[1].mlp.fc2, LoRALinear)  # the MAE sees the adapters
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{x}.weight" for n in names for x in "AB"} | {
+        "head.weight",
+        "head.bias",
+    }
+
+
+def test_compile_lora_model_training_step():
+    model = Probe()
+    lora.inject_lora(model, ALL_LINEARS, r=4, trainable="head")
+    randomize_lora(model)
+    images, labels = torch.rand(4, 1, 8, 8), torch.arange(4)
+    ref = model(images, labels)[0].detach()
+    loss = compile_train_step(model, lambda m: m(images, labels))
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=0)
