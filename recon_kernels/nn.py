@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .ops import causal_attention, conv1d_mlp, lora_linear, masked_softmax_attention, merge_lora
+from .ops import causal_attention, conv1d_mlp, lora_linear, masked_softmax_attention
+from .ops.lora import merge_lora_
 from .reference import ACTIVATIONS
 
 
@@ -112,6 +113,11 @@ class ConvMLP(nn.Module):
 
     @classmethod
     def _from_weights(cls, w1, b1, w2, b2, activation, backend) -> ConvMLP:
+        if (b1 is None) != (b2 is None):
+            raise ValueError(
+                "b1/b2: ConvMLP expects both biases or neither, got "
+                f"b1={'None' if b1 is None else 'a tensor'}, b2={'None' if b2 is None else 'a tensor'}"
+            )
         hidden, c_in = w1.shape
         m = cls(
             c_in,
@@ -123,8 +129,6 @@ class ConvMLP(nn.Module):
             device=w1.device,
             dtype=w1.dtype,
         )
-        if (b1 is None) != (b2 is None):
-            raise ValueError("b1/b2: ConvMLP expects both biases or neither")
         with torch.no_grad():
             m.fc1.weight.copy_(w1)
             m.fc2.weight.copy_(w2)
@@ -250,27 +254,29 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + scaling · B A (in place). No-op if already merged."""
+        """W <- W + scaling · B A, in place in one fused pass. No-op if already merged."""
         if self.merged:
             return
-        w = self.base_layer.weight
-        w.copy_(
-            merge_lora(
-                w, self.lora_A.weight, self.lora_B.weight, self.scaling, backend=self.backend
-            )
+        merge_lora_(
+            self.base_layer.weight,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            backend=self.backend,
         )
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - scaling · B A (in place). No-op if not merged."""
+        """W <- W - scaling · B A, in place (restores W up to two roundings). No-op if not merged."""
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.copy_(
-            merge_lora(
-                w, self.lora_A.weight, self.lora_B.weight, -self.scaling, backend=self.backend
-            )
+        merge_lora_(
+            self.base_layer.weight,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            -self.scaling,
+            backend=self.backend,
         )
         self.merged = False
 

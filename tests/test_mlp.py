@@ -344,13 +344,15 @@ STATIC_VARIANTS = {
 
 def static_jobs(variants: dict) -> list[dict]:
     """sm_90 (the H100/H200 target) bf16 with every autotune tile for the variants with
-    activation math (where registers run short), the first tile for the others; fp16 once;
-    sm_80 bf16 with the first tile the autotuner keeps on Ampere for the heavy ones."""
+    activation math or a second K-loop (where registers run short), the first tile for the
+    others, plus any extra tiles a variant names (skinny LoRA shapes); fp16 once; sm_80
+    bf16 with the first tile the autotuner keeps on Ampere for the heavy ones.
+    variants: name -> (constexpr flags, heavy, [extra (BM, BN, BK, warps, stages)])."""
     from recon_kernels.triton._gemm import _GPU_CONFIGS, tiles_for_arch
 
     jobs = []
-    for i, (name, (flags, heavy)) in enumerate(variants.items()):
-        tiles = _GPU_CONFIGS if heavy else _GPU_CONFIGS[:1]
+    for i, (name, (flags, heavy, *extra)) in enumerate(variants.items()):
+        tiles = [*(_GPU_CONFIGS if heavy else _GPU_CONFIGS[:1]), *(extra[0] if extra else ())]
         jobs += [dict(name=name, arch=90, dtype="bf16", block=b, flags=flags) for b in tiles]
         if i == 0:
             jobs.append(dict(name=name, arch=90, dtype="fp16", block=_GPU_CONFIGS[0], flags=flags))
@@ -399,7 +401,8 @@ def check_static_report(report: list[dict]) -> None:
         )
     print("\n".join(lines))
     for r in report:
-        want = "wgmma.mma_async" if r["arch"] == 90 else "mma.sync"
+        # Hopper's wgmma needs 64-row tiles; smaller ones (skinny LoRA GEMMs) use mma.sync
+        want = "wgmma.mma_async" if r["arch"] == 90 and r["block"][0] >= 64 else "mma.sync"
         assert any(op.startswith(want) for op in r["mma"]), (
             f"{r['name']} sm_{r['arch']}: no {want} in the PTX"
         )

@@ -123,6 +123,25 @@ def _merge_backward(ctx, g):
 merge_lora_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
+@torch.library.custom_op("recon::merge_lora_", mutates_args=("weight",))
+def merge_lora_inplace_op(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, backend: str
+) -> None:
+    """weight <- weight + scale · lora_b @ lora_a, in place (one rounding from fp32)."""
+    mod = _dispatch.impl(backend, "lora")
+    inplace = getattr(mod, "merge_lora_", None)
+    if inplace is not None:
+        inplace(weight, lora_a, lora_b, scale)
+    else:
+        # backends without an in-place kernel: the same rounding, through a temporary
+        weight.copy_(mod.merge_lora(weight, lora_a, lora_b, scale))
+
+
+@merge_lora_inplace_op.register_fake
+def _(weight, lora_a, lora_b, scale, backend):
+    return None
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -198,6 +217,27 @@ def merge_lora(
     scale = check_scale("scale", scale)
     name = _dispatch.resolve(backend, weight.device, weight.dtype)
     return merge_lora_op(weight, lora_a, lora_b, scale, name)
+
+
+def merge_lora_(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """In place: weight <- weight + scale · lora_b @ lora_a; returns weight.
+
+    Computed in fp32 and rounded once to weight's dtype, exactly like ``merge_lora``
+    followed by a copy, without the (out, in) temporary. Unmerge with ``-scale``: the
+    round trip restores weight up to those two roundings.
+    weight: (out, in); lora_a: (r, in); lora_b: (out, r)."""
+    _validate_lora(None, None, weight, lora_a, lora_b)
+    scale = check_scale("scale", scale)
+    name = _dispatch.resolve(backend, weight.device, weight.dtype)
+    merge_lora_inplace_op(weight, lora_a, lora_b, scale, name)
+    return weight
 
 
 _dispatch.LIB.define(
