@@ -44,12 +44,26 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls: type[C], name: str, **overrides: Any) -> C:
-        """The preset ``name`` with ``overrides`` applied (gpt-fast style)."""
+        """The preset ``name`` with ``overrides`` applied (gpt-fast style). A dict given for a
+        nested config updates the preset's nested config field by field:
+        ``MAEConfig.from_name("small", encoder=dict(patch_size=4))`` keeps the small encoder."""
         if name not in cls.presets:
             raise ValueError(
                 f"name: expected one of {sorted(cls.presets)} for {cls.__name__}, got {name!r}"
             )
-        return cls.from_dict({**cls.presets[name], **overrides})
+        preset = dict(cls.presets[name])
+        hints = typing.get_type_hints(cls)
+        for k, v in overrides.items():
+            sub = _config_type(hints.get(k))
+            if sub is not None and isinstance(v, dict) and k in preset:
+                base = preset[k]
+                if isinstance(base, str):
+                    base = sub.from_name(base).to_dict()
+                elif isinstance(base, ModelConfig):
+                    base = base.to_dict()
+                v = {**base, **v}
+            preset[k] = v
+        return cls.from_dict(preset)
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:

@@ -61,7 +61,7 @@ def _copy_linear(dst: nn.Linear, w: torch.Tensor, b: torch.Tensor | None, name: 
 
 
 def _copy_ln(dst: nn.LayerNorm, src: nn.LayerNorm, name: str) -> None:
-    if abs(dst.eps - src.eps) > 0:
+    if dst.eps != src.eps:
         raise ValueError(f"{name}: expected LayerNorm eps {dst.eps}, got {src.eps}")
     _copy(dst.weight, src.weight, f"{name}.weight")
     _copy(dst.bias, src.bias, f"{name}.bias")

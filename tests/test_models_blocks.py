@@ -125,3 +125,13 @@ def test_attention_errors():
         SelfAttention(24, 5)
     with pytest.raises(ValueError, match="activation: expected one of"):
         MLP(8, 16, activation="swish")
+
+
+def test_residual_dropout_train_only():
+    torch.manual_seed(0)
+    blk = Block(24, 3, 40, dropout=0.5, backend="eager")
+    x = torch.randn(2, 5, 24)
+    a, b = blk(x), blk(x)
+    assert (a - b).abs().max() > 1e-3  # dropout active in training
+    blk.eval()
+    torch.testing.assert_close(blk(x), reference_block(blk, x, None), rtol=1e-5, atol=1e-5)

@@ -152,7 +152,10 @@ ALL_MODELS = [pm.GPT, pm.BERT, pm.MAE, pm.Autoencoder, pm.SimCLR, pm.ImageGPT]
 def test_presets_and_overrides():
     cfg = pm.MAEConfig.from_name("tiny", mask_ratio=0.5, encoder=dict(dim=48, n_heads=3))
     assert cfg.mask_ratio == 0.5 and cfg.encoder.dim == 48 and cfg.encoder.n_heads == 3
-    assert cfg.encoder.depth == pm.EncoderConfig().depth  # the rest from defaults
+    assert cfg.encoder.depth == pm.EncoderConfig.from_name("tiny").depth  # rest from the preset
+    small = pm.MAEConfig.from_name("small", encoder=dict(patch_size=4))
+    assert (small.encoder.dim, small.encoder.depth, small.encoder.patch_size) == (128, 4, 4)
+    assert pm.MAEConfig.from_name("small", encoder="tiny").encoder.dim == 32  # a preset name
     base = pm.GPTConfig.from_name("base")
     assert (base.n_layer, base.n_embd, base.vocab_size) == (12, 768, 50257)
     for cls in ALL_MODELS:
