@@ -60,31 +60,33 @@ void bind_launcher(py::module_& m, const char* name, std::string (*fn)(const Arg
 
 }  // namespace
 
+// module_local: the GPU and the emulation builds bind the same C++ structs; each module keeps
+// its own Python types so both can be imported in one process.
 #define RK_BIND_FIELD(type, name, init) cls.def_readwrite(#name, &Struct::name);
 
 PYBIND11_MODULE(RK_MODULE_NAME, m) {
   m.doc() = "recon-kernels CUDA C++ launchers (raw device pointers, no libtorch)";
   {
     using Struct = rk::AttnArgs;
-    py::class_<Struct> cls(m, "AttnArgs");
+    py::class_<Struct> cls(m, "AttnArgs", py::module_local());
     cls.def(py::init<>());
     RK_ATTN_FIELDS(RK_BIND_FIELD)
   }
   {
     using Struct = rk::GemmArgs;
-    py::class_<Struct> cls(m, "GemmArgs");
+    py::class_<Struct> cls(m, "GemmArgs", py::module_local());
     cls.def(py::init<>());
     RK_GEMM_FIELDS(RK_BIND_FIELD)
   }
   {
     using Struct = rk::MlpArgs;
-    py::class_<Struct> cls(m, "MlpArgs");
+    py::class_<Struct> cls(m, "MlpArgs", py::module_local());
     cls.def(py::init<>());
     RK_MLP_FIELDS(RK_BIND_FIELD)
   }
   {
     using Struct = rk::LoraArgs;
-    py::class_<Struct> cls(m, "LoraArgs");
+    py::class_<Struct> cls(m, "LoraArgs", py::module_local());
     cls.def(py::init<>());
     RK_LORA_FIELDS(RK_BIND_FIELD)
   }
