@@ -44,8 +44,10 @@ __global__ void __launch_bounds__(GemmCfg<T>::kThreads, 1) gemm_kernel(const Gem
   auto sA = [&](int s) { return smem + s * (S::kSizeA + S::kSizeB); };
   auto sB = [&](int s) { return smem + s * (S::kSizeA + S::kSizeB) + S::kSizeA; };
 
-  const int bn = static_cast<int>(blockIdx.x) * kBN;
-  const int bm = static_cast<int>(blockIdx.y) * kBM;
+  // x walks M (tokens: the long side, up to 2^31 - 1 tiles), y walks N: consecutive blocks
+  // share a weight (B) tile in L2 while they stream different rows of A.
+  const int bm = static_cast<int>(blockIdx.x) * kBM;
+  const int bn = static_cast<int>(blockIdx.y) * kBN;
   const int warp = warp_id(), lane = lane_id(), g = lane >> 2, t = lane & 3;
   const int wm = (warp % Cfg::kWarpsM) * (kBM / Cfg::kWarpsM);
   const int wn = (warp / Cfg::kWarpsM) * (kBN / Cfg::kWarpsN);
@@ -225,8 +227,8 @@ std::string gemm(const GemmArgs& g, uintptr_t stream) {
   if (g.epi == 2 && g.aux == 0) return "gemm: epilogue 2 needs aux (the pre-activation)";
   if (g.epi < 0 || g.epi > 2) return "gemm: epilogue must be 0, 1 or 2";
   if (g.act < 0 || g.act > 2) return "gemm: activation code must be 0, 1 or 2";
-  const int64_t gy = (int64_t(g.m) + 127) / 128, gx = (int64_t(g.n) + 127) / 128;
-  if (gy > 65535 || gx > 0x7fffffff) return "gemm: M or N too large for the grid";
+  const int64_t gx = (int64_t(g.m) + 127) / 128, gy = (int64_t(g.n) + 127) / 128;
+  if (gy > 65535) return "gemm: N = " + std::to_string(g.n) + " too large (at most 8388480)";
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   const int layout = g.a_trans * 2 + g.b_trans;
   RK_DISPATCH_DTYPE(g.dtype, T, {
