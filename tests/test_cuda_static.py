@@ -170,11 +170,33 @@ def test_cuda_is_a_backend_of_every_op_with_reference_signatures():
         assert got == want, f"{name}: {got} != reference {want}"
 
 
+def test_unbuilt_extension_says_why(monkeypatch):
+    def no_ext(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(rkcuda.importlib, "import_module", no_ext)
+    monkeypatch.setattr(rkcuda.shutil, "which", lambda _: None)
+    mod, why = rkcuda._load.__wrapped__()
+    assert mod is None and "not built" in why and "no nvcc" in why
+    monkeypatch.setattr(rkcuda.shutil, "which", lambda _: "/usr/bin/nvcc")
+    mod, why = rkcuda._load.__wrapped__()
+    assert "RECON_BUILD_CUDA=1" in why and "No module named" in why
+
+
 def test_build_config_switches(monkeypatch):
     monkeypatch.setenv("RECON_BUILD_CUDA", "0")
     assert build_cuda.cuda_build_config() == ([], {})
     monkeypatch.setenv("RECON_BUILD_CUDA", "maybe")
     with pytest.raises(SystemExit, match="RECON_BUILD_CUDA must be auto, 0 or 1"):
+        build_cuda.cuda_build_config()
+    # no nvcc anywhere: auto installs pure Python, 1 refuses with the reason
+    monkeypatch.setattr(build_cuda, "find_nvcc", lambda: None)
+    monkeypatch.setenv("RECON_BUILD_CUDA", "auto")
+    assert build_cuda.cuda_build_config() == ([], {})
+    monkeypatch.setenv("RECON_BUILD_CUDA", "1")
+    with pytest.raises(
+        SystemExit, match="RECON_BUILD_CUDA=1 but the extension cannot be built: nvcc not found"
+    ):
         build_cuda.cuda_build_config()
     assert build_cuda.parse_archs("80;90a") == ["80", "90a"]
     assert build_cuda.parse_archs("sm_86") == ["86"]
