@@ -164,11 +164,14 @@ def bench_mlp(T: int, C: int, H: int, shape_idx: int, quick: bool, backends) -> 
                         torch.autograd.grad(fn(*params), params, dy)
 
                     flops = 3 * flops_fwd
+                # timing first: compilation and autotuning (with do_bench's L2-flush
+                # buffer) must not count towards the memory peak
+                med, p20, p80 = time_ms(run, quick)
+                if mode == "fwd+bwd":
                     row["saved_mb"], row["peak_mb"] = memory_mb(
                         lambda fn=fn: fn(*params),
                         lambda y: torch.autograd.grad(y, params, dy),
                     )
-                med, p20, p80 = time_ms(run, quick)
                 row.update(ms=med, ms_p20=p20, ms_p80=p80, tflops=flops / med * 1e-9, error="")
             except Exception as e:  # one failing row must not hide the others
                 traceback.print_exc()

@@ -43,17 +43,15 @@ from ._common import INTERPRET, check_dtype, dot_precision, mma
 ACT_IDS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 EPI_NONE, EPI_DACT, EPI_ADD = 0, 1, 2
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-GELU_TANH_C = 0.7978845608028654  # sqrt(2 / pi)
-
 
 # --------------------------------------------------------------------------- activations
 
 
 @triton.jit
 def activate(x, ACT: tl.constexpr):
-    """act(x) on fp32 values. 0 identity, 1 gelu (erf), 2 gelu (tanh approx.), 3 relu."""
+    """act(x) on fp32 values. 0 identity, 1 gelu (erf), 2 gelu (tanh approx.), 3 relu.
+    Constants: 1/sqrt(2) = 0.70710678..., sqrt(2/pi) = 0.79788456..., 1/sqrt(2 pi) = 0.39894228...
+    """
     if ACT == 1:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 2:
