@@ -120,8 +120,9 @@ def attention_fwd(
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     p = torch.exp(s - lse[..., None])
-    out = torch.matmul(p, vf)
-    return out.to(q.dtype), lse
+    out = torch.matmul(p, vf).to(q.dtype)
+    # the layout every backend returns: (B, Nq, H, D)-contiguous, seen as (B, H, Nq, D)
+    return out.transpose(1, 2).contiguous().transpose(1, 2), lse
 
 
 def attention_bwd(

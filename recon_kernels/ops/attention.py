@@ -24,6 +24,14 @@ _LAYOUT_KV = "(B, H, Nk, D)"
 # --------------------------------------------------------------------------- custom ops
 
 
+def new_output(q: torch.Tensor) -> torch.Tensor:
+    """The attention output: logical (B, H, Nq, D), stored (B, Nq, H, D)-contiguous, so the
+    usual ``out.transpose(1, 2).reshape(B, Nq, H * D)`` after attention is free. Every
+    backend returns this layout."""
+    B, H, NQ, D = q.shape
+    return q.new_empty((B, NQ, H, D)).transpose(1, 2)
+
+
 @torch.library.custom_op("recon::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor,
@@ -46,7 +54,7 @@ def _(q, k, v, mask, key_padding_mask, scale, causal, backend):
     B, H, NQ, D = q.shape
     torch._check(k.shape[-1] == D, lambda: f"k: head dim {k.shape[-1]} != q's {D}")
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((B, H, NQ, D)), q.new_empty((B, H, NQ), dtype=lse_dtype)
+    return new_output(q), q.new_empty((B, H, NQ), dtype=lse_dtype)
 
 
 @torch.library.custom_op("recon::attention_bwd", mutates_args=())
@@ -71,7 +79,8 @@ def attention_bwd(
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, key_padding_mask, scale, causal, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # every backend returns contiguous gradients, whatever the inputs' strides
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,7 +183,8 @@ def masked_softmax_attention(
     mask: bool broadcastable to (B, H, Nq, Nk), True = may attend (SDPA convention).
     key_padding_mask: bool (B, Nk), True = real token (HF attention_mask convention).
     scale: defaults to 1/sqrt(D). A query row with no allowed key returns 0 (0 gradient).
-    Returns (B, H, Nq, D) contiguous in q's dtype. Saves q, k, v, out and the
+    Returns (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)-contiguous so that merging
+    the heads afterwards is free. Saves q, k, v, out and the
     log-sum-exp (B, H, Nq) for backward.
     """
     return _attention(q, k, v, mask, key_padding_mask, scale, False, backend)

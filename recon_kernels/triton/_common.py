@@ -46,3 +46,18 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype) with round-to-nearest-even, as the GPU converts.
+
+    The CPU interpreter truncates float32 -> bfloat16 (twice the rounding error of the GPU);
+    under UPCAST the rounding is done by hand on the bits, so that the conversion that
+    follows is exact."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, dot_precision, mma
+from ._common import INTERPRET, cast, check_dtype, dot_precision, mma
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -31,48 +31,99 @@ LN2 = 0.6931471805599453
 
 
 def _configs(kind: str) -> list[triton.Config]:
+    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages); _pruner drops those that spill,
+    overflow shared memory or exceed the sequence, so autotuning compiles only a few."""
     if INTERPRET:
         # Unequal M/N blocks catch transposition bugs; small enough to exercise many tiles.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    if kind != "fwd" and bm != bn and not (bm == 64 and bn == 128):
-                        # backward passes like square-ish tiles (or FA2's 64x128 for dK/dV)
-                        continue
-                    out.append(
-                        triton.Config(
-                            {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages
-                        )
-                    )
-    return out
+    if kind == "fwd":
+        tiles = [
+            (128, 128, 8, 2),
+            (128, 64, 8, 3),
+            (128, 64, 8, 2),
+            (128, 32, 8, 3),
+            (64, 128, 4, 2),
+            (64, 64, 4, 3),
+            (64, 64, 4, 2),
+            (64, 32, 4, 3),
+            (64, 32, 8, 2),
+            (32, 32, 8, 2),
+        ]
+    else:
+        tiles = [
+            (128, 64, 8, 2),
+            (64, 128, 8, 2),
+            (64, 64, 8, 2),
+            (64, 64, 4, 3),
+            (64, 64, 4, 2),
+            (64, 32, 4, 2),
+            (32, 64, 4, 2),
+            (32, 64, 8, 2),
+            (32, 32, 4, 2),
+            (32, 32, 8, 1),
+        ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in tiles
+    ]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs that cannot fit or make no sense for these sizes (keyed on N and D)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    nq = named_args["NQ"]
-    nk = named_args["NK"]
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        # tiles larger than the sequence only waste work: keep the smallest that covers it
-        if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
-            continue
-        # register / shared-memory budget: big head dims need small tiles and few stages
-        if block_d >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        if block_d >= 128 and bm * bn > 128 * 64:
-            continue
-        if block_d <= 64 and c.num_warps == 8 and bm * bn < 128 * 64:
-            continue
-        smem = c.num_stages * (bn * block_d * 2) * 2 + bm * block_d * 2
-        if smem > 200 * 1024:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int) -> tuple[int, int]:
+    """(fp32 accumulator elements per CTA, shared-memory bytes at 2-byte operands).
+
+    fwd keeps O (M x D) and S (M x N) live; dK/dV keeps dK, dV (N x D) and Sᵀ, dPᵀ (N x M);
+    dQ keeps dQ (M x D) and S, dP (M x N). Shared memory holds the pipelined operand tiles
+    (K, V per stage for fwd/dQ; Q, dO per stage for dK/dV) plus the resident ones."""
+    if kind == "fwd":
+        return bm * bd + bm * bn, stages * bn * bd * 4 + bm * bd * 2
+    if kind == "dkdv":
+        return 2 * bn * bd + 2 * bn * bm, stages * bm * bd * 4 + bn * bd * 4
+    return bm * bd + 2 * bm * bn, stages * bn * bd * 4 + bm * bd * 4
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        """Drop configs that would spill or not fit (checked statically for sm_90 by
+        benchmarks/triton_static.py) or whose tiles exceed the sequence lengths."""
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        nq, nk = named_args["NQ"], named_args["NK"]
+        kept = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            # tiles much larger than the sequence only waste work
+            if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
+                continue
+            acc, smem = _footprint(kind, bm, bn, bd, c.num_stages)
+            # <= 128 fp32 accumulator registers per thread leaves room for the rest (96
+            # with a general mask, whose (M, N) pointer tile needs registers too): configs
+            # above these bounds spill on sm_90 (ptxas), those below do not.
+            if named_args.get("HAS_MASK", kwargs.get("HAS_MASK")):
+                budget = 88
+            elif named_args.get("HAS_KPM", kwargs.get("HAS_KPM")):
+                budget = 112
+            else:
+                budget = 128
+            if acc > budget * 32 * c.num_warps or smem > 200 * 1024:
+                continue
+            # the transposed (N, M) tiles of dK/dV with M = 128 spill whatever the budget;
+            # D = 256 keeps the Q/dO operand fragments in registers too: needs 8 warps
+            if (kind == "dkdv" and bm > 64) or (bd >= 256 and c.num_warps < 8):
+                continue
+            kept.append(c)
+        if not kept:  # smallest tiles, most warps: always compiles
+            kept = [
+                min(
+                    configs,
+                    key=lambda c: (
+                        c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                        -c.num_warps,
+                        c.num_stages,
+                    ),
+                )
+            ]
+        return kept
+
+    return prune
 
 
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL"]
@@ -83,8 +134,8 @@ _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL"]
 
 @triton.jit
 def _allowed(
-    qi,
-    kj,
+    offs_m,
+    offs_n,
     b,
     h,
     MASK,
@@ -101,15 +152,28 @@ def _allowed(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     BOUNDS: tl.constexpr,
+    KEYS_ON_ROWS: tl.constexpr,
 ):
-    """Which (query, key) pairs may attend. qi and kj are broadcastable 2-D index tiles,
-    so the same helper serves the (M, N) tiles of forward/dQ and the (N, M) tiles of dK/dV."""
-    ok = (qi >= 0) & (kj >= 0)  # all True, with the broadcast shape
+    """Which (query, key) pairs may attend, from 1-D query/key offsets: an (M, N) tile for
+    forward/dQ, or (N, M) with KEYS_ON_ROWS for the transposed tiles of dK/dV.
+
+    The key padding mask is loaded once per key as a 1-D vector and broadcast (a 2-D
+    pointer tile would cost a 64-bit register per element)."""
+    if KEYS_ON_ROWS:
+        qi = offs_m[None, :]
+        kj = offs_n[:, None]
+    else:
+        qi = offs_m[:, None]
+        kj = offs_n[None, :]
+    ok = (qi >= 0) & (kj >= 0)  # all True, with the tile's shape
     if BOUNDS:
         ok = ok & (qi < NQ) & (kj < NK)
     if HAS_KPM:
-        kp = tl.load(KPM + b * skpb + kj * skpn, mask=kj < NK, other=0)
-        ok = ok & (kp != 0)
+        kp = tl.load(KPM + b * skpb + offs_n * skpn, mask=offs_n < NK, other=0) != 0
+        if KEYS_ON_ROWS:
+            ok = ok & kp[:, None]
+        else:
+            ok = ok & kp[None, :]
     if HAS_MASK:
         mk = tl.load(
             MASK + b * smb + h * smh + qi * smm + kj * smn, mask=(qi < NQ) & (kj < NK), other=0
@@ -174,8 +238,8 @@ def _fwd_inner(
         s = s * qk_scale
         if HAS_MASK or HAS_KPM or BOUNDS:
             ok = _allowed(
-                offs_m[:, None],
-                offs_n[None, :],
+                offs_m,
+                offs_n,
                 b,
                 h,
                 MASK,
@@ -192,6 +256,7 @@ def _fwd_inner(
                 HAS_KPM,
                 CAUSAL and BOUNDS,
                 BOUNDS,
+                False,
             )
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -205,12 +270,14 @@ def _fwd_inner(
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        acc = mma(cast(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
+)
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -375,7 +442,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(
         O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        out.to(O.dtype.element_ty),
+        cast(out, O.dtype.element_ty, UPCAST),
         mask=m_ok[:, None] & d_ok[None, :],
     )
     tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
@@ -423,7 +490,7 @@ def _bwd_preprocess_kernel(
 
 
 @triton.autotune(
-    configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune}
+    configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -526,8 +593,8 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
         st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
         ok = _allowed(
-            offs_m[None, :],
-            offs_n[:, None],
+            offs_m,
+            offs_n,
             b,
             h,
             MASK,
@@ -544,6 +611,7 @@ def _attn_bwd_dkdv_kernel(
             HAS_KPM,
             CAUSAL,
             True,
+            True,
         )
         pt = tl.where(ok, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
         do = tl.load(
@@ -551,20 +619,22 @@ def _attn_bwd_dkdv_kernel(
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        dv = mma(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dv = mma(cast(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpt = mma(
             v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
         )
         dst = pt * (dpt - delta[None, :])
-        dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+        dk = mma(cast(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
     dk = dk * sm_scale
     out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_msk)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_msk)
+    tl.store(DK + out_off, cast(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
+    tl.store(DV + out_off, cast(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
 
 
-@triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
+)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,
@@ -668,8 +738,8 @@ def _attn_bwd_dq_kernel(
         )
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
         ok = _allowed(
-            offs_m[:, None],
-            offs_n[None, :],
+            offs_m,
+            offs_n,
             b,
             h,
             MASK,
@@ -686,15 +756,16 @@ def _attn_bwd_dq_kernel(
             HAS_KPM,
             CAUSAL,
             True,
+            False,
         )
         p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, UPCAST)
+        dq = mma(cast(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(
         DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
+        cast(dq, DQ.dtype.element_ty, UPCAST),
         mask=q_msk,
     )
 
@@ -728,12 +799,13 @@ def _bucket(n: int) -> int:
 
 
 def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
-    """q (B, H, Nq, D), k/v (B, H, Nk, D) any strides -> (out contiguous, lse (B, H, Nq) fp32)."""
+    """q (B, H, Nq, D), k/v (B, H, Nk, D) any strides -> (out, lse (B, H, Nq) fp32);
+    out is stored (B, Nq, H, D)-contiguous (see ops.attention.new_output)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_dtype(name, t)
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    out = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)

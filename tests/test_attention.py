@@ -1,0 +1,459 @@
+"""masked_softmax_attention / causal_attention: reference, kernels, registration, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import DTYPES, LOW_PRECISION, assert_rule, kernel_cases
+
+import recon_kernels as rk
+from recon_kernels import reference as R
+from recon_kernels.ops import attention as A
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inputs(B, H, NQ, NK, D, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (
+        torch.randn(*s, generator=g, dtype=torch.float64)
+        for s in ((B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D))
+    )
+    return [t.to(device) for t in (q, k, v, do)]
+
+
+def _masks(mode, B, H, NQ, NK, device="cpu", seed=1):
+    """(mask, key_padding_mask, causal) for a mask mode; every mode with masks has at least
+    one fully-masked query row."""
+    g = torch.Generator().manual_seed(seed)
+    mask = kpm = None
+    causal = "causal" in mode
+    if "kpm" in mode:
+        kpm = torch.rand(B, NK, generator=g) > 0.3
+        kpm[:, 0] = True
+        kpm[0] = False  # batch 0 is all padding: every row of it is fully masked
+    if "mask" in mode:
+        # broadcast over batch: (1, H, Nq, Nk); row NQ // 2 of head 0 sees nothing
+        mask = torch.rand(1, H, NQ, NK, generator=g) > 0.25
+        mask[0, 0, NQ // 2] = False
+    return (
+        None if mask is None else mask.to(device),
+        None if kpm is None else kpm.to(device),
+        causal,
+    )
+
+
+def _run(fn, tensors, do, **kw):
+    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*ts, **kw)
+    out.backward(do)
+    return out.detach(), [t.grad for t in ts]
+
+
+def _call(q, k, v, mask=None, key_padding_mask=None, causal=False, backend=None):
+    if causal:
+        assert mask is None
+        return rk.causal_attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
+    return rk.masked_softmax_attention(
+        q, k, v, mask, key_padding_mask=key_padding_mask, backend=backend
+    )
+
+
+def _numpy_attention(q, k, v, allowed, scale):
+    """Independent float64 formula: loops over rows, numpy softmax."""
+    q, k, v = (t.numpy() for t in (q, k, v))
+    B, H, NQ, D = q.shape
+    out = np.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for i in range(NQ):
+                ok = allowed[b, h, i]
+                if not ok.any():
+                    continue
+                s = (k[b, h] @ q[b, h, i]) * scale
+                s = np.where(ok, s, -np.inf)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[b, h, i] = p @ v[b, h]
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+MODES = ["none", "kpm", "mask", "causal", "causal_kpm", "mask_kpm"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("NQ,NK", [(5, 5), (7, 3), (3, 7)])
+def test_reference_matches_independent_formula(mode, NQ, NK):
+    B, H, D = 2, 2, 6
+    q, k, v, _ = _inputs(B, H, NQ, NK, D)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    allowed = np.ones((B, H, NQ, NK), dtype=bool)
+    if mask is not None:
+        allowed &= np.broadcast_to(mask.numpy(), allowed.shape)
+    if kpm is not None:
+        allowed &= kpm.numpy()[:, None, None, :]
+    if causal:
+        i, j = np.arange(NQ)[:, None], np.arange(NK)[None, :]
+        allowed &= j <= i + NK - NQ
+    scale = 0.37
+    want = _numpy_attention(q, k, v, allowed, scale)
+    got = R.attention(q, k, v, mask=mask, key_padding_mask=kpm, scale=scale, causal=causal)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_gradcheck(mode):
+    B, H, NQ, NK, D = 2, 1, 4, 5, 3
+    q, k, v, _ = _inputs(B, H, NQ, NK, D)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    ts = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: R.attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal), ts
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_backend_explicit_backward_matches_autograd(mode):
+    """The eager custom op (explicit FlashAttention-style backward) vs autograd of the oracle."""
+    B, H, NQ, NK, D = 2, 2, 9, 7, 5
+    q, k, v, do = _inputs(B, H, NQ, NK, D)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    ref, ref_g = _run(
+        lambda q, k, v: R.attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal),
+        (q, k, v),
+        do,
+    )
+    out, g = _run(lambda q, k, v: _call(q, k, v, mask, kpm, causal, backend="eager"), (q, k, v), do)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _call(q, k, v, mask, kpm, causal, backend="eager"),
+        [t.detach().clone().requires_grad_() for t in (q, k, v)],
+    )
+
+
+# --------------------------------------------------------------------------- kernels
+
+# (B, H, Nq, Nk, D): every N in {1, 17, 100, 130} and D in {16, 40, 64, 72, 128}
+# appears, with Nq == Nk, Nq < Nk and Nq > Nk.
+SHAPES = [
+    (2, 3, 1, 1, 16),
+    (2, 2, 17, 17, 40),
+    (1, 2, 100, 100, 64),
+    (2, 1, 130, 130, 72),
+    (1, 2, 17, 100, 128),
+    (2, 1, 100, 17, 40),
+    (1, 1, 1, 130, 72),
+]
+
+
+def _check_kernel(backend, device, dtype, shape, mode, seed=0):
+    B, H, NQ, NK, D = shape
+    q, k, v, do = _inputs(B, H, NQ, NK, D, seed=seed)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    ref, ref_g = _run(
+        lambda q, k, v: R.attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal),
+        (q, k, v),
+        do,
+    )
+    # the eager reference in the same (low) precision: the baseline of the tolerance rule
+    low, low_g = _run(
+        lambda q, k, v: R.attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal),
+        [t.to(dtype) for t in (q, k, v)],
+        do.to(dtype),
+    )
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out, g = _run(
+        lambda q, k, v: _call(q, k, v, dev(mask), dev(kpm), causal, backend=backend),
+        [t.to(device=device, dtype=dtype) for t in (q, k, v)],
+        do.to(device=device, dtype=dtype),
+    )
+    assert out.dtype == dtype and out.device.type == torch.device(device).type
+    assert out.transpose(1, 2).is_contiguous(), "output must be stored (B, Nq, H, D)-contiguous"
+    out, g = out.cpu(), [t.cpu() for t in g]
+    assert_rule("out", out, ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
+        assert a.dtype == dtype
+        assert_rule(name, a, b, c, dtype)
+    return out, g, (mask, kpm, causal)
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_matches_reference(backend, device, dtype, shape, mode):
+    if mode != "none" and dtype != torch.bfloat16 and shape[2] * shape[3] > 2000:
+        # the big shapes run every mask mode in bf16 and the plain mode in every dtype;
+        # the small ones run everything (keeps the interpreter suite short)
+        pytest.skip("covered: large shapes run all masks in bf16 only (interpreter time)")
+    _check_kernel(backend, device, dtype, shape, mode)
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_fully_masked_rows_zero_output_and_gradient(backend, device, dtype):
+    B, H, NQ, NK, D = 2, 2, 17, 23, 40
+    out, g, (mask, kpm, causal) = _check_kernel(
+        backend, device, dtype, (B, H, NQ, NK, D), "mask_kpm"
+    )
+    # batch 0 is all padding; row NQ//2 of head 0 is masked everywhere
+    assert out[0].abs().max() == 0 and out[1, 0, NQ // 2].abs().max() == 0
+    assert g[0][0].abs().max() == 0 and g[0][1, 0, NQ // 2].abs().max() == 0
+    assert g[1][0].abs().max() == 0 and g[2][0].abs().max() == 0  # padded keys of batch 0
+    for t in (out, *g):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_causal_decode_and_more_queries_than_keys(backend, device):
+    """Nq > Nk: the first Nq - Nk rows see no key (bottom-right alignment) and give 0."""
+    out, g, _ = _check_kernel(backend, device, torch.float16, (2, 4, 40, 12, 64), "causal")
+    assert out[:, :, :28].abs().max() == 0 and out[:, :, 28:].abs().amax(-1).min() > 0
+    assert g[0][:, :, :28].abs().max() == 0
+    # decode step: one query sees every key
+    _check_kernel(backend, device, torch.float16, (2, 2, 1, 37, 16), "causal")
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_qkv_views_and_noncontiguous_grad(backend, device, dtype):
+    """q, k, v as strided views of one packed (B, N, 3, H, D) tensor; dO non-contiguous."""
+    B, N, H, D = 2, 33, 3, 24
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, N, 3, H, D, generator=g, dtype=torch.float64)
+    do = torch.randn(B, N, H, D, generator=g, dtype=torch.float64).transpose(1, 2)  # strided
+    kpm = torch.rand(B, N, generator=g) > 0.2
+    kpm[:, 0] = True
+
+    def f(packed):
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views
+        return q, k, v
+
+    ref, (ref_g,) = _run(lambda p: R.attention(*f(p), key_padding_mask=kpm), [qkv], do)
+    low, (low_g,) = _run(
+        lambda p: R.attention(*f(p), key_padding_mask=kpm), [qkv.to(dtype)], do.to(dtype)
+    )
+    qd = qkv.to(device=device, dtype=dtype)
+    assert not f(qd)[0].is_contiguous()
+    out, (gq,) = _run(
+        lambda p: rk.masked_softmax_attention(
+            *f(p), key_padding_mask=kpm.to(device), backend=backend
+        ),
+        [qd],
+        do.to(device=device, dtype=dtype),
+    )
+    assert_rule("out", out.cpu(), ref, low, dtype)
+    assert_rule("dqkv", gq.cpu(), ref_g, low_g, dtype)
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_many_batch_heads_and_scale(backend, device):
+    """B*H well above one wave of programs; a custom scale."""
+    B, H, N, D = 16, 24, 3, 16
+    q, k, v, do = _inputs(B, H, N, N, D)
+    ref = R.attention(q, k, v, scale=0.2, causal=True)
+    out = rk.causal_attention(
+        *(t.to(device=device, dtype=torch.float32) for t in (q, k, v)), scale=0.2, backend=backend
+    )
+    low = R.attention(*(t.float() for t in (q, k, v)), scale=0.2, causal=True)
+    assert_rule("out", out.cpu(), ref, low, torch.float32)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_torch_ops_namespace_and_default_backend():
+    q, k, v, _ = _inputs(1, 2, 5, 6, 8)
+    kpm = torch.tensor([[True, True, False, True, False, True]])
+    want = R.attention(q, k, v, key_padding_mask=kpm)
+    got = torch.ops.recon.masked_softmax_attention(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(got, want)
+    got = torch.ops.recon.causal_attention(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(got, R.attention(q, k, v, key_padding_mask=kpm, causal=True))
+
+
+@pytest.mark.parametrize("mode", ["none", "mask_kpm", "causal_kpm"])
+def test_opcheck(mode):
+    B, H, NQ, NK, D = 2, 2, 5, 7, 8
+    q, k, v, do = (t.float() for t in _inputs(B, H, NQ, NK, D))
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(A.attention_fwd, (q, k, v, mask, kpm, 0.3, causal, "eager"))
+    out, lse = A.attention_fwd(q, k, v, mask, kpm, 0.3, causal, "eager")
+    torch.library.opcheck(
+        A.attention_bwd,
+        (
+            do,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse,
+            mask,
+            kpm,
+            0.3,
+            causal,
+            "eager",
+        ),
+    )
+
+
+def test_opcheck_triton_interpreter():
+    if rk.why_unavailable("triton", "cpu") is not None:
+        pytest.skip("triton on CPU needs the interpreter (TRITON_INTERPRET=1); a GPU run covers it")
+    q, k, v, _ = (t.float() for t in _inputs(1, 2, 5, 7, 16))
+    q.requires_grad_()
+    kpm = torch.tensor([[True, False, True, True, True, False, True]])
+    torch.library.opcheck(
+        A.attention_fwd,
+        (q, k, v, None, kpm, 0.25, True, "triton"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_compile_fullgraph(causal):
+    B, H, N, D = 2, 2, 9, 8
+    q, k, v, do = (t.float() for t in _inputs(B, H, N, N, D))
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[1, 5:] = False
+
+    def f(q, k, v):
+        fn = rk.causal_attention if causal else rk.masked_softmax_attention
+        return fn(q, k, v, key_padding_mask=kpm, backend="eager") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, g = _run(compiled, (q, k, v), do)
+    ref, ref_g = _run(f, (q, k, v), do)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor():
+    q, k, v, _ = (t.float() for t in _inputs(1, 2, 7, 7, 8))
+    f = lambda q, k, v: rk.causal_attention(q.sin(), k, v, backend="eager").cos()  # noqa: E731
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
+def test_multihead_attention_module():
+    torch.manual_seed(0)
+    m = rk.nn.MultiheadAttention(24, 3, backend="eager").double()
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    kpm = torch.ones(2, 7, dtype=torch.bool)
+    kpm[0, 4:] = False
+    # the same computation through torch.nn.MultiheadAttention (inverted padding convention)
+    ref = torch.nn.MultiheadAttention(24, 3, batch_first=True).double()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(m.qkv.weight)
+        ref.in_proj_bias.copy_(m.qkv.bias)
+        ref.out_proj.weight.copy_(m.proj.weight)
+        ref.out_proj.bias.copy_(m.proj.bias)
+    want, _ = ref(x, x, x, key_padding_mask=~kpm, need_weights=False)
+    torch.testing.assert_close(m(x, key_padding_mask=kpm), want)
+    mc = rk.nn.MultiheadAttention(24, 3, causal=True, backend="eager").double()
+    mc.load_state_dict(m.state_dict())
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    want, _ = ref(x, x, x, attn_mask=~causal, need_weights=False)
+    torch.testing.assert_close(mc(x), want)
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+def test_multihead_attention_module_kernels(backend, device):
+    torch.manual_seed(0)
+    m = rk.nn.MultiheadAttention(32, 2, causal=True, backend=backend).to(device)
+    x = torch.randn(2, 11, 32, device=device)
+    kpm = torch.ones(2, 11, dtype=torch.bool, device=device)
+    kpm[1, 7:] = False
+    out = m(x, key_padding_mask=kpm)
+    m.backend = "eager"
+    torch.testing.assert_close(out, m(x, key_padding_mask=kpm), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _ok():
+    return [torch.randn(2, 3, 5, 8) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (
+            lambda q, k, v: (q[0], k, v),
+            r"q: expected a 4-D tensor \(B, H, Nq, D\), got shape \(3, 5, 8\)",
+        ),
+        (lambda q, k, v: (q, k[:, :2], v), r"k: expected shape \(2, 3, Nk, 8\)"),
+        (lambda q, k, v: (q, k, v[..., :4]), r"v: expected shape \(2, 3, 5, 8\) \(same as k\)"),
+        (
+            lambda q, k, v: (q, k.double(), v),
+            r"k: expected dtype torch.float32 \(same as q\), got torch.float64",
+        ),
+        (lambda q, k, v: (q.int(), k, v), r"q: expected dtype in"),
+        (lambda q, k, v: (q[:, :, :0], k, v), r"expected B, H, Nq, Nk >= 1"),
+        (
+            lambda q, k, v: tuple(torch.randn(1, 1, 2, 257) for _ in range(3)),
+            r"q: head dim D must be in \[1, 256\], got D=257",
+        ),
+        (
+            lambda q, k, v: (q, k.to("meta"), v),
+            r"k: expected a tensor on cpu \(same as q\), got meta",
+        ),
+        (lambda q, k, v: (q.numpy(), k, v), r"q: expected a torch.Tensor, got ndarray"),
+    ],
+)
+def test_bad_tensors(mutate, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        rk.masked_softmax_attention(*mutate(*_ok()))
+
+
+def test_bad_masks_and_scale():
+    q, k, v = _ok()
+    with pytest.raises(
+        ValueError, match=r"mask: expected dtype in \['torch.bool'\], got torch.float32"
+    ):
+        rk.masked_softmax_attention(q, k, v, torch.zeros(5, 5))
+    with pytest.raises(
+        ValueError, match=r"mask: expected a shape broadcastable to .*\(2, 3, 5, 5\), got \(4, 5\)"
+    ):
+        rk.masked_softmax_attention(q, k, v, torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask: expected a 2-D or 3-D or 4-D tensor"):
+        rk.masked_softmax_attention(q, k, v, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask: expected shape \(B, Nk\) = \(2, 5\), got \(2, 4\)"
+    ):
+        rk.masked_softmax_attention(q, k, v, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask: expected dtype in \['torch.bool'\], got torch.int64"
+    ):
+        rk.causal_attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"scale: expected a finite float, got nan"):
+        rk.causal_attention(q, k, v, scale=math.nan)
+    with pytest.raises(ValueError, match=r"backend: expected one of .*got 'fast'"):
+        rk.causal_attention(q, k, v, backend="fast")
+
+
+def test_unavailable_backend_says_why():
+    q, k, v = _ok()
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable for tensors on cpu: .*"):
+        rk.masked_softmax_attention(q, k, v, backend="cuda")
+
+
+def test_float64_only_on_eager():
+    q, k, v = (t.double() for t in _ok())
+    if rk.why_unavailable("triton", "cpu") is not None:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU here)")
+    with pytest.raises(ValueError, match=r"dtype: backend 'triton' supports .* got torch.float64"):
+        rk.masked_softmax_attention(q, k, v, backend="triton")
+    # auto picks eager for float64
+    torch.testing.assert_close(rk.masked_softmax_attention(q, k, v), R.attention(q, k, v))
