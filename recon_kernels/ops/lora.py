@@ -3,7 +3,9 @@
 Custom ops ``recon::lora_linear_fwd`` -> (y, xa) and ``recon::lora_linear_bwd``; forward
 saves x and xa = x Aᵀ (M, r) (plus the weights, which are parameters, not activations).
 dW is computed only when the base weight requires grad (the fine-tuning case skips it).
-``recon::merge_lora`` returns weight + scale · B A.
+``recon::merge_lora`` returns weight + scale · B A; ``recon::merge_lora_`` (``merge_lora_``
+here) adds it in place, rounded once from fp32 exactly like the copy (LoRALinear's
+merge/unmerge use it: no (out, in) temporary).
 """
 
 from __future__ import annotations
