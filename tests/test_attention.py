@@ -457,3 +457,32 @@ def test_float64_only_on_eager():
         rk.masked_softmax_attention(q, k, v, backend="triton")
     # auto picks eager for float64
     torch.testing.assert_close(rk.masked_softmax_attention(q, k, v), R.attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_right_padded_batches(backend, device, causal):
+    """HF-style right padding: the kernels stop at each sequence's last real key, and the
+    padded key blocks get exactly zero dK/dV."""
+    B, H, N, D = 4, 2, 70, 32
+    q, k, v, do = _inputs(B, H, N, N, D, seed=5)
+    lengths = torch.tensor([70, 5, 37, 0])
+    kpm = torch.arange(N)[None, :] < lengths[:, None]
+    ref, ref_g = _run(
+        lambda q, k, v: R.attention(q, k, v, key_padding_mask=kpm, causal=causal), (q, k, v), do
+    )
+    dt = torch.bfloat16
+    low, low_g = _run(
+        lambda q, k, v: R.attention(q, k, v, key_padding_mask=kpm, causal=causal),
+        [t.to(dt) for t in (q, k, v)],
+        do.to(dt),
+    )
+    out, g = _run(
+        lambda q, k, v: _call(q, k, v, None, kpm.to(device), causal, backend=backend),
+        [t.to(device=device, dtype=dt) for t in (q, k, v)],
+        do.to(device=device, dtype=dt),
+    )
+    assert_rule("out", out.cpu(), ref, low, dt)
+    for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
+        assert_rule(name, a.cpu(), b, c, dt)
+    assert g[1][1, :, 5:].abs().max() == 0 and g[2][2, :, 37:].abs().max() == 0

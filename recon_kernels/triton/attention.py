@@ -287,6 +287,7 @@ def _attn_fwd_kernel(
     LSE,
     MASK,
     KPM,
+    KVHI,
     sqb,
     sqh,
     sqm,
@@ -360,6 +361,10 @@ def _attn_fwd_kernel(
     else:
         hi = NK
         n_full = NK
+    if HAS_KPM:
+        # keys after the last real key of this sequence are padding: skip their blocks
+        hi = tl.minimum(hi, tl.load(KVHI + b))
+        n_full = tl.minimum(n_full, hi)
     n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -504,6 +509,7 @@ def _attn_bwd_dkdv_kernel(
     DV,
     MASK,
     KPM,
+    KVHI,
     sqb,
     sqh,
     sqm,
@@ -582,7 +588,11 @@ def _attn_bwd_dkdv_kernel(
     if CAUSAL:
         # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
         lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, NQ, BLOCK_M):
+    q_end = NQ
+    if HAS_KPM:
+        # a key block wholly after the sequence's last real key gets dK = dV = 0
+        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + b), NQ, 0)
+    for start_m in range(lo, q_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
         qt = tl.load(
@@ -646,6 +656,7 @@ def _attn_bwd_dq_kernel(
     DQ,
     MASK,
     KPM,
+    KVHI,
     sqb,
     sqh,
     sqm,
@@ -723,6 +734,8 @@ def _attn_bwd_dq_kernel(
     hi = NK
     if CAUSAL:
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + NK - NQ), 0)
+    if HAS_KPM:
+        hi = tl.minimum(hi, tl.load(KVHI + b))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
@@ -785,9 +798,12 @@ def _mask_args(q, nk, mask, key_padding_mask):
     if key_padding_mask is not None:
         kp = key_padding_mask.view(torch.uint8)
         kpm_t, kstr = kp, tuple(kp.stride())
+        # one past the last real key of each sequence (0 if none): the kernels stop there
+        pos = torch.arange(1, nk + 1, device=q.device, dtype=torch.int32)
+        kvhi = (key_padding_mask.to(torch.int32) * pos).amax(1).to(torch.int32)
     else:
-        kpm_t, kstr = q, (0, 0)
-    return mask_t, mstr, kpm_t, kstr
+        kpm_t, kstr, kvhi = q, (0, 0), q
+    return mask_t, mstr, kpm_t, kstr, kvhi
 
 
 def _block_d(d: int) -> int:
@@ -807,7 +823,7 @@ def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
     NK = k.shape[2]
     out = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
+    mask_t, mstr, kpm_t, kstr, kvhi = _mask_args(q, NK, mask, key_padding_mask)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)
     _attn_fwd_kernel[grid](
         q,
@@ -817,6 +833,7 @@ def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
         lse,
         mask_t,
         kpm_t,
+        kvhi,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -854,7 +871,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, key_padding_mask, scale: float,
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=q.device)
-    mask_t, mstr, kpm_t, kstr = _mask_args(q, NK, mask, key_padding_mask)
+    mask_t, mstr, kpm_t, kstr, kvhi = _mask_args(q, NK, mask, key_padding_mask)
     common = dict(
         BLOCK_D=block_d,
         HAS_MASK=mask is not None,
@@ -866,9 +883,9 @@ def attention_bwd(dout, q, k, v, out, lse, mask, key_padding_mask, scale: float,
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *mstr, *kstr)
     sizes = (H, NQ, NK, D, _bucket(NQ), _bucket(NK), scale * LOG2E, scale)
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(NK, meta["BLOCK_N"]) * B * H,)](
-        q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, *strides, *sizes, **common
+        q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, dout, lse, delta, dq, mask_t, kpm_t, *strides, *sizes, **common
+        q, k, v, dout, lse, delta, dq, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
     return dq, dk, dv
