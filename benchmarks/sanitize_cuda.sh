@@ -46,7 +46,7 @@ run_tool() {  # tool, smoke args...
     "$PY" benchmarks/cuda_smoke.py "$@" >"$OUT/$tool.out" 2>&1
   local status=$?
   local errors
-  errors=$(grep -aEo "ERROR SUMMARY: [0-9]+ error" "$OUT/$tool.log" | tail -1)
+  errors=$(grep -aEo "(ERROR|RACECHECK) SUMMARY: .*" "$OUT/$tool.log" | tail -1)
   if [ "$status" -eq 0 ]; then
     echo "$tool: clean (${errors:-no summary}), $((SECONDS - t0)) s" | tee -a "$SUMMARY"
   elif [ "$status" -eq 86 ]; then

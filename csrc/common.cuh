@@ -41,17 +41,14 @@ struct TypeInfo;
 template <>
 struct TypeInfo<float> {
   static constexpr bool kTensorCore = false;  // fp32 runs the SIMT path (full fp32 products)
-  static constexpr const char* kName = "float32";
 };
 template <>
 struct TypeInfo<__half> {
   static constexpr bool kTensorCore = true;
-  static constexpr const char* kName = "float16";
 };
 template <>
 struct TypeInfo<__nv_bfloat16> {
   static constexpr bool kTensorCore = true;
-  static constexpr const char* kName = "bfloat16";
 };
 
 // Elements per 16-byte chunk: the unit of every global -> shared copy (cp.async).
