@@ -29,19 +29,22 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnArgs p) {
 
 // One block per key block of kBlockRows keys; sweeps the queries kBlockCols at a time.
 template <class T, int kD>
-__global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dkdv_kernel(const AttnArgs p) {
-  using Cfg = BwdCfg<T, kD>;
+__global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
+    attn_bwd_dkdv_kernel(const AttnArgs p) {
+  using Cfg = BwdCfg<T, kD, true>;
   constexpr int kR = Cfg::kBlockRows, kC = Cfg::kBlockCols, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
   constexpr int kThreads = Cfg::kThreads;
   constexpr int kCT = kC / 8, kDT = Cfg::kAccD / 8;
 
+  constexpr int kStages = Cfg::kStages;
+  // K, V | Q[stage], dO[stage] | lse * log2(e)[stage], delta[stage] | fp32 staging
   T* sK = reinterpret_cast<T*>(smem_base());
   T* sV = sK + kR * kLd;
-  T* sQ = sV + kR * kLd;
-  T* sdO = sQ + kC * kLd;
-  float* sLse = reinterpret_cast<float*>(sdO + kC * kLd);  // lse * log2(e) of the query block
-  float* sDelta = sLse + kC;
-  float* sStage = sDelta + kC;  // fp32 only
+  T* sQ0 = sV + kR * kLd;
+  T* sdO0 = sQ0 + kStages * kC * kLd;
+  float* sLse0 = reinterpret_cast<float*>(sdO0 + kStages * kC * kLd);
+  float* sDelta0 = sLse0 + kStages * kC;
+  float* sStage = sDelta0 + kStages * kC;  // fp32 only
 
   const int num_n = (p.nk + kR - 1) / kR;
   const int n_block = static_cast<int>(blockIdx.x % num_n);
@@ -75,18 +78,41 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dkdv_kern
   auto sweep = [&](auto do_dv, auto do_dk, auto& acc_dv, auto& acc_dk, int d0) {
     constexpr bool kDV = decltype(do_dv)::value;
     constexpr bool kDK = decltype(do_dk)::value;
-    for (int m0 = m_begin; m0 < p.nq; m0 += kC) {
-      load_tile_async<T, kC, kD, kThreads>(sQ, kLd, q, p.q_sm, m0, 0, p.nq - m0, d);
-      load_tile_async<T, kC, kD, kThreads>(sdO, kLd, dout, p.do_sm, m0, 0, p.nq - m0, d);
-      cp_async_commit();
+    // Q, dO (cp.async) and lse, delta (plain loads) of the query block at m0 into buffer s.
+    auto fetch = [&](int m0, int s) {
+      load_tile_async<T, kC, kD, kThreads>(sQ0 + s * kC * kLd, kLd, q, p.q_sm, m0, 0, p.nq - m0, d);
+      load_tile_async<T, kC, kD, kThreads>(sdO0 + s * kC * kLd, kLd, dout, p.do_sm, m0, 0,
+                                           p.nq - m0, d);
       for (int i = tid; i < kC; i += kThreads) {
         const int r = m0 + i;
         // lse = +inf (empty rows, and padding) makes P exactly 0
-        sLse[i] = r < p.nq ? lse[r * p.lse_sm] * kLog2e : INFINITY;
-        sDelta[i] = r < p.nq ? delta[r] : 0.0f;
+        sLse0[s * kC + i] = r < p.nq ? lse[r * p.lse_sm] * kLog2e : INFINITY;
+        sDelta0[s * kC + i] = r < p.nq ? delta[r] : 0.0f;
       }
-      cp_async_wait<0>();
+    };
+    if (kStages == 2 && m_begin < p.nq) {
+      fetch(m_begin, 0);
+      cp_async_commit();
+    }
+    for (int m0 = m_begin, it = 0; m0 < p.nq; m0 += kC, ++it) {
+      const int cur = kStages == 2 ? (it & 1) : 0;
+      if (kStages == 2) {
+        // prefetch the next block into the other buffer (read last in the previous step,
+        // which ended at a barrier), then wait for this one only (one group per step; the
+        // last step commits an empty group so the count stays uniform)
+        if (m0 + kC < p.nq) fetch(m0 + kC, cur ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        fetch(m0, 0);
+        cp_async_commit();
+        cp_async_wait<0>();
+      }
       __syncthreads();
+      const T* sQ = sQ0 + cur * kC * kLd;
+      const T* sdO = sdO0 + cur * kC * kLd;
+      const float* sLse = sLse0 + cur * kC;
+      const float* sDelta = sDelta0 + cur * kC;
 
       // S^T = K Q^T (rows: keys, cols: queries)
       float st[1][kCT][4];
@@ -196,18 +222,20 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dkdv_kern
 
 // One block per query block of kBlockRows queries; sweeps the keys kBlockCols at a time.
 template <class T, int kD>
-__global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel(const AttnArgs p) {
-  using Cfg = BwdCfg<T, kD>;
+__global__ void __launch_bounds__(BwdCfg<T, kD, false>::kThreads, 1)
+    attn_bwd_dq_kernel(const AttnArgs p) {
+  using Cfg = BwdCfg<T, kD, false>;
   constexpr int kR = Cfg::kBlockRows, kC = Cfg::kBlockCols, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
   constexpr int kThreads = Cfg::kThreads;
   constexpr int kCT = kC / 8, kDT = Cfg::kAccD / 8;
 
+  constexpr int kStages = Cfg::kStages;
+  // Q, dO | K[stage], V[stage] | fp32 staging (lse, delta of the rows live in registers)
   T* sQ = reinterpret_cast<T*>(smem_base());
   T* sdO = sQ + kR * kLd;
-  T* sK = sdO + kR * kLd;
-  T* sV = sK + kC * kLd;
-  // (the lse/delta slots of the layout are unused here: this kernel keeps them in registers)
-  float* sStage = reinterpret_cast<float*>(sV + kC * kLd) + 2 * kC;  // fp32 only
+  T* sK0 = sdO + kR * kLd;
+  T* sV0 = sK0 + kStages * kC * kLd;
+  float* sStage = reinterpret_cast<float*>(sV0 + kStages * kC * kLd);
 
   const int num_m = (p.nq + kR - 1) / kR;
   int m_block = static_cast<int>(blockIdx.x % num_m);
@@ -247,12 +275,17 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel
   T* dq = reinterpret_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
   const bool pair_ok = (reinterpret_cast<uintptr_t>(dq) % (2 * sizeof(T)) == 0) && p.dq_sm % 2 == 0;
 
+  // K and V of key block j into buffer s (one cp.async group per call site).
+  auto fetch = [&](int j, int s) {
+    const int n0 = j * kC;
+    load_tile_async<T, kC, kD, kThreads>(sK0 + s * kC * kLd, kLd, k, p.k_sm, n0, 0, p.nk - n0, d);
+    load_tile_async<T, kC, kD, kThreads>(sV0 + s * kC * kLd, kLd, v, p.v_sm, n0, 0, p.nk - n0, d);
+  };
+
   // One sweep over the keys per kAccD output columns (a single one except fp32 D = 256).
   for (int d0 = 0; d0 < d; d0 += Cfg::kAccD) {
-    if (n_blocks > 0) {
-      load_tile_async<T, kC, kD, kThreads>(sK, kLd, k, p.k_sm, 0, 0, p.nk, d);
-      cp_async_commit();
-      load_tile_async<T, kC, kD, kThreads>(sV, kLd, v, p.v_sm, 0, 0, p.nk, d);
+    if (kStages == 2 && n_blocks > 0) {
+      fetch(0, 0);
       cp_async_commit();
     }
     float acc_dq[1][kDT][4];
@@ -260,8 +293,21 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel
 
     for (int j = 0; j < n_blocks; ++j) {
       const int n0 = j * kC;
-      cp_async_wait<1>();  // Q, dO and K_j (V_j may still be in flight)
+      const int cur = kStages == 2 ? (j & 1) : 0;
+      if (kStages == 2) {
+        // prefetch block j + 1 into the other buffer (free since the barrier ending step
+        // j - 1), then wait for Q, dO and block j only
+        if (j + 1 < n_blocks) fetch(j + 1, cur ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        fetch(j, 0);
+        cp_async_commit();
+        cp_async_wait<0>();
+      }
       __syncthreads();
+      const T* sK = sK0 + cur * kC * kLd;
+      const T* sV = sV0 + cur * kC * kLd;
 
       float s[1][kCT][4];
       zero(s);
@@ -282,8 +328,6 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel
         }
       }
 
-      cp_async_wait<0>();  // V_j
-      __syncthreads();
       float dp[1][kCT][4];
       zero(dp);
 #pragma unroll
@@ -314,13 +358,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel
                                                 sK + kk * 16 * kLd + d0, kLd, d - d0);
         syncwarp();
       }
-      __syncthreads();  // every warp is done with K_j and V_j
-      if (j + 1 < n_blocks) {
-        load_tile_async<T, kC, kD, kThreads>(sK, kLd, k, p.k_sm, n0 + kC, 0, p.nk - n0 - kC, d);
-        cp_async_commit();
-        load_tile_async<T, kC, kD, kThreads>(sV, kLd, v, p.v_sm, n0 + kC, 0, p.nk - n0 - kC, d);
-        cp_async_commit();
-      }
+      __syncthreads();  // every warp is done with buffer cur: it may be refilled
     }
     store_rows<T, kDT>(dq + d0, p.dq_sm, row0, p.nq, d - d0, acc_dq, p.scale, p.scale, pair_ok);
   }
@@ -329,23 +367,24 @@ __global__ void __launch_bounds__(BwdCfg<T, kD>::kThreads, 1) attn_bwd_dq_kernel
 
 template <class T, int kD>
 static std::string launch_attn_bwd(const AttnArgs& a, uintptr_t stream) {
-  using Cfg = BwdCfg<T, kD>;
+  using KV = BwdCfg<T, kD, true>;
+  using Q = BwdCfg<T, kD, false>;
   const int64_t rows = int64_t(a.b) * a.h * a.nq;
   const int64_t delta_blocks = (rows + 7) / 8;
-  const int64_t kv_blocks = int64_t((a.nk + Cfg::kBlockRows - 1) / Cfg::kBlockRows) * a.b * a.h;
-  const int64_t q_blocks = int64_t((a.nq + Cfg::kBlockRows - 1) / Cfg::kBlockRows) * a.b * a.h;
+  const int64_t kv_blocks = int64_t((a.nk + KV::kBlockRows - 1) / KV::kBlockRows) * a.b * a.h;
+  const int64_t q_blocks = int64_t((a.nq + Q::kBlockRows - 1) / Q::kBlockRows) * a.b * a.h;
   if (delta_blocks > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff)
     return "attention_bwd: too many blocks (B * H * N too large)";
   std::string err = launch(attn_bwd_delta_kernel<T>, "attention_bwd (delta)",
                            dim3(static_cast<unsigned>(delta_blocks)), dim3(256), 0, stream, a);
   if (!err.empty()) return err;
   err = launch(attn_bwd_dkdv_kernel<T, kD>, "attention_bwd (dK/dV)",
-               dim3(static_cast<unsigned>(kv_blocks)), dim3(Cfg::kThreads), Cfg::kSmemBytes,
+               dim3(static_cast<unsigned>(kv_blocks)), dim3(KV::kThreads), KV::kSmemBytes,
                stream, a);
   if (!err.empty()) return err;
   return launch(attn_bwd_dq_kernel<T, kD>, "attention_bwd (dQ)",
-                dim3(static_cast<unsigned>(q_blocks)), dim3(Cfg::kThreads), Cfg::kSmemBytes,
-                stream, a);
+                dim3(static_cast<unsigned>(q_blocks)), dim3(Q::kThreads), Q::kSmemBytes, stream,
+                a);
 }
 
 std::string attention_bwd(const AttnArgs& a, uintptr_t stream) {

@@ -23,25 +23,30 @@ struct FwdCfg {
                                        (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
 };
 
-// Backward (both passes): a block owns kBlockRows rows (keys for dK/dV, queries for dQ),
-// 16 per warp, and sweeps the other side kBlockCols at a time. Register budget (255 per
-// thread, no spills): D = 256 computes dV and dK in separate sweeps so that one 16 x 256
-// accumulator per warp is live, and fp32 at D = 256 (SIMT, more live operands) also
-// splits the output columns in two halves (kAccD), recomputing S and dP per half.
-template <class T, int kD>
+// Backward: a block owns kBlockRows rows (keys for the dK/dV kernel, kKV = true; queries
+// for the dQ kernel) and sweeps the other side kBlockCols at a time, double-buffered (the
+// tiles of the next step load while this one computes) where shared memory allows (all
+// but fp32 at D = 256). Register budget (255 per thread, no spills): the dK/dV kernel holds
+// two accumulators, so its steps are narrower past D = 64; D = 256 computes dV and dK in
+// separate sweeps so that one 16 x 256 accumulator per warp is live; fp32 at D = 256 (SIMT,
+// more live operands) also splits the output columns in two halves (kAccD), recomputing S
+// and dP per half.
+template <class T, int kD, bool kKV>
 struct BwdCfg {
   static constexpr bool kTC = TypeInfo<T>::kTensorCore;
   static constexpr int kWarps = (!kTC && kD >= 256) ? 2 : 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockRows = 16 * kWarps;
-  static constexpr int kBlockCols = kD <= 64 ? 64 : 32;
+  static constexpr int kBlockCols = kD <= 64 ? 64 : (kKV ? 16 : 32);
+  static constexpr int kStages = (!kTC && kD >= 256) ? 1 : 2;  // buffers of the swept side
   static constexpr bool kTwoPass = kD >= 256;
   static constexpr int kAccD = (!kTC && kD >= 256) ? kD / 2 : kD;
   static constexpr int kLd = kD + kPad<T>;
   static constexpr int kLdS = kBlockCols + 4;
+  // rows tiles (2) + swept tiles (2 per stage) + lse/delta per stage (dK/dV) + fp32 staging
   static constexpr size_t kSmemBytes =
-      size_t(2 * kBlockRows + 2 * kBlockCols) * kLd * sizeof(T) +
-      size_t(2 * kBlockCols) * sizeof(float) +  // lse and delta of the column block (dK/dV)
+      size_t(2 * kBlockRows + 2 * kStages * kBlockCols) * kLd * sizeof(T) +
+      (kKV ? size_t(2 * kStages * kBlockCols) * sizeof(float) : 0) +
       (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
 };
 
