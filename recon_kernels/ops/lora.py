@@ -65,11 +65,11 @@ def lora_linear_bwd(
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias, backend):
     return (
-        torch.empty_like(x),
-        torch.empty_like(weight) if needs_dw else weight.new_empty(0),
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape) if needs_dw else weight.new_empty(0),
         weight.new_empty(weight.shape[0] if has_bias else 0),
-        torch.empty_like(lora_a),
-        torch.empty_like(lora_b),
+        lora_a.new_empty(lora_a.shape),
+        lora_b.new_empty(lora_b.shape),
     )
 
 
@@ -99,13 +99,14 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 def merge_lora_op(
     weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, backend: str
 ) -> torch.Tensor:
-    """weight + scale · lora_b @ lora_a, in weight's dtype."""
-    return _dispatch.impl(backend, "lora").merge_lora(weight, lora_a, lora_b, scale)
+    """weight + scale · lora_b @ lora_a, in weight's dtype, contiguous (whatever weight's
+    strides: every backend returns the layout the fake declares)."""
+    return _dispatch.impl(backend, "lora").merge_lora(weight, lora_a, lora_b, scale).contiguous()
 
 
 @merge_lora_op.register_fake
 def _(weight, lora_a, lora_b, scale, backend):
-    return torch.empty_like(weight)
+    return weight.new_empty(weight.shape)
 
 
 def _merge_setup(ctx, inputs, output):

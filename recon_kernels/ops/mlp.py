@@ -62,10 +62,10 @@ def conv1d_mlp_bwd(
 @conv1d_mlp_bwd.register_fake
 def _(dy, x, w1, w2, h, activation, has_b1, has_b2, backend):
     return (
-        torch.empty_like(x),
-        torch.empty_like(w1),
+        x.new_empty(x.shape),
+        w1.new_empty(w1.shape),
         w1.new_empty(w1.shape[0] if has_b1 else 0),
-        torch.empty_like(w2),
+        w2.new_empty(w2.shape),
         w2.new_empty(w2.shape[0] if has_b2 else 0),
     )
 

@@ -48,16 +48,22 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit
-def cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype) with round-to-nearest-even, as the GPU converts.
+def autotune_enabled() -> bool:
+    """RECON_TRITON_AUTOTUNE=0 turns autotuning off: each kernel takes its first (preferred)
+    config that fits, so a test run on a GPU does not compile every candidate per shape."""
+    return os.environ.get("RECON_TRITON_AUTOTUNE", "1") not in ("0", "")
 
-    The CPU interpreter truncates float32 -> bfloat16 (twice the rounding error of the GPU);
-    under UPCAST the rounding is done by hand on the bits, so that the conversion that
-    follows is exact."""
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even, on the GPU and in the interpreter alike.
+
+    The GPU's conversion already rounds to nearest even; the interpreter's fp32 -> bf16
+    conversion truncates, which would add up to one bf16 ulp of error, so there the
+    rounding is done on the bits (finite values; NaN payloads are not preserved)."""
     if UPCAST and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(dtype)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, dot_precision, mma
+from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
 
 ACT_IDS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 EPI_NONE, EPI_DACT, EPI_ADD = 0, 1, 2
@@ -82,21 +82,6 @@ def activate_grad(x, ACT: tl.constexpr):
         return tl.full(x.shape, 1.0, tl.float32)
 
 
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 -> ``dtype`` rounding to nearest even, on the GPU and in the interpreter alike.
-
-    The GPU's conversion already rounds to nearest even; the interpreter's fp32 -> bf16
-    conversion truncates, which would add up to one bf16 ulp of error, so there the
-    rounding is done on the bits (finite values; NaN payloads are not preserved)."""
-    if UPCAST and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
 # --------------------------------------------------------------------------- configs
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), most preferred first: the first one
@@ -124,10 +109,6 @@ def _configs() -> list[triton.Config]:
         )
         for bm, bn, bk, w, s in _GPU_CONFIGS
     ]
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("RECON_TRITON_AUTOTUNE", "1") not in ("0", "")
 
 
 def _arch_tile(bm: int, bn: int, bk: int, arch: int, pro_act: bool):
@@ -210,7 +191,7 @@ def _prune(configs, named_args, **kwargs):
         arch=_arch(a.device.index or 0) if a.device.type == "cuda" else 90,
         pro_act=bool(kwargs.get("PRO_ACT", False)),
     )
-    return kept if _autotune_enabled() else kept[:1]
+    return kept if autotune_enabled() else kept[:1]
 
 
 _KEY = [

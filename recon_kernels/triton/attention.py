@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cast, check_dtype, dot_precision, mma
+from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -36,14 +36,15 @@ def _configs(kind: str) -> list[triton.Config]:
     if INTERPRET:
         # Unequal M/N blocks catch transposition bugs; small enough to exercise many tiles.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # most preferred first: with RECON_TRITON_AUTOTUNE=0 the first that fits is used
     if kind == "fwd":
         tiles = [
-            (128, 128, 8, 2),
             (128, 64, 8, 3),
+            (128, 128, 8, 2),
             (128, 64, 8, 2),
+            (64, 64, 4, 3),
             (128, 32, 8, 3),
             (64, 128, 4, 2),
-            (64, 64, 4, 3),
             (64, 64, 4, 2),
             (64, 32, 4, 3),
             (64, 32, 8, 2),
@@ -51,14 +52,14 @@ def _configs(kind: str) -> list[triton.Config]:
         ]
     else:
         tiles = [
-            (128, 64, 8, 2),
             (64, 128, 8, 2),
             (64, 64, 8, 2),
+            (128, 64, 8, 2),
             (64, 64, 4, 3),
             (64, 64, 4, 2),
             (64, 32, 4, 2),
-            (32, 64, 4, 2),
             (32, 64, 8, 2),
+            (32, 64, 4, 2),
             (32, 32, 4, 2),
             (32, 32, 8, 1),
         ]
@@ -110,6 +111,8 @@ def _pruner(kind: str):
             if (kind == "dkdv" and bm > 64) or (bd >= 256 and c.num_warps < 8):
                 continue
             kept.append(c)
+        if kept and not autotune_enabled():
+            kept = kept[:1]
         if not kept:  # smallest tiles, most warps: always compiles
             kept = [
                 min(
@@ -270,7 +273,7 @@ def _fwd_inner(
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc = mma(cast(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
+        acc = mma(cast_rne(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -447,7 +450,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(
         O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        cast(out, O.dtype.element_ty, UPCAST),
+        cast_rne(out, O.dtype.element_ty, UPCAST),
         mask=m_ok[:, None] & d_ok[None, :],
     )
     tl.store(LSE + b * slb + h * slh + offs_m * slm, lse, mask=m_ok)
@@ -629,17 +632,17 @@ def _attn_bwd_dkdv_kernel(
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        dv = mma(cast(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        dv = mma(cast_rne(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpt = mma(
             v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
         )
         dst = pt * (dpt - delta[None, :])
-        dk = mma(cast(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
+        dk = mma(cast_rne(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
     dk = dk * sm_scale
     out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, cast(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
-    tl.store(DV + out_off, cast(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
+    tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
+    tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
 
 
 @triton.autotune(
@@ -774,11 +777,11 @@ def _attn_bwd_dq_kernel(
         p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = mma(cast(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
+        dq = mma(cast_rne(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(
         DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-        cast(dq, DQ.dtype.element_ty, UPCAST),
+        cast_rne(dq, DQ.dtype.element_ty, UPCAST),
         mask=q_msk,
     )
 
