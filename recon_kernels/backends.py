@@ -14,7 +14,6 @@ auto       CUDA tensor: ``cuda`` if built, else ``triton``; CPU tensor: ``eager`
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -71,8 +70,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _triton_import_error() -> str | None:
+def _probe_triton() -> str | None:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -81,10 +79,16 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _cuda_ext_error() -> str | None:
+def _probe_cuda_ext() -> str | None:
     from . import cuda as _cuda_mod
 
     return _cuda_mod.unavailable_reason()
+
+
+# Facts about the installation, probed once when the package is imported: plain constants
+# for torch.compile (no cache wrapper or import to trace inside a compiled region).
+_TRITON_ERROR: str | None = _probe_triton()
+_CUDA_EXT_ERROR: str | None = _probe_cuda_ext()
 
 
 def why_unavailable(name: str, device: torch.device | str | None = None) -> str | None:
@@ -94,7 +98,7 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
     if name == "eager" or name == "auto":
         return None
     if name == "triton":
-        err = _triton_import_error()
+        err = _TRITON_ERROR
         if err:
             return err
         if dev is None:
@@ -112,7 +116,7 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
             )
         return f"triton does not support device {dev.type!r}"
     # cuda
-    err = _cuda_ext_error()
+    err = _CUDA_EXT_ERROR
     if err:
         return err
     if dev is not None and dev.type != "cuda":

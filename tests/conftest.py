@@ -13,6 +13,9 @@ import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: -n 2 on 2 cores would otherwise oversubscribe
+    torch.set_num_threads(1)
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
