@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const int qc = ci * 8 + 2 * t + (e & 1);
           const bool ok = full || mv.allowed(m0 + qc, key0 + (e >> 1) * 8);
-          st[0][ci][e] = ok ? exp2f(st[0][ci][e] * sl2 - sLse[qc]) : 0.0f;  // P^T
+          // one rounding (fma): for large logits the two terms nearly cancel
+          st[0][ci][e] = ok ? exp2f(fmaf(st[0][ci][e], sl2, -sLse[qc])) : 0.0f;  // P^T
         }
       }
 
@@ -324,7 +325,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, false>::kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const bool ok =
               full || mv.allowed(row0 + (e >> 1) * 8, n0 + ni * 8 + 2 * t + (e & 1));
-          s[0][ni][e] = ok ? exp2f(s[0][ni][e] * sl2 - lse2[e >> 1]) : 0.0f;  // P
+          s[0][ni][e] = ok ? exp2f(fmaf(s[0][ni][e], sl2, -lse2[e >> 1])) : 0.0f;  // P
         }
       }
 

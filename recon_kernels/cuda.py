@@ -250,13 +250,15 @@ def attention_fwd(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, Nq, D), k/v (B, H, Nk, D) -> (out (B, H, Nq, D) contiguous in q.dtype,
-    lse (B, H, Nq) float32: natural log-sum-exp, +inf on rows with no allowed key)."""
+    """q (B, H, Nq, D), k/v (B, H, Nk, D) -> (out (B, H, Nq, D) in q.dtype, stored
+    (B, Nq, H, D)-contiguous like every backend's (ops.attention.new_output), lse (B, H, Nq)
+    float32: natural log-sum-exp, +inf on rows with no allowed key)."""
     _check_attn(q, k, v)
     ext = _ext()
     B, H, NQ, D = q.shape
     q_, k_, v_ = _aligned(q), _aligned(k), _aligned(v)
-    out = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
+    # the kernel writes through strides: (B, Nq, H, D) storage seen as (B, H, Nq, D)
+    out = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     args = ext.AttnArgs()
     for prefix, t in (("q", q_), ("k", k_), ("v", v_), ("o", out)):

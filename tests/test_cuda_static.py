@@ -561,6 +561,46 @@ def test_emulated_launcher_guards_reject_misaligned_input(emu):
         emu.gemm(g, 0)
 
 
+# A pytest plugin for a nested run: every test of the suite parametrised over kernel_cases()
+# gets a "cuda-emu" case that runs backend "cuda" on CPU tensors through the emulator, so
+# the public API, the custom ops, autograd and the models exercise the CUDA kernels here.
+_SUITE_PLUGIN = """
+import importlib.util, os, sys
+import pytest
+
+def pytest_sessionstart(session):
+    spec = importlib.util.spec_from_file_location("_cuda_emu", os.environ["RECON_EMU_MODULE"])
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    from recon_kernels import backends
+    from recon_kernels import cuda as rkcuda
+    rkcuda._emulator = emu
+    why = backends.why_unavailable
+    backends.why_unavailable = lambda name, device=None: (
+        None if str(name).lower() == "cuda" else why(name, device)
+    )
+    sys.modules["conftest"].kernel_cases = lambda: [pytest.param("cuda", "cpu", id="cuda-emu")]
+"""
+
+
+@needs_nvcc
+def test_suite_cuda_cases_on_the_emulator(emu, tmp_path):
+    """The numerical tests of the other files (attention, MLP, LoRA, models, integrations)
+    with backend "cuda", run on the emulated kernels: what a GPU run checks, minus the GPU."""
+    (tmp_path / "recon_emu_suite.py").write_text(_SUITE_PLUGIN)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
+    env["RECON_EMU_MODULE"] = emu.__file__
+    env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "recon_emu_suite", "-p", "no:cacheprovider"]
+    cmd += ["-k", "cuda-emu", os.path.join(ROOT, "tests"), "--ignore", os.path.abspath(__file__)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    tail = r.stdout[-6000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    m = re.search(r"(\d+) passed", r.stdout)
+    assert m and int(m.group(1)) >= 100, f"too few emulated cuda cases ran:\n{tail}"
+
+
 def test_atol_table_covers_kernel_dtypes():
     # the emulation tests use conftest's tolerance rule for every dtype they run
     assert all(d in ATOL for d in DTYPES)
