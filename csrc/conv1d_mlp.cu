@@ -79,7 +79,8 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
   std::string err = gemm(g, stream);
   if (!err.empty()) return "conv1d_mlp_bwd (dh): " + err;
 
-  // dW2 = dy^T act(h)
+  // dW2 = dy^T act(h); dw2 == 0 means frozen weights: skip both weight GEMMs
+  if (a.dw2 != 0) {
   g = GemmArgs();
   g.a = a.dy;
   g.lda = a.lddy;
@@ -95,6 +96,7 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
   g.dtype = a.dtype;
   err = gemm(g, stream);
   if (!err.empty()) return "conv1d_mlp_bwd (dW2): " + err;
+  }
 
   if (a.db2 != 0) {
     err = colsum(a.dy, a.lddy, a.m, a.c_out, a.db2, a.dtype, stream);
@@ -102,6 +104,7 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
   }
 
   // dW1 = dh^T x
+  if (a.dw1 != 0) {
   g = GemmArgs();
   g.a = a.dh;
   g.lda = a.lddh;
@@ -117,6 +120,7 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
   g.dtype = a.dtype;
   err = gemm(g, stream);
   if (!err.empty()) return "conv1d_mlp_bwd (dW1): " + err;
+  }
 
   if (a.db1 != 0) {
     err = colsum(a.dh, a.lddh, a.m, a.hidden, a.db1, a.dtype, stream);

@@ -338,6 +338,10 @@ def _check_vec(name: str, b: torch.Tensor | None, n: int, ref: torch.Tensor):
     return b.contiguous()
 
 
+def _round_up(n: int, v: int) -> int:
+    return (n + v - 1) // v * v
+
+
 def _ld(t: torch.Tensor) -> int:
     """Row stride of a 2-D operand; a single row's stride is never followed, so report an
     aligned one (the launchers check ld % 16 bytes)."""
@@ -407,8 +411,9 @@ def conv1d_mlp_fwd(x, w1, b1, w2, b2, act: str) -> tuple[torch.Tensor, torch.Ten
     return y, h
 
 
-def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool):
-    """All 2-D. Returns dx, dw1, db1|None, dw2, db2|None (act(h) is recomputed, not saved)."""
+def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool, needs_dw: bool = True):
+    """All 2-D. Returns dx, dw1|None, db1|None, dw2|None, db2|None (act(h) is recomputed, not
+    saved; the weight gradients only with needs_dw)."""
     _check_mlp(x, w1, w2)
     M, C = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
@@ -422,8 +427,8 @@ def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool):
     code = _act(act)
     dev, dt = x.device, x.dtype
     dx = torch.empty((M, C), dtype=dt, device=dev)
-    dw1 = torch.empty((hidden, C), dtype=dt, device=dev)
-    dw2 = torch.empty((c_out, hidden), dtype=dt, device=dev)
+    dw1 = torch.empty((hidden, C), dtype=dt, device=dev) if needs_dw else None
+    dw2 = torch.empty((c_out, hidden), dtype=dt, device=dev) if needs_dw else None
     db1 = torch.empty((hidden,), dtype=dt, device=dev) if has_b1 else None
     db2 = torch.empty((c_out,), dtype=dt, device=dev) if has_b2 else None
     if M == 0:  # no tokens: the weight gradients are sums over nothing
@@ -455,10 +460,10 @@ def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool):
         lddh=dh.stride(0),
         dx=dx.data_ptr(),
         lddx=_ld(dx),
-        dw1=dw1.data_ptr(),
-        lddw1=_ld(dw1),
-        dw2=dw2.data_ptr(),
-        lddw2=_ld(dw2),
+        dw1=0 if dw1 is None else dw1.data_ptr(),  # 0: frozen weights, the GEMM is skipped
+        lddw1=_ld(dw1) if needs_dw else _round_up(C, _vec(dt)),
+        dw2=0 if dw2 is None else dw2.data_ptr(),
+        lddw2=_ld(dw2) if needs_dw else _round_up(hidden, _vec(dt)),
         db1=0 if db1 is None else db1.data_ptr(),
         db2=0 if db2 is None else db2.data_ptr(),
         m=M,

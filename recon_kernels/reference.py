@@ -211,19 +211,20 @@ def conv1d_mlp_fwd(x, w1, b1, w2, b2, act: str) -> tuple[torch.Tensor, torch.Ten
     return y.to(x.dtype), h.to(x.dtype)
 
 
-def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool):
-    """Eager kernel backward. All 2-D. Returns dx, dw1, db1|None, dw2, db2|None."""
+def conv1d_mlp_bwd(dy, x, w1, w2, h, act: str, has_b1: bool, has_b2: bool, needs_dw: bool = True):
+    """Eager kernel backward. All 2-D. Returns dx, dw1|None, db1|None, dw2|None, db2|None
+    (the weight gradients only with needs_dw: frozen MLP weights skip two of four GEMMs)."""
     accd = _acc_dtype(x.dtype)
     dyf, xf, w1f, w2f, hf = (t.to(accd) for t in (dy, x, w1, w2, h))
     a = apply_activation(hf, act)
-    dw2 = dyf.t() @ a
+    dw2 = dyf.t() @ a if needs_dw else None
     db2 = dyf.sum(0) if has_b2 else None
     dh = (dyf @ w2f) * activation_grad(hf, act)
-    dw1 = dh.t() @ xf
+    dw1 = dh.t() @ xf if needs_dw else None
     db1 = dh.sum(0) if has_b1 else None
     dx = dh @ w1f
     cast = lambda t, ref: None if t is None else t.to(ref.dtype)  # noqa: E731
-    return dx.to(x.dtype), dw1.to(w1.dtype), cast(db1, w1), dw2.to(w2.dtype), cast(db2, w2)
+    return dx.to(x.dtype), cast(dw1, w1), cast(db1, w1), cast(dw2, w2), cast(db2, w2)
 
 
 # --------------------------------------------------------------------------- LoRA

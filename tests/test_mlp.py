@@ -122,6 +122,33 @@ def test_conv1d_mlp_kernel_ops_match_eager_ops(backend, device):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize(
+    "backend,device", kernel_cases() + [pytest.param("eager", "cpu", id="eager")]
+)
+def test_frozen_weights_skip_weight_gradients(backend, device):
+    """Frozen MLP weights (LoRA fine-tuning elsewhere in the model): the backward skips the
+    dW1/dW2 GEMMs, returns no weight gradient, and dx / the bias gradients are unchanged."""
+    torch.manual_seed(2)
+    impl = mlp_ops._dispatch.impl(backend, "mlp")
+    x = torch.randn(21, 40, device=device)
+    w1, b1, w2, b2 = _params(40, 72, 24, True, True, torch.float32, device)
+    _, h = impl.conv1d_mlp_fwd(x, w1, b1, w2, b2, "gelu_tanh")
+    dy = torch.randn(21, 24, device=device)
+    full = impl.conv1d_mlp_bwd(dy, x, w1, w2, h, "gelu_tanh", True, True, True)
+    frozen = impl.conv1d_mlp_bwd(dy, x, w1, w2, h, "gelu_tanh", True, True, False)
+    assert frozen[1] is None and frozen[3] is None
+    for i in (0, 2, 4):
+        torch.testing.assert_close(frozen[i], full[i], rtol=0, atol=0)
+    # through autograd: only x (and b2) require grad
+    xg = x.clone().requires_grad_()
+    b2g = b2.clone().requires_grad_()
+    y = rk.conv1d_mlp(xg, w1, b1, w2, b2g, activation="gelu_tanh", backend=backend)
+    y.backward(dy)
+    torch.testing.assert_close(xg.grad, full[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b2g.grad, full[4], rtol=1e-6, atol=1e-6)
+    assert w1.grad is None and w2.grad is None and b1.grad is None
+
+
 @pytest.mark.parametrize("backend,device", kernel_cases())
 def test_conv1d_mlp_empty_batch(backend, device):
     """M = 0 tokens: empty output, zero weight gradients, no launch."""
@@ -159,8 +186,20 @@ def test_opcheck_forward_and_backward_ops():
         x2.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), "gelu", "eager"
     )
     dy = torch.randn(x2.shape[0], 9)
-    args = (dy, x2.detach(), w1.detach(), w2.detach(), h, "gelu_tanh", True, False, "eager")
-    torch.library.opcheck(torch.ops.recon.conv1d_mlp_bwd.default, args)
+    for needs_dw in (True, False):
+        args = (
+            dy,
+            x2.detach(),
+            w1.detach(),
+            w2.detach(),
+            h,
+            "gelu_tanh",
+            True,
+            False,
+            needs_dw,
+            "eager",
+        )
+        torch.library.opcheck(torch.ops.recon.conv1d_mlp_bwd.default, args)
 
 
 def test_torch_compile_fullgraph():

@@ -46,12 +46,19 @@ def conv1d_mlp_bwd(
     activation: str,
     has_b1: bool,
     has_b2: bool,
+    needs_dw: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw1, db1, dw2, db2); db1/db2 are empty (0,) tensors when that bias is absent."""
+    """(dx, dw1, db1, dw2, db2); a bias gradient is an empty (0,) tensor when that bias is
+    absent or frozen, the weight gradients when both weights are frozen (needs_dw False:
+    the dW1/dW2 GEMMs are skipped, e.g. LoRA fine-tuning with a frozen MLP)."""
     dx, dw1, db1, dw2, db2 = _dispatch.impl(backend, "mlp").conv1d_mlp_bwd(
-        dy, x, w1, w2, h, activation, has_b1, has_b2
+        dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
     )
+    if dw1 is None:
+        dw1 = w1.new_empty(0)
+    if dw2 is None:
+        dw2 = w2.new_empty(0)
     if db1 is None:
         db1 = w1.new_empty(0)
     if db2 is None:
@@ -60,12 +67,12 @@ def conv1d_mlp_bwd(
 
 
 @conv1d_mlp_bwd.register_fake
-def _(dy, x, w1, w2, h, activation, has_b1, has_b2, backend):
+def _(dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw, backend):
     return (
         x.new_empty(x.shape),
-        w1.new_empty(w1.shape),
+        w1.new_empty(w1.shape if needs_dw else 0),
         w1.new_empty(w1.shape[0] if has_b1 else 0),
-        w2.new_empty(w2.shape),
+        w2.new_empty(w2.shape if needs_dw else 0),
         w2.new_empty(w2.shape[0] if has_b2 else 0),
     )
 
@@ -81,15 +88,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh):
     x, w1, w2, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs_dw = bool(need[1] or need[3])
+    has_b1 = ctx.has_b1 and bool(need[2])
+    has_b2 = ctx.has_b2 and bool(need[4])
     dx, dw1, db1, dw2, db2 = conv1d_mlp_bwd(
-        dy, x, w1, w2, h, ctx.activation, ctx.has_b1, ctx.has_b2, ctx.backend
+        dy, x, w1, w2, h, ctx.activation, has_b1, has_b2, needs_dw, ctx.backend
     )
     return (
         dx,
-        dw1,
-        db1 if ctx.has_b1 else None,
-        dw2,
-        db2 if ctx.has_b2 else None,
+        dw1 if need[1] else None,
+        db1 if has_b1 else None,
+        dw2 if need[3] else None,
+        db2 if has_b2 else None,
         None,
         None,
     )

@@ -58,28 +58,31 @@ def conv1d_mlp_bwd(
     act: str,
     has_b1: bool,
     has_b2: bool,
+    needs_dw: bool = True,
 ):
-    """dy (M, C_out), x (M, C), h (M, hidden), any strides. Returns dx (M, C), dw1, db1 | None,
-    dw2, db2 | None in the input dtype (weight gradients contiguous)."""
+    """dy (M, C_out), x (M, C), h (M, hidden), any strides. Returns dx (M, C), dw1 | None,
+    db1 | None, dw2 | None, db2 | None in the input dtype (weight gradients contiguous; None
+    without needs_dw: frozen weights skip the dW1 and dW2 GEMMs)."""
     M, C = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
     dev, dt = x.device, x.dtype
     dx = torch.empty((M, C), dtype=dt, device=dev)
-    dw1 = torch.empty((hidden, C), dtype=w1.dtype, device=dev)
-    dw2 = torch.empty((c_out, hidden), dtype=w2.dtype, device=dev)
+    dw1 = torch.empty((hidden, C), dtype=w1.dtype, device=dev) if needs_dw else None
+    dw2 = torch.empty((c_out, hidden), dtype=w2.dtype, device=dev) if needs_dw else None
     if M == 0:
         z = lambda n, t: torch.zeros(n, dtype=t.dtype, device=dev)
         return (
             dx,
-            dw1.zero_(),
+            dw1.zero_() if needs_dw else None,
             z(hidden, w1) if has_b1 else None,
-            dw2.zero_(),
+            dw2.zero_() if needs_dw else None,
             z(c_out, w2) if has_b2 else None,
         )
     dh = torch.empty((M, hidden), dtype=dt, device=dev)
     db1 = gemm(dy, w2, dh, epi=EPI_DACT, z=h, act=act, colsum=has_b1)
-    gemm(h.t(), dy, dw2.t(), act=act, pro_act=True)  # dW2ᵀ = act(h)ᵀ dy
-    gemm(dh.t(), x, dw1)
+    if needs_dw:
+        gemm(h.t(), dy, dw2.t(), act=act, pro_act=True)  # dW2ᵀ = act(h)ᵀ dy
+        gemm(dh.t(), x, dw1)
     gemm(dh, w1, dx)
     db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype) if has_b2 else None
     return dx, dw1, None if db1 is None else db1.to(w1.dtype), dw2, db2
