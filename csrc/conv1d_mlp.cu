@@ -81,21 +81,21 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
 
   // dW2 = dy^T act(h); dw2 == 0 means frozen weights: skip both weight GEMMs
   if (a.dw2 != 0) {
-  g = GemmArgs();
-  g.a = a.dy;
-  g.lda = a.lddy;
-  g.a_trans = 1;
-  g.b = a.act_h;
-  g.ldb = a.ld_act_h;
-  g.b_trans = 0;
-  g.m = a.c_out;
-  g.n = a.hidden;
-  g.k = a.m;
-  g.c = a.dw2;
-  g.ldc = a.lddw2;
-  g.dtype = a.dtype;
-  err = gemm(g, stream);
-  if (!err.empty()) return "conv1d_mlp_bwd (dW2): " + err;
+    g = GemmArgs();
+    g.a = a.dy;
+    g.lda = a.lddy;
+    g.a_trans = 1;
+    g.b = a.act_h;
+    g.ldb = a.ld_act_h;
+    g.b_trans = 0;
+    g.m = a.c_out;
+    g.n = a.hidden;
+    g.k = a.m;
+    g.c = a.dw2;
+    g.ldc = a.lddw2;
+    g.dtype = a.dtype;
+    err = gemm(g, stream);
+    if (!err.empty()) return "conv1d_mlp_bwd (dW2): " + err;
   }
 
   if (a.db2 != 0) {
@@ -105,21 +105,21 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
 
   // dW1 = dh^T x
   if (a.dw1 != 0) {
-  g = GemmArgs();
-  g.a = a.dh;
-  g.lda = a.lddh;
-  g.a_trans = 1;
-  g.b = a.x;
-  g.ldb = a.ldx;
-  g.b_trans = 0;
-  g.m = a.hidden;
-  g.n = a.c;
-  g.k = a.m;
-  g.c = a.dw1;
-  g.ldc = a.lddw1;
-  g.dtype = a.dtype;
-  err = gemm(g, stream);
-  if (!err.empty()) return "conv1d_mlp_bwd (dW1): " + err;
+    g = GemmArgs();
+    g.a = a.dh;
+    g.lda = a.lddh;
+    g.a_trans = 1;
+    g.b = a.x;
+    g.ldb = a.ldx;
+    g.b_trans = 0;
+    g.m = a.hidden;
+    g.n = a.c;
+    g.k = a.m;
+    g.c = a.dw1;
+    g.ldc = a.lddw1;
+    g.dtype = a.dtype;
+    err = gemm(g, stream);
+    if (!err.empty()) return "conv1d_mlp_bwd (dW1): " + err;
   }
 
   if (a.db1 != 0) {
