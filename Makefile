@@ -21,8 +21,9 @@ install: $(STAMP)
 # The main job: environment report, every op x backend vs the eager reference, then the
 # model-layer job when present.
 run: install
-	$(PY) -m recon_kernels info
+	$(PY) -m python_models info
 	$(PY) -m recon_kernels check
+	$(PY) -m python_models compare --quick --out runs/compare
 
 # CPU: Triton kernels run in the interpreter. pytest exit 5 (no tests collected) is a failure.
 test: install

@@ -8,8 +8,8 @@
     recon finetune --checkpoint runs/mae --lora-rank 8 --shots 1,5,10
     recon compare --quick                        AE vs MAE vs SimCLR vs image-GPT, few-shot
 
-``info``/``check``/``bench`` come from ``recon_kernels.cli`` when it is installed; this module
-adds the model-layer commands. Errors print one line and exit non-zero
+``info``/``check``/``bench`` come from ``recon_kernels.cli``; this module adds the
+model-layer commands. Errors print one line and exit non-zero
 (``RECON_DEBUG=1`` shows the traceback).
 """
 
@@ -110,47 +110,6 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Fallback ``info`` while recon_kernels.cli is absent: versions, device, backends."""
-    import platform
-
-    import recon_kernels as rk
-
-    print(f"recon-kernels {rk.__version__}, Python {platform.python_version()}")
-    print(rk.explain())
-    for mod in ("transformers", "peft", "safetensors", "sklearn", "scipy", "matplotlib", "tqdm"):
-        try:
-            version = __import__(mod).__version__
-        except Exception as e:  # optional dependency: report, don't fail
-            version = f"not available ({type(e).__name__})"
-        print(f"{mod} {version}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Fallback ``bench``: run every benchmarks/bench_*.py with --out (and --quick)."""
-    import glob
-    import subprocess
-
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    scripts = sorted(glob.glob(os.path.join(root, "bench_*.py")))
-    if args.only:
-        scripts = [s for s in scripts if any(o in os.path.basename(s) for o in args.only)]
-    if not scripts:
-        raise FileNotFoundError(
-            f"bench: expected benchmarks/bench_*.py scripts under {root}, found none"
-        )
-    failed = []
-    for s in scripts:
-        print(f"== {os.path.basename(s)}", flush=True)
-        cmd = [sys.executable, s, "--out", args.out] + (["--quick"] if args.quick else [])
-        if subprocess.call(cmd) != 0:
-            failed.append(os.path.basename(s))
-    if failed:
-        raise RuntimeError(f"bench: {len(failed)} benchmark(s) failed: {', '.join(failed)}")
-    return 0
 
 
 def _train_config(args: argparse.Namespace):
@@ -399,18 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    kernel_cmds = _add_kernel_commands(sub)
-    if "info" not in kernel_cmds:  # TODO(lead): drop once recon_kernels.cli has landed
-        p = sub.add_parser("info", help="versions, device, backends available and why not")
-        p.set_defaults(func=cmd_info)
-    if "bench" not in kernel_cmds:
-        p = sub.add_parser("bench", help="run the benchmark suite (benchmarks/bench_*.py)")
-        p.add_argument("--out", default=os.path.join("runs", "bench"))
-        p.add_argument("--quick", action="store_true")
-        p.add_argument(
-            "--only", nargs="*", default=None, help="name fragments of the scripts to run"
-        )
-        p.set_defaults(func=cmd_bench)
+    from recon_kernels.cli import add_kernel_subcommands
+
+    add_kernel_subcommands(sub)  # info, check, bench
 
     p = sub.add_parser(
         "pretrain",
@@ -536,17 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_args(p)
     p.set_defaults(func=cmd_compare)
     return parser
-
-
-def _add_kernel_commands(sub: argparse._SubParsersAction) -> set[str]:
-    """Register recon_kernels.cli's info/check/bench when it exists; returns their names."""
-    try:
-        from recon_kernels.cli import add_kernel_subcommands
-    except ImportError:
-        return set()
-    before = set(sub.choices)
-    add_kernel_subcommands(sub)
-    return set(sub.choices) - before
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -521,6 +521,8 @@ def plot_results(results: Results, cfg: CompareConfig, out: str) -> list[str]:
                 if len(v):
                     ax.axhline(v.mean(), ls="--", color=colors[m], label=LABELS[m])
             ax.set_xscale("log")
+            ax.set_xticks(cfg.budgets, [str(b) for b in cfg.budgets])
+            ax.minorticks_off()
             ax.set_title(f"{PROTOCOL_LABELS[p]}, k={k}")
             ax.set_xlabel("pretraining steps")
             ax.set_ylabel("test accuracy")
