@@ -424,13 +424,19 @@ def verdicts(tests: list[TestRow], cfg: CompareConfig) -> list[dict[str, Any]]:
                 f"{b} steps: {v['verdict']} ({v['supports']}/{v['n']} comparisons significant in the "
                 f"claimed direction, {v['contradicts']} against, {v['agree']}/{v['n']} point the claimed way)"
             )
+        big = cfg.budgets[-1]
+        numbers = ", ".join(
+            f"{r.comparison} {r.mean_diff:+.3f} (p_Holm {r.p_holm:.2g})"
+            for r in tests
+            if r.claim == claim.key and r.budget == big and r.outcome != "missing"
+        )
         out.append(
             dict(
                 claim=claim.key,
                 text=claim.text,
                 verdict=overall,
                 per_budget=per_budget,
-                detail="; ".join(parts),
+                detail="; ".join(parts) + f". Mean accuracy differences at {big} steps: {numbers}",
             )
         )
     return out
@@ -714,8 +720,7 @@ def run_compare(cfg: CompareConfig, *, progress: bool = True) -> CompareReport:
                             f"out: {run_dir} holds a run with other settings ({e}); use a fresh --out"
                         ) from None
                     raise
-                if tr.tokens_per_s > 0:  # 0 when a finished run was reused
-                    throughput.setdefault(m, []).append(tr.tokens_per_s)
+                throughput.setdefault(m, []).append(tr.tokens_per_s)
                 enc = tr.model.encoder
                 e = dataclasses.asdict(enc.cfg)
                 encoder_cfgs[m] = e
@@ -831,6 +836,8 @@ def _report(results, cfg, data, tests, verdict_rows, encoder_cfgs, throughput, d
             f"Verdicts ({power_note(cfg)}):",
             *verdict_lines,
             "",
+            f"Pretraining throughput on {gpu} (backend {resolved}), tokens (patches)/s: "
+            + ", ".join(f"{LABELS[m]} {np.mean(v):,.0f}" for m, v in throughput.items()),
             f"Report: {os.path.join(cfg.out, 'report.md')} (all budgets, every paired test); "
             f"plots: accuracy_vs_budget.png, accuracy_bars.png. {elapsed:.0f}s.",
         ]

@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -739,6 +740,8 @@ def train(
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
 
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL initialisation: one GPU per process
     dinfo = init_distributed(device.type)
     if cfg.batch_size % dinfo.world:
         raise ValueError(
@@ -909,6 +912,16 @@ def train(
     bar.close()
     elapsed = time.perf_counter() - run_t0
     n_run = max(0, end - start_step)
+    tokens_per_s = tokens_per_step * n_run / step_time if step_time > 0 else 0.0
+    if n_run == 0 and os.path.isfile(metrics):  # a finished run, reopened: its last numbers
+        rates = []
+        for row in read_metrics(metrics):
+            if "loss" in row:
+                last_loss = row["loss"]
+                rates.append(row["tokens_per_s"])
+            elif "val_loss" in row:
+                val = {k: v for k, v in row.items() if k != "step"}
+        tokens_per_s = float(np.median(rates)) if rates else 0.0
     result = TrainResult(
         model=model,
         out=out,
@@ -916,7 +929,7 @@ def train(
         step=max(end, start_step),
         loss=last_loss,
         val=val,
-        tokens_per_s=tokens_per_step * n_run / step_time if step_time > 0 else 0.0,
+        tokens_per_s=tokens_per_s,
         elapsed_s=elapsed,
     )
     if dinfo.initialized_here:
