@@ -23,8 +23,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-logger = logging.getLogger("recon")
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (usage is one ``--help`` away)."""
@@ -219,6 +217,16 @@ def _given(args: argparse.Namespace, saved: Any) -> dict[str, Any]:
     return given
 
 
+def _preset_of(checkpoint: str) -> str | None:
+    """The preset a checkpoint was pretrained with (None when unknown), for thread defaults."""
+    from .train import read_trainer_state, resolve_checkpoint
+
+    try:
+        return read_trainer_state(resolve_checkpoint(checkpoint))["train_config"]["preset"]
+    except Exception:  # unknown or unreadable: the loader reports the real problem
+        return None
+
+
 def _image_eval_setup(args: argparse.Namespace):
     """(model, encoder, data, device) for probe/finetune of a checkpoint."""
     import torch
@@ -261,7 +269,7 @@ def _report(res, args: argparse.Namespace, title: str) -> None:
 def cmd_probe(args: argparse.Namespace) -> int:
     from .evaluate import check_shots, probe_accuracies
 
-    setup_cpu(args.device, args.threads, "tiny")
+    setup_cpu(args.device, args.threads, _preset_of(args.checkpoint))
     model, data, device = _image_eval_setup(args)
     shots = check_shots(args.shots, data)
     res = probe_accuracies(
@@ -278,7 +286,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from .evaluate import FinetuneConfig, check_shots, finetune_accuracies
 
-    setup_cpu(args.device, args.threads, "tiny")
+    setup_cpu(args.device, args.threads, _preset_of(args.checkpoint))
     cfg = FinetuneConfig(
         rank=args.lora_rank,
         alpha=args.lora_alpha or 2.0 * args.lora_rank,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import lora
 from .data import ImageData
-from .train import generator
+from .train import derive_seed, generator
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def finetune_accuracies(
             data.y_test,
             data.n_classes,
             cfg,
-            seed=int(generator(seed, "head", k, d).initial_seed() % (2**31)),
+            seed=derive_seed(seed, "head", k, d) % 2**31,
             pool=pool,
             device=device,
         )
