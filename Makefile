@@ -22,7 +22,9 @@ install: $(STAMP)
 # model-layer job when present.
 run: install
 	$(PY) -m python_models info
-	$(PY) -m recon_kernels check
+	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		interp=0; else interp=1; fi; \
+	TRITON_INTERPRET=$$interp $(PY) -m recon_kernels check
 	$(PY) -m python_models compare --quick --out runs/compare
 
 # CPU: Triton kernels run in the interpreter. pytest exit 5 (no tests collected) is a failure.
