@@ -49,6 +49,19 @@ def int_list(text: str) -> list[int]:
     return vals
 
 
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (non-negative integers)."""
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated non-negative integers, got {text!r}"
+        )
+    return vals
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)

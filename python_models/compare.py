@@ -192,7 +192,7 @@ class CompareConfig:
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from .cli import int_list, positive_int
+    from .cli import int_list, positive_int, seed_list
 
     d = CompareConfig()
     q = CompareConfig.QUICK
@@ -219,7 +219,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seeds",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=seed_list,
         default=None,
         help=f"pretraining seeds (default {','.join(map(str, d.seeds))})",
     )
