@@ -166,7 +166,15 @@ def attention_cases():
                         {"DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DQ": p},
                     ),
                 ):
-                    ptrs = {"Q": p, "K": p, "V": p, "MASK": "*u8", "KPM": "*u8", "KVHI": "*i32", **extra_ptrs}
+                    ptrs = {
+                        "Q": p,
+                        "K": p,
+                        "V": p,
+                        "MASK": "*u8",
+                        "KPM": "*u8",
+                        "KVHI": "*i32",
+                        **extra_ptrs,
+                    }
                     named = {"NQ": nq, "NK": nq, "BLOCK_D": d, "HAS_MASK": mask, "HAS_KPM": kpm}
                     configs = A._pruner(kname)(kern.configs, named)
                     for c in configs:

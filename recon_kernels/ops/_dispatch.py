@@ -44,3 +44,18 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> st
             "(float64 runs on backend='eager')"
         )
     return name
+
+
+def autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast floating-point inputs to the autocast dtype when autocast is on for their device,
+    as torch does for matmul-like ops (nn.Linear, SDPA): the fused ops then run in bf16/fp16
+    under ``torch.autocast`` instead of in the float32 that LayerNorm hands them."""
+    ref = next(t for t in tensors if t is not None)
+    dev = ref.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(
+        t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )

@@ -157,6 +157,8 @@ def _validate(q, k, v, mask, key_padding_mask, scale):
 
 
 def _attention(q, k, v, mask, key_padding_mask, scale, causal, backend):
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        q, k, v = _dispatch.autocast(q, k, v)
     mask, scale = _validate(q, k, v, mask, key_padding_mask, scale)
     name = _dispatch.resolve(backend, q.device, q.dtype)
     out, _ = attention_fwd(q, k, v, mask, key_padding_mask, scale, causal, name)

@@ -187,6 +187,8 @@ def lora_linear(
     bias: (out,) or None. Returns (..., out) in x's dtype. Saves x and x Aᵀ (M, r) for
     backward; dW only when weight.requires_grad.
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, lora_a, lora_b = _dispatch.autocast(x, weight, bias, lora_a, lora_b)
     check_tensor("x", x, ndim=range(1, 9), layout="(..., in)")
     _validate_lora("x", x, weight, lora_a, lora_b)
     if x.shape[-1] != weight.shape[1]:

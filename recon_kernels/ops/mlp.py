@@ -158,6 +158,8 @@ def conv1d_mlp(
     Returns (..., C_out) in x's dtype. Saves x and the pre-activation h (M, hidden) for
     backward (not act(h): it is recomputed).
     """
+    if isinstance(x, torch.Tensor):
+        x, w1, b1, w2, b2 = _dispatch.autocast(x, w1, b1, w2, b2)
     _validate(x, w1, b1, w2, b2, activation)
     name = _dispatch.resolve(backend, x.device, x.dtype)
     lead = x.shape[:-1]
