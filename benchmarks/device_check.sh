@@ -13,7 +13,7 @@ OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,7 +57,11 @@ step bench_lora 120 "$PY" benchmarks/bench_lora.py --out "$OUT" --quick
 [ -f benchmarks/bench_hf.py ] && step bench_hf 150 "$PY" benchmarks/bench_hf.py --out "$OUT" --quick
 # 5. compute-sanitizer memcheck / racecheck / synccheck on a small pass of every CUDA kernel
 step sanitize 240 bash benchmarks/sanitize_cuda.sh "$OUT/sanitize"
-# 6. registers/spills of the Triton attention kernels as compiled by this triton version
+# 6. the cuda cases of the model and integration tests (end-to-end parity on the kernels)
+step tests_e2e 150 env RECON_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_models_blocks.py tests/test_models_gpt.py tests/test_models_bert.py \
+  tests/test_integrations_sdpa.py tests/test_integrations_peft.py -k "cuda"
+# 7. registers/spills of the Triton attention kernels as compiled by this triton version
 step static 180 "$PY" benchmarks/triton_static.py --out "$OUT" --filter "bf16 D=128"
 
 echo
