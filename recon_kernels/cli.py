@@ -105,7 +105,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     atol = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-4}
     print(f"device: {device}; backends: {', '.join(names)}")
     for b in skipped:
-        print(f"  skipped {b}: {backends.why_unavailable(b, device)}")
+        # the machine-level reason first (not built / no GPU), else the device mismatch
+        print(
+            f"  skipped {b}: {backends.why_unavailable(b) or backends.why_unavailable(b, device)}"
+        )
     header = f"{'op':26s} {'backend':8s} {'dtype':9s} {'max err':>10s} {'2x eager':>10s} {'ms':>8s}  result"
     print(header)
     print("-" * len(header))
