@@ -47,7 +47,7 @@ step build 240 env RECON_BUILD_CUDA=1 RECON_CUDA_ARCHS=90a "$PY" setup.py build_
 step check 180 "$PY" -m recon_kernels check --all-dtypes
 # 3. the numerical tests on the GPU (Triton and CUDA kernels; autotuning off: one config per
 #    kernel, the first that fits, so the test run does not compile every candidate)
-step tests 300 env RECON_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider \
+step tests 300 env RECON_TRITON_AUTOTUNE=0 "$PY" -m pytest -q --maxfail=10 -p no:cacheprovider \
   tests/test_attention.py tests/test_mlp.py tests/test_lora.py -k "cuda" --durations=10
 # 4. benchmark tables (autotuned), most important first
 step bench_attn 300 "$PY" benchmarks/bench_attention.py --out "$OUT" --quick
