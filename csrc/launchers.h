@@ -101,6 +101,25 @@ struct LoraArgs {
 std::string attention_fwd(const AttnArgs& a, uintptr_t stream);
 std::string attention_bwd(const AttnArgs& a, uintptr_t stream);
 std::string gemm(const GemmArgs& g, uintptr_t stream);
+// The operand part of a GEMM call: C (m x n, row stride ldc) = op(A) op(B), op(X) = X^T when
+// *_trans; epilogue fields keep their defaults for the caller to set.
+inline GemmArgs gemm_args(uint64_t a, int64_t lda, int a_trans, uint64_t b, int64_t ldb,
+                          int b_trans, int m, int n, int k, uint64_t c, int64_t ldc, int dtype) {
+  GemmArgs g;
+  g.a = a;
+  g.lda = lda;
+  g.a_trans = a_trans;
+  g.b = b;
+  g.ldb = ldb;
+  g.b_trans = b_trans;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.c = c;
+  g.ldc = ldc;
+  g.dtype = dtype;
+  return g;
+}
 // out[n] = sum_m x[m * ldx + n] (float32 accumulation, fixed order), out in x's dtype.
 std::string colsum(uint64_t x, int64_t ldx, int m, int n, uint64_t out, int dtype,
                    uintptr_t stream);
