@@ -135,14 +135,16 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
         }
       }
 
-      if constexpr (kDV) {
-        // dV += P^T dO
+      // acc (this warp's 16 keys x the columns [d0, d0 + kAccD)) += st (its 16 x kC tile of
+      // P^T or dS^T) times X (kC queries x D in shared memory): A straight from registers on
+      // the tensor-core path, else staged through shared memory.
+      auto acc_st_x = [&](auto& acc, const T* sX) {
         if constexpr (Cfg::kTC) {
 #pragma unroll
           for (int kk = 0; kk < kC / 16; ++kk) {
             uint32_t a[4];
             acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
-            warp_mma_k16_regA<T, kDT>(acc_dv[0], a, sdO + kk * 16 * kLd + d0, kLd, d - d0);
+            warp_mma_k16_regA<T, kDT>(acc[0], a, sX + kk * 16 * kLd + d0, kLd, d - d0);
           }
         } else {
           float* stage = sStage + warp * 16 * kLdS;
@@ -150,11 +152,12 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
           syncwarp();
 #pragma unroll
           for (int kk = 0; kk < kC / 16; ++kk)
-            warp_mma_k16<T, 1, kDT, false, false>(acc_dv, stage + kk * 16, kLdS,
-                                                  sdO + kk * 16 * kLd + d0, kLd, d - d0);
+            warp_mma_k16<T, 1, kDT, false, false>(acc, stage + kk * 16, kLdS,
+                                                  sX + kk * 16 * kLd + d0, kLd, d - d0);
           syncwarp();
         }
-      }
+      };
+      if constexpr (kDV) acc_st_x(acc_dv, sdO);  // dV += P^T dO
       if constexpr (kDK) {
         // dP^T = V dO^T, dS^T = P^T o (dP^T - delta)
         float dpt[1][kCT][4];
@@ -171,24 +174,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
           for (int e = 0; e < 4; ++e)
             st[0][ci][e] *= dpt[0][ci][e] - sDelta[ci * 8 + 2 * t + (e & 1)];
         }
-        // dK += dS^T Q (scaled at the end)
-        if constexpr (Cfg::kTC) {
-#pragma unroll
-          for (int kk = 0; kk < kC / 16; ++kk) {
-            uint32_t a[4];
-            acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
-            warp_mma_k16_regA<T, kDT>(acc_dk[0], a, sQ + kk * 16 * kLd + d0, kLd, d - d0);
-          }
-        } else {
-          float* stage = sStage + warp * 16 * kLdS;
-          acc_to_smem<kCT>(stage, kLdS, st[0]);
-          syncwarp();
-#pragma unroll
-          for (int kk = 0; kk < kC / 16; ++kk)
-            warp_mma_k16<T, 1, kDT, false, false>(acc_dk, stage + kk * 16, kLdS,
-                                                  sQ + kk * 16 * kLd + d0, kLd, d - d0);
-          syncwarp();
-        }
+        acc_st_x(acc_dk, sQ);  // dK += dS^T Q (scaled at the end)
       }
       __syncthreads();  // every warp is done with this query block's tiles
     }
