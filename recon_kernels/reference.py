@@ -54,6 +54,21 @@ def attention_allowed(
     return allowed
 
 
+def _masked_scores(q, k, mask, key_padding_mask, scale: float, causal: bool):
+    """(q kᵀ·scale (B, H, Nq, Nk) in q's dtype with -inf where a pair may not attend,
+    the allowed-pairs tensor or None)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = attention_allowed(
+        q.shape[-2],
+        k.shape[-2],
+        mask=mask,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        device=q.device,
+    )
+    return (s if allowed is None else s.masked_fill(~allowed, float("-inf"))), allowed
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,17 +83,7 @@ def attention(
     q: (B, H, Nq, D); k, v: (B, H, Nk, D). Returns (B, H, Nq, D).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
-    allowed = attention_allowed(
-        q.shape[-2],
-        k.shape[-2],
-        mask=mask,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        device=q.device,
-    )
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+    s, allowed = _masked_scores(q, k, mask, key_padding_mask, scale, causal)  # (B, H, Nq, Nk)
     p = torch.softmax(s, dim=-1)
     if allowed is not None:
         # fully-masked rows are NaN after softmax: define them as 0 (and 0 gradient)
@@ -106,17 +111,7 @@ def attention_fwd(
     """
     acc = _acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    allowed = attention_allowed(
-        q.shape[-2],
-        k.shape[-2],
-        mask=mask,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        device=q.device,
-    )
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+    s, _ = _masked_scores(qf, kf, mask, key_padding_mask, scale, causal)
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     p = torch.exp(s - lse[..., None])
@@ -140,17 +135,7 @@ def attention_bwd(
     """Eager kernel backward (FlashAttention formulas): returns dq, dk, dv."""
     acc = _acc_dtype(q.dtype)
     qf, kf, vf, of, dof = (t.to(acc) for t in (q, k, v, out, dout))
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    allowed = attention_allowed(
-        q.shape[-2],
-        k.shape[-2],
-        mask=mask,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        device=q.device,
-    )
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+    s, _ = _masked_scores(qf, kf, mask, key_padding_mask, scale, causal)
     p = torch.exp(s - lse.to(acc)[..., None])  # (B, H, Nq, Nk); 0 where masked / empty row
     delta = (dof * of).sum(-1, keepdim=True)  # (B, H, Nq, 1)
     dv = torch.matmul(p.transpose(-1, -2), dof)
