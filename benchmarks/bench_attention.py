@@ -15,7 +15,6 @@ Writes DIR/bench_attention.csv and DIR/bench_attention.md and prints the markdow
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import platform
@@ -26,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import write
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -287,14 +287,14 @@ def main(argv=None) -> int:
         "max_err",
         "error",
     ]
-    with open(os.path.join(args.out, "bench_attention.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    md = header + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n"
-    with open(os.path.join(args.out, "bench_attention.md"), "w") as f:
-        f.write(md)
-    print("\n" + md)
+    # the csv keeps this column order (a row lacks the columns that do not apply to it)
+    rows = [{k: r[k] for k in keys if k in r} for r in rows]
+    write(
+        args.out,
+        "bench_attention",
+        header + "\n" + "\n".join(_fmt_row(r) for r in rows) + "\n",
+        rows,
+    )
     return 0
 
 

@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import logging
 import math
-import os
 import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from _common import write
 
 log = logging.getLogger("bench_hf")
 
@@ -62,19 +61,6 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def _write(out: str, md: str, rows: list[dict]) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_hf.md"), "w") as f:
-        f.write(md)
-    if rows:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(os.path.join(out, "bench_hf.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-    print(md)
 
 
 # --------------------------------------------------------------------------- models
@@ -376,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     if not torch.cuda.is_available():
-        _write(
+        write(
             args.out,
+            "bench_hf",
             "# bench_hf\n\nskipped: no CUDA GPU is visible (this benchmark needs one).\n",
             [],
         )
@@ -387,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
         import triton
     except ImportError as e:
-        _write(args.out, f"# bench_hf\n\nskipped: {e} (pip install transformers peft).\n", [])
+        write(
+            args.out,
+            "bench_hf",
+            f"# bench_hf\n\nskipped: {e} (pip install transformers peft).\n",
+            [],
+        )
         return 0
 
     import recon_kernels as rk
@@ -423,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": backends.resolve(None, device),
     }
     rows = [{**r, **meta} for r in rows]
-    _write(args.out, markdown(header, rows, ops), rows)
+    write(args.out, "bench_hf", markdown(header, rows, ops), rows)
     return 0
 
 

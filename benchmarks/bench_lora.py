@@ -24,7 +24,8 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from bench_mlp import fmt, gpu_header, memory_mb, time_ms, write
+from _common import write
+from bench_mlp import fmt, gpu_header, memory_mb, time_ms
 
 TOKENS = (8192, 32768)
 RANKS = (8, 16, 64)

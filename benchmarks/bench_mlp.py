@@ -17,7 +17,6 @@ autotuning off (the first config that fits).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -26,24 +25,12 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from _common import write
 
 SHAPES = ((768, 3072), (1024, 4096), (4096, 16384))
 TOKENS = (8192, 32768)
 QUICK_SHAPES = ((1024, 4096), (4096, 16384))
 DEVICE = "cuda"  # the measured functions take it from here (a CPU dry run can patch it)
-
-
-def write(out: str, name: str, md: str, rows: list[dict]) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write(md)
-    if rows:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-    print(md)
 
 
 def gpu_header(title: str, quick: bool, extra: list[str]) -> list[str]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
 import math
 import os
@@ -47,6 +46,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from _common import write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from a source checkout
@@ -300,19 +300,6 @@ def markdown(header: list[str], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: str, md: str, rows: list[dict]) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_train.md"), "w") as f:
-        f.write(md)
-    if rows:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(os.path.join(out, "bench_train.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-    print(md)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -360,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         write(
             args.out,
+            "bench_train",
             "# bench_train\n\nskipped: no CUDA GPU is visible (this benchmark needs one; "
             "--device cpu runs a tiny smoke version).\n",
             [],
@@ -431,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
     }
     rows = [{**r, **meta} for r in rows]
-    write(args.out, markdown(header, rows), rows)
+    write(args.out, "bench_train", markdown(header, rows), rows)
     return 0
 
 
