@@ -52,22 +52,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, ROOT)
 
+from recon_kernels.reference import apply_activation  # noqa: E402  (stock torch: F.gelu etc.)
+
 MODELS = ("gpt", "bert", "mae")
 # model -> (preset on GPU, batch on GPU); the CPU smoke run uses "tiny" and batch 4
 SIZES = {"gpt": ("base", 8), "bert": ("base", 16), "mae": ("base", 64)}
 
 
 # --------------------------------------------------------------------------- stock ops
-
-
-def _act(h: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if name == "relu":
-        return F.relu(h)
-    raise ValueError(f"activation: expected gelu, gelu_tanh or relu, got {name!r}")
 
 
 class TorchOps:
@@ -90,7 +82,7 @@ class TorchOps:
 
     @staticmethod
     def conv1d_mlp(x, w1, b1, w2, b2, activation="gelu", backend=None):
-        return F.linear(_act(F.linear(x, w1, b1), activation), w2, b2)
+        return F.linear(apply_activation(F.linear(x, w1, b1), activation), w2, b2)
 
     @staticmethod
     def merge_lora(weight, lora_a, lora_b, scale, backend=None):

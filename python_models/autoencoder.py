@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .blocks import init_weights, make_blocks, patchify, sincos_pos_embed_2d, unpatchify
+from .blocks import init_weights, patchify, sincos_pos_embed_2d, unpatchify
 from .common import ModelConfig, ReconModel
-from .mae import pixel_targets
+from .mae import decoder_stack, pixel_targets
 from .vit import EncoderConfig, ViTEncoder
 
 
@@ -69,20 +69,7 @@ class Autoencoder(ReconModel):
             "decoder_pos_embed",
             sincos_pos_embed_2d(e.grid, config.decoder_dim, cls_token=False)[None],
         )  # (1, L, decoder_dim)
-        self.decoder_blocks = make_blocks(
-            config.decoder_depth,
-            config.decoder_dim,
-            config.decoder_heads,
-            config.decoder_mlp_hidden,
-            pre_norm=True,
-            activation=e.activation,
-            norm_eps=e.norm_eps,
-            dropout=e.dropout,
-            qkv_bias=e.qkv_bias,
-            backend=backend,
-        )
-        self.decoder_norm = nn.LayerNorm(config.decoder_dim, eps=e.norm_eps)
-        self.decoder_pred = nn.Linear(config.decoder_dim, e.patch_dim)
+        self.decoder_blocks, self.decoder_norm, self.decoder_pred = decoder_stack(config, backend)
         for m in (
             self.to_latent,
             self.from_latent,

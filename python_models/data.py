@@ -107,6 +107,19 @@ def default_patch_size(image_size: int) -> int:
     return image_size
 
 
+def _split_images(name, x: np.ndarray, y: np.ndarray, classes, test_fraction: float, seed: int):
+    """ImageData from all images and labels, split train/test stratified by class."""
+    tr, te = _stratified_split(y, test_fraction, seed)
+    return ImageData(
+        name,
+        torch.from_numpy(x[tr]),
+        torch.from_numpy(y[tr]),
+        torch.from_numpy(x[te]),
+        torch.from_numpy(y[te]),
+        classes,
+    )
+
+
 def _stratified_split(
     y: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -157,15 +170,7 @@ def _digits(test_fraction: float, seed: int) -> ImageData:
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8), pixels 0..16
     y = d.target.astype(np.int64)
-    tr, te = _stratified_split(y, test_fraction, seed)
-    return ImageData(
-        "digits",
-        torch.from_numpy(x[tr]),
-        torch.from_numpy(y[tr]),
-        torch.from_numpy(x[te]),
-        torch.from_numpy(y[te]),
-        [str(i) for i in range(10)],
-    )
+    return _split_images("digits", x, y, [str(i) for i in range(10)], test_fraction, seed)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -251,15 +256,7 @@ def _npz(path: str, test_fraction: float, seed: int) -> ImageData:
         y, classes = _labels(z[yk], path)
     if len(x) != len(y):
         raise ValueError(f"data: {len(x)} images but {len(y)} labels in {path}")
-    tr, te = _stratified_split(y, test_fraction, seed)
-    return ImageData(
-        name,
-        torch.from_numpy(x[tr]),
-        torch.from_numpy(y[tr]),
-        torch.from_numpy(x[te]),
-        torch.from_numpy(y[te]),
-        classes,
-    )
+    return _split_images(name, x, y, classes, test_fraction, seed)
 
 
 def _read_folder(root: str) -> tuple[list[np.ndarray], list[str], list[str]]:
@@ -324,15 +321,7 @@ def _image_folder(root: str, test_fraction: float, seed: int) -> ImageData:
         )
     x = _to_float_images(_stack(arrays, files), root)
     y, classes = _labels(np.array(labels), root)
-    tr, te = _stratified_split(y, test_fraction, seed)
-    return ImageData(
-        name,
-        torch.from_numpy(x[tr]),
-        torch.from_numpy(y[tr]),
-        torch.from_numpy(x[te]),
-        torch.from_numpy(y[te]),
-        classes,
-    )
+    return _split_images(name, x, y, classes, test_fraction, seed)
 
 
 def load_images(path: str | None = None, *, test_fraction: float = 0.2, seed: int = 0) -> ImageData:

@@ -84,6 +84,27 @@ def pixel_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     return (patches - mean) / (var + 1.0e-6) ** 0.5
 
 
+def decoder_stack(config, backend: str | None) -> tuple[nn.ModuleList, nn.LayerNorm, nn.Linear]:
+    """The light pre-LN decoder of MAE and the autoencoder: blocks, final LayerNorm, pixel
+    head. config: an MAEConfig or AutoencoderConfig (decoder_* fields and its encoder's
+    activation, eps, dropout, qkv_bias and patch size)."""
+    e = config.encoder
+    blocks = make_blocks(
+        config.decoder_depth,
+        config.decoder_dim,
+        config.decoder_heads,
+        config.decoder_mlp_hidden,
+        pre_norm=True,
+        activation=e.activation,
+        norm_eps=e.norm_eps,
+        dropout=e.dropout,
+        qkv_bias=e.qkv_bias,
+        backend=backend,
+    )
+    norm = nn.LayerNorm(config.decoder_dim, eps=e.norm_eps)
+    return blocks, norm, nn.Linear(config.decoder_dim, e.patch_dim)
+
+
 class MAE(ReconModel):
     """Masked autoencoder over images (B, C, H, W).
 
@@ -103,20 +124,7 @@ class MAE(ReconModel):
         self.register_buffer(
             "decoder_pos_embed", sincos_pos_embed_2d(e.grid, config.decoder_dim)[None]
         )  # (1, L+1, decoder_dim)
-        self.decoder_blocks = make_blocks(
-            config.decoder_depth,
-            config.decoder_dim,
-            config.decoder_heads,
-            config.decoder_mlp_hidden,
-            pre_norm=True,
-            activation=e.activation,
-            norm_eps=e.norm_eps,
-            dropout=e.dropout,
-            qkv_bias=e.qkv_bias,
-            backend=backend,
-        )
-        self.decoder_norm = nn.LayerNorm(config.decoder_dim, eps=e.norm_eps)
-        self.decoder_pred = nn.Linear(config.decoder_dim, e.patch_dim)
+        self.decoder_blocks, self.decoder_norm, self.decoder_pred = decoder_stack(config, backend)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             init_weights(m, linear="xavier")
         nn.init.normal_(self.mask_token, std=0.02)
