@@ -180,7 +180,9 @@ def test_adapters_save_and_load_unchanged(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     files = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "ours").iterdir())
-    for f in files:  # the same bytes
+    for f in files:  # the same bytes (the JSON config is compared parsed, below)
+        if f.endswith(".json"):
+            continue
         assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "ours" / f).read_bytes(), f
     a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ours" / "adapter_model.safetensors")
@@ -188,6 +190,10 @@ def test_adapters_save_and_load_unchanged(tmp_path):
     cfg = [
         json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("plain", "ours")
     ]
+    # peft keeps target_modules as a set and writes it in iteration order, which a
+    # deepcopy (or another hash seed) may change: compare it as a set
+    for c in cfg:
+        c["target_modules"] = sorted(c["target_modules"])
     assert cfg[0] == cfg[1]
 
     torch.manual_seed(0)  # the same random base model as make()
