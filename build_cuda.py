@@ -340,3 +340,25 @@ def cuda_build_config():
     rel = [os.path.relpath(p, HERE).replace(os.sep, "/") for p in (*sources, binding)]
     ext = Extension("recon_kernels._cuda", sources=rel)
     return [ext], {"build_ext": NinjaBuildExt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python build_cuda.py [--archs 90a]``: build the extension and copy it into
+    recon_kernels/ (an in-place build without setuptools, for machines whose setuptools is
+    too old to read pyproject.toml, such as a fixed GPU image)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build recon_kernels._cuda in place")
+    ap.add_argument("--archs", default=None, help=f"SASS targets (default {DEFAULT_ARCHS})")
+    ap.add_argument("--builddir", default=BUILD_DIR)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    built = build_extension(args.builddir, args.archs)
+    dest = os.path.join(HERE, "recon_kernels", os.path.basename(built))
+    shutil.copyfile(built, dest)
+    _log(f"CUDA extension built in {time.time() - t0:.1f} s -> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

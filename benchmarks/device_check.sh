@@ -13,7 +13,7 @@ OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the image's python3 holds torch
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -41,8 +41,9 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to OUT/NAME.log, record status 
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 1. the CUDA extension, built here for Hopper only (fast) into recon_kernels/
-step build 240 env RECON_BUILD_CUDA=1 RECON_CUDA_ARCHS=90a "$PY" setup.py build_ext --inplace
+# 1. the CUDA extension, built here for Hopper only (fast) into recon_kernels/ (without
+#    setuptools: the image's may be too old for pyproject.toml's SPDX license field)
+step build 240 "$PY" build_cuda.py --archs 90a
 # 2. every op x backend vs the float64 reference, plus the short timing table
 step check 180 "$PY" -m recon_kernels check --all-dtypes
 # 3. the numerical tests on the GPU (Triton and CUDA kernels; autotuning off: one config per

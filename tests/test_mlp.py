@@ -396,7 +396,7 @@ def static_jobs(variants: dict) -> list[dict]:
         if i == 0:
             jobs.append(dict(name=name, arch=90, dtype="fp16", block=_GPU_CONFIGS[0], flags=flags))
         if heavy:
-            b = tiles_for_arch(80, flags.get("PRO_ACT", False))[0]
+            b = tiles_for_arch(80, flags.get("PRO_ACT", False), flags.get("HAS_AB2", False))[0]
             jobs.append(dict(name=name, arch=80, dtype="bf16", block=b, flags=flags))
     return jobs
 

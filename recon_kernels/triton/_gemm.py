@@ -111,29 +111,41 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-def _arch_tile(bm: int, bn: int, bk: int, arch: int, pro_act: bool):
+def _arch_tile(bm: int, bn: int, bk: int, arch: int, pro_act: bool, ab2: bool = False):
     """(bm, bn, bk) adjusted for sm_<arch>, or None if unusable. Before Hopper the activation
     prologue keeps the A tile in registers beside the mma.sync accumulator: tiles above
-    128 x 128 or BLOCK_K 64 spill there (see compile_static), so cap them."""
+    128 x 128 or BLOCK_K 64 spill there (see compile_static), so cap them. The LoRA rank-r
+    K-loop (ab2) sits at 255 registers with a 128 x 256 tile on sm_80 (triton 3.6 spills
+    8 bytes there), so it is capped at 128 x 128 too."""
+    if arch < 90 and (pro_act or ab2) and bm * bn > 128 * 128:
+        return None
     if arch < 90 and pro_act:
-        if bm * bn > 128 * 128:
-            return None
         bk = min(bk, 32)
     return bm, bn, bk
 
 
-def tiles_for_arch(arch: int, pro_act: bool) -> list[tuple[int, int, int, int, int]]:
+def tiles_for_arch(
+    arch: int, pro_act: bool, ab2: bool = False
+) -> list[tuple[int, int, int, int, int]]:
     """The _GPU_CONFIGS entries (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) used on sm_<arch>."""
     out = []
     for bm, bn, bk, w, st in _GPU_CONFIGS:
-        t = _arch_tile(bm, bn, bk, arch, pro_act)
+        t = _arch_tile(bm, bn, bk, arch, pro_act, ab2)
         if t is not None:
             out.append((*t, w, st))
     return out
 
 
 def fit_configs(
-    configs, M: int, N: int, K: int, esize: int, *, arch: int = 90, pro_act: bool = False
+    configs,
+    M: int,
+    N: int,
+    K: int,
+    esize: int,
+    *,
+    arch: int = 90,
+    pro_act: bool = False,
+    ab2: bool = False,
 ) -> list[triton.Config]:
     """Shrink each config's tiles to the problem (tiles never exceed the next power of two
     of a dimension), cap fp32 tiles (no tensor cores on the "ieee" path, 4-byte smem),
@@ -143,7 +155,7 @@ def fit_configs(
     out, seen = [], set()
     for c in configs:
         kw = c.kwargs
-        tile = _arch_tile(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], arch, pro_act)
+        tile = _arch_tile(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], arch, pro_act, ab2)
         if tile is None:
             continue
         bm, bn, bk = min(tile[0], p2(M)), min(tile[1], p2(N)), min(tile[2], p2(K))
@@ -190,6 +202,7 @@ def _prune(configs, named_args, **kwargs):
         a.element_size(),
         arch=_arch(a.device.index or 0) if a.device.type == "cuda" else 90,
         pro_act=bool(kwargs.get("PRO_ACT", False)),
+        ab2=bool(kwargs.get("HAS_AB2", False)),
     )
     return kept if autotune_enabled() else kept[:1]
 
