@@ -11,7 +11,9 @@ with a comment per field. ``forward`` returns a NamedTuple whose first field is 
 * ``GPT.forward(idx (B, T) long, targets=None, attention_mask=None)``
   -> ``GPTOutput(loss, logits (B, T, V))``. targets=None trains next-token prediction on
   idx itself (HF ``labels=input_ids``; padding from attention_mask ignored).
-  ``generate(idx, max_new_tokens, temperature=1.0, top_k=None, generator=None)``;
+  ``generate(idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+  use_cache=True)`` (KV-cached decoding; ``hidden_states(idx, kv_cache=model.new_cache())``
+  continues a cache by hand);
   ``features(idx, attention_mask=None)`` -> (B, n_embd) mean of the final states.
 * ``BERT.forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)``
   -> ``BERTOutput(loss or None, logits (B, T, V))``; batches from

@@ -4,6 +4,9 @@
   rk.causal_attention -> output projection.
 * ``MLP``: act(x W1ᵀ + b1) W2ᵀ + b2 as one rk.conv1d_mlp call.
 * ``Block``: pre-LN (GPT-2, ViT, MAE) or post-LN (BERT) residual block.
+* ``KVCache``: keys and values of the tokens already seen, for incremental causal decoding
+  (the new queries attend to the cached keys through rk.causal_attention, whose causal
+  mask is aligned bottom-right, so Nq < Nk needs no offset).
 
 Every linear layer is a plain ``nn.Linear`` attribute, so ``python_models.lora`` can wrap
 any of them in ``rk.nn.LoRALinear`` by name. A LoRA-wrapped ``qkv``/``proj`` runs the fused
@@ -26,11 +29,59 @@ from recon_kernels.nn import LoRALinear
 from recon_kernels.reference import ACTIVATIONS, apply_activation
 
 
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far.
+
+    Buffers (n_layers, B, n_heads, max_len, head_dim) are allocated on the first
+    ``update`` (dtype and device of the first keys). ``length`` tokens are cached; a forward
+    pass writes its T new tokens into every layer with ``update`` and then calls
+    ``advance(T)``.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        if n_layers < 1 or max_len < 1:
+            raise ValueError(
+                f"KVCache: expected n_layers >= 1 and max_len >= 1, got {n_layers}, {max_len}"
+            )
+        self.n_layers, self.max_len, self.length = n_layers, max_len, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_heads, T, head_dim) after the cached tokens of ``layer``; returns
+        that layer's keys and values for all ``length + T`` tokens (strided views)."""
+        B, nh, T, hd = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"kv_cache: {self.length} cached + {T} new tokens exceed max_len={self.max_len}"
+            )
+        if self.k is None:
+            shape = (self.n_layers, B, nh, self.max_len, hd)
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        elif self.k.shape[1:3] != (B, nh) or self.k.shape[-1] != hd:
+            raise ValueError(
+                f"kv_cache: expected keys of shape ({self.k.shape[1]}, {self.k.shape[2]}, T, "
+                f"{self.k.shape[-1]}), got {tuple(k.shape)}"
+            )
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention. x: (B, N, dim) -> (B, N, dim).
 
     key_padding_mask: bool (B, N), True = real token (HF ``attention_mask`` convention).
     causal=True: query i sees keys j <= i (GPT).
+    kv_cache=(cache, layer): causal decoding; x holds only the new tokens, which attend to the
+    cached ones and themselves (no key_padding_mask then).
     """
 
     def __init__(
@@ -52,11 +103,22 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        kv_cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         B, N, E = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)  # (B, N, 3, nh, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd), strided views
+        if kv_cache is not None:
+            if not self.causal or key_padding_mask is not None:
+                raise ValueError(
+                    "kv_cache: expected causal attention without key_padding_mask, got "
+                    f"causal={self.causal}, key_padding_mask "
+                    f"{'given' if key_padding_mask is not None else 'None'}"
+                )
+            k, v = kv_cache[0].update(kv_cache[1], k, v)  # (B, nh, cached + N, hd)
         if self.causal:
             y = rk.causal_attention(
                 q, k, v, key_padding_mask=key_padding_mask, backend=self.backend
@@ -156,12 +218,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        kv_cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask))
+            x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, kv_cache))
             return x + self.drop(self.mlp(self.ln_2(x)))
-        x = self.ln_1(x + self.drop(self.attn(x, key_padding_mask)))
+        x = self.ln_1(x + self.drop(self.attn(x, key_padding_mask, kv_cache)))
         return self.ln_2(x + self.drop(self.mlp(x)))
 
 

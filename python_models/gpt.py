@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import init_weights, make_blocks, patchify, scale_residual_init, unpatchify
+from .blocks import (
+    KVCache,
+    init_weights,
+    make_blocks,
+    patchify,
+    scale_residual_init,
+    unpatchify,
+)
 from .common import IGNORE_INDEX, ModelConfig, ReconModel
 from .mae import pixel_targets
 from .vit import EncoderConfig, ViTEncoder
@@ -76,20 +83,35 @@ class GPT(ReconModel):
         init_weights(self)
         scale_residual_init(self.blocks)
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for ``hidden_states(..., kv_cache=)`` (up to block_size tokens)."""
+        return KVCache(self.config.n_layer, self.config.block_size)
+
     def hidden_states(
-        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """idx (B, T) long -> final hidden states (B, T, n_embd)."""
+        """idx (B, T) long -> final hidden states (B, T, n_embd).
+
+        kv_cache: idx continues the cached tokens (positions start at kv_cache.length); the
+        new keys and values are appended to it. No attention_mask with a cache.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.block_size:
             raise ValueError(
                 f"idx: expected at most block_size={self.config.block_size} tokens, got T={T}"
+                + (f" after {start} cached" if start else "")
             )
         kpm = None if attention_mask is None else attention_mask.bool()
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for blk in self.blocks:
-            x = blk(x, kpm)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, kpm, None if kv_cache is None else (kv_cache, i))
+        if kv_cache is not None:
+            kv_cache.advance(T)
         return self.ln_f(x)
 
     def forward(
@@ -122,17 +144,26 @@ class GPT(ReconModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after idx (B, T) -> (B, T + max_new_tokens).
         temperature 0 is greedy; top_k keeps the k most likely tokens. The context is cropped
-        to the last block_size tokens (no KV cache: small models)."""
+        to the last block_size tokens. use_cache: keep the keys and values of the context
+        (KVCache) so each new token costs one token's forward; once the context fills
+        block_size the window slides (learned absolute positions), which needs a full pass
+        per token, exactly what use_cache=False does at every step."""
         if temperature < 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k: expected None or >= 1, got {top_k}")
+        cache = None
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size :]
-            logits = self.lm_head(self.hidden_states(ctx)[:, -1])  # (B, V)
+            if use_cache and cache is not None and cache.length < self.config.block_size:
+                ctx = idx[:, -1:]  # the cache holds everything before the newest token
+            else:
+                ctx = idx[:, -self.config.block_size :]
+                cache = self.new_cache() if use_cache else None
+            logits = self.lm_head(self.hidden_states(ctx, kv_cache=cache)[:, -1])  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+# third-party import-time warnings (numpy's subnormal notice under flush-to-zero, say) are
+# not the CLI's output: one_line_error judges what recon itself prints
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
 
 
 def recon(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

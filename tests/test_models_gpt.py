@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import kernel_cases
+from conftest import assert_rule, kernel_cases
 from test_models_common import KERNEL_MODULES, assert_kernel_parity, compile_train_step, train_smoke
 
 import python_models as pm
@@ -76,6 +76,56 @@ def test_generate_greedy_and_top_k():
     assert long.shape == (1, 34)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(idx, 1, top_k=0)
+
+
+def test_kv_cache_generate_equals_full_recompute():
+    """Cached decoding (one token per step) picks the tokens that recomputing the whole
+    context picks, also after the context passes block_size (the window then slides and the
+    cache is rebuilt every step); float64 so that no argmax is a near tie."""
+    model = tiny_gpt().double().eval()
+    idx = torch.randint(0, 61, (3, 5), generator=torch.Generator().manual_seed(4))
+    cached = model.generate(idx, 40, temperature=0)  # 45 > block_size=32
+    full = model.generate(idx, 40, temperature=0, use_cache=False)
+    assert torch.equal(cached, full)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = model.generate(idx, 12, temperature=1.3, top_k=5, generator=g1)
+    b = model.generate(idx, 12, temperature=1.3, top_k=5, generator=g2, use_cache=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "backend,device", [pytest.param("eager", "cpu", id="eager-cpu"), *kernel_cases()]
+)
+def test_kv_cache_hidden_states_match_full_pass(backend, device):
+    """Prefill 7 tokens, then 1, 3 and 1 more through the cache (the new queries attend to
+    cached keys: causal_attention with Nq < Nk, aligned bottom-right): every position's
+    hidden state equals the full pass's, under the 2x rule against float64."""
+    torch.manual_seed(0)
+    model = pm.GPT.from_name("tiny", backend=backend, vocab_size=61, block_size=32).eval()
+    model = model.to(device)
+    exact = tiny_gpt().double().eval()
+    idx = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model.hidden_states(idx.to(device))
+        want = exact.hidden_states(idx)
+        cache = model.new_cache()
+        parts = [
+            model.hidden_states(idx[:, a:b].to(device), kv_cache=cache)
+            for a, b in ((0, 7), (7, 8), (8, 11), (11, 12))
+        ]
+    assert cache.length == 12
+    assert_rule("cached hidden states", torch.cat(parts, 1).cpu(), want, full.cpu(), torch.float32)
+    # the cache is causal-only, bounded by block_size, and one batch shape
+    with pytest.raises(ValueError, match="kv_cache: expected causal attention"):
+        model.hidden_states(
+            idx[:, :2].to(device),
+            attention_mask=torch.ones(2, 2, dtype=torch.bool, device=device),
+            kv_cache=cache,
+        )
+    with pytest.raises(ValueError, match="after 12 cached"):
+        model.hidden_states(torch.zeros(2, 21, dtype=torch.long, device=device), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache: expected keys of shape"):
+        model.hidden_states(torch.zeros(3, 1, dtype=torch.long, device=device), kv_cache=cache)
 
 
 def test_block_size_error():
