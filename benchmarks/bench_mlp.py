@@ -87,8 +87,12 @@ def fmt(v, spec=".2f") -> str:
 # --------------------------------------------------------------------------- MLP
 
 
+BOTH = ("fwd", "fwd+bwd")
+
+
 def mlp_impls(shape_idx: int, quick: bool, backends: list[str]):
-    """name -> (forward(x, w1, b1, w2, b2) -> y, activation label, fwd only?)."""
+    """name -> (forward(x, w1, b1, w2, b2) -> y, activation label, modes, Triton dW2 strategy
+    or None)."""
     import recon_kernels as rk
 
     def eager(x, w1, b1, w2, b2):
@@ -99,23 +103,34 @@ def mlp_impls(shape_idx: int, quick: bool, backends: list[str]):
         impls[f"recon-{be}"] = (
             lambda x, w1, b1, w2, b2, be=be: rk.conv1d_mlp(x, w1, b1, w2, b2, backend=be),
             "gelu",
-            False,
+            BOTH,
+            None,
         )
-    impls["eager"] = (eager, "gelu", False)
+    if "triton" in backends:
+        # A/B of the dW2 strategy (recon_kernels/triton/mlp.py): act(h) recomputed on the dW2
+        # GEMM's loads (default, the row above) or stored by the dh GEMM's epilogue
+        impls["recon-triton (dW2 store)"] = (
+            impls["recon-triton"][0],
+            "gelu",
+            ("fwd+bwd",),
+            "store",
+        )
+    impls["eager"] = (eager, "gelu", BOTH, None)
     if not quick or shape_idx == 0:
-        impls["torch.compile"] = (torch.compile(eager, dynamic=False), "gelu", False)
+        impls["torch.compile"] = (torch.compile(eager, dynamic=False), "gelu", BOTH, None)
 
     def addmm_act(x, w1, b1, w2, b2):
         # cuBLASLt epilogue: GEMM + bias + GELU in one call (its GELU is the tanh form)
         return torch.addmm(b2, torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2.t())
 
-    impls["cublaslt-addmm-gelu"] = (addmm_act, "gelu_tanh", True)
+    impls["cublaslt-addmm-gelu"] = (addmm_act, "gelu_tanh", ("fwd",), None)
     impls["recon-triton (tanh)"] = (
         lambda x, w1, b1, w2, b2: rk.conv1d_mlp(
             x, w1, b1, w2, b2, activation="gelu_tanh", backend="triton"
         ),
         "gelu_tanh",
-        True,
+        ("fwd",),
+        None,
     )
     return impls
 
@@ -134,9 +149,10 @@ def bench_mlp(T: int, C: int, H: int, shape_idx: int, quick: bool, backends) -> 
     dy = torch.randn(T, C, device=dev, dtype=dt, generator=g)
     flops_fwd = 4.0 * T * C * H
     rows = []
-    for name, (fn, act, fwd_only) in mlp_impls(shape_idx, quick, backends).items():
-        for mode in ("fwd",) if fwd_only else ("fwd", "fwd+bwd"):
+    for name, (fn, act, modes, strategy) in mlp_impls(shape_idx, quick, backends).items():
+        for mode in modes:
             row = {"impl": name, "activation": act, "T": T, "C": C, "hidden": H, "mode": mode}
+            prev = _set_dw2_strategy(strategy)
             try:
                 if mode == "fwd":
 
@@ -163,8 +179,19 @@ def bench_mlp(T: int, C: int, H: int, shape_idx: int, quick: bool, backends) -> 
             except Exception as e:  # one failing row must not hide the others
                 traceback.print_exc()
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            finally:
+                _set_dw2_strategy(prev)
             rows.append(row)
     return rows
+
+
+def _set_dw2_strategy(strategy: str | None) -> str | None:
+    """Set the Triton MLP's dW2 strategy (None: leave it); returns the one to restore."""
+    if strategy is None:
+        return None
+    from recon_kernels.triton import mlp as triton_mlp
+
+    return triton_mlp.set_dw2_strategy(strategy)
 
 
 def markdown(header: list[str], rows: list[dict]) -> str:
@@ -199,7 +226,10 @@ def markdown(header: list[str], rows: list[dict]) -> str:
         "",
         "saved after fwd: memory the autograd graph holds between forward and backward "
         "(the output y included); peak: above the inputs, during forward + backward. "
-        "cublaslt-addmm-gelu uses the tanh GELU: compare it with recon-triton (tanh).",
+        "cublaslt-addmm-gelu uses the tanh GELU: compare it with recon-triton (tanh). "
+        "recon-triton (dW2 store): the backward stores act(h) from the dh GEMM instead of "
+        "recomputing it on every dW2 tile (RECON_MLP_DW2=store); the faster of the two "
+        "should become the default.",
         "",
     ]
     return "\n".join(lines)

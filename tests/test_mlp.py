@@ -71,6 +71,40 @@ def _run(fn, x, params, dy):
 def test_conv1d_mlp_matches_reference(backend, device, dtype, case):
     """Output and the gradients of x, W1, b1, W2, b2 vs float64; the bound is 2x the error of
     eager PyTorch (reference.conv1d_mlp under autograd) in the same dtype."""
+    check_against_reference(backend, device, dtype, case)
+
+
+@pytest.fixture
+def dw2_store():
+    from recon_kernels.triton import mlp as triton_mlp
+
+    prev = triton_mlp.set_dw2_strategy("store")
+    yield triton_mlp
+    triton_mlp.set_dw2_strategy(prev)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[1:3], ids=[c[0] for c in CASES[1:3]])
+def test_triton_dw2_store_strategy_matches_reference(backend, device, dtype, case, dw2_store):
+    """The "store" strategy (act(h) written by the dh GEMM's epilogue, read by dW2) under the
+    same 2x rule, and its dW2 equal to the default strategy's (same rounding of act(h))."""
+    check_against_reference(backend, device, dtype, case)
+    torch.manual_seed(3)
+    x = torch.randn(37, 40, device=device)
+    w1, b1, w2, b2 = _params(40, 72, 24, True, True, torch.float32, device)
+    _, h = dw2_store.conv1d_mlp_fwd(x, w1, b1, w2, b2, "gelu")
+    dy = torch.randn(37, 24, device=device)
+    stored = dw2_store.conv1d_mlp_bwd(dy, x, w1, w2, h, "gelu", True, True)
+    dw2_store.set_dw2_strategy("recompute")
+    recomputed = dw2_store.conv1d_mlp_bwd(dy, x, w1, w2, h, "gelu", True, True)
+    for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), stored, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="^strategy: expected one of"):
+        dw2_store.set_dw2_strategy("cache")
+
+
+def check_against_reference(backend, device, dtype, case):
     _, shape, hidden, c_out, act, has_b1, has_b2, layout = case
     torch.manual_seed(0)
     x = torch.randn(shape).to(dtype).to(device)
@@ -376,6 +410,8 @@ STATIC_VARIANTS = {
     "fwd_gemm2_bias": (dict(HAS_BIAS=True), False),
     "bwd_dh_dact_db1": (dict(ACT=1, EPI=1, HAS_CSUM=True), True),
     "bwd_dw2_act_prologue": (dict(ACT=1, PRO_ACT=True, contiguous_k=(False, False)), True),
+    # the "store" dW2 strategy: act(h) written beside dh (dW2 is then a plain GEMM)
+    "bwd_dh_dact_db1_store_act": (dict(ACT=1, EPI=1, HAS_CSUM=True, STORE_C2=True), True),
     "bwd_dw1": (dict(contiguous_k=(False, False)), False),
     "bwd_dx": (dict(contiguous_k=(True, False)), False),
 }

@@ -282,7 +282,10 @@ def _epilogue(
     tl.store(c_ptrs, cast_rne(acc, C.dtype.element_ty, UPCAST), mask=c_ok)
     if STORE_C2:
         c2_ptrs = C2 + (om64 * sc2m + on64 * sc2n) + (lm[:, None] * sc2m + ln[None, :] * sc2n)
-        c2 = cast_rne(activate(acc, ACT) * alpha2, C2.dtype.element_ty, UPCAST)
+        if EPI == 1:  # MLP backward: act(h) beside dh, for dW2 (the "store" strategy)
+            c2 = cast_rne(activate(z, ACT) * alpha2, C2.dtype.element_ty, UPCAST)
+        else:
+            c2 = cast_rne(activate(acc, ACT) * alpha2, C2.dtype.element_ty, UPCAST)
         tl.store(c2_ptrs, c2, mask=c_ok)
     if HAS_CSUM:
         colsum = tl.sum(tl.where(c_ok, acc, 0.0), axis=0)
@@ -700,7 +703,7 @@ def gemm(
 
     a: (M, K), b: (K, N), out: (M, N), any strides (views of transposes are fine).
     ab2: (a2 (M, R), b2 (R, N)). z: (M, N) for ``epi``. c2: (M, N) receives
-    alpha2 · act(out). split_k=None picks it (only for plain GEMMs: no epilogue but alpha).
+    alpha2 · act(out), or alpha2 · act(z) with ``epi=EPI_DACT``. split_k=None picks it (only for plain GEMMs: no epilogue but alpha).
     ``tune=False`` launches one fixed config (never re-runs the kernel: safe in place).
     """
     M, K = a.shape

@@ -8,20 +8,47 @@ Backward (4 launches + a cheap db2 reduction)
     dh = (dy W2) ⊙ act'(h)         act' in the epilogue (h loaded there); db1 = Σ_rows dh
                                    fused as per-block column sums of the fp32 tile
     dW2ᵀ = act(h)ᵀ dy              act recomputed on the A tiles as h is loaded: act(h) is
-                                   never materialised in backward
+                                   never materialised in backward (strategy "recompute")
     dW1 = dhᵀ x,  dx = dh W1       plain GEMMs through strides
     db2 = Σ_rows dy                torch reduction (reads dy once, fp32 accumulation)
 
 Saved for backward: x and h only (eager autograd of Linear-act-Linear keeps h and act(h)).
 All GEMMs accumulate in fp32; outputs are in the input dtype.
+
+dW2 strategy (``RECON_MLP_DW2`` or ``set_dw2_strategy``), an A/B switch for the benchmark:
+"recompute" (default) evaluates act on every A tile of the dW2 GEMM, once per column block
+of dW2 (C_out / BLOCK_N times per element: CUDA-core work beside the tensor cores; erf-GELU
+is the costly one); "store" has the dh GEMM's epilogue, which evaluates the activation's
+derivative anyway, write act(h) to a transient (M, hidden) buffer that the dW2 GEMM reads
+(the CUDA backend's choice): 4 more bytes of traffic per element instead of the ALU work.
+The gradients are identical up to rounding order (act(h) rounded once to the input dtype
+either way).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ._common import check_dtype
 from ._gemm import EPI_DACT, gemm
+
+
+DW2_STRATEGIES = ("recompute", "store")
+_dw2_strategy = os.environ.get("RECON_MLP_DW2", "recompute")
+if _dw2_strategy not in DW2_STRATEGIES:
+    raise ValueError(f"RECON_MLP_DW2: expected one of {DW2_STRATEGIES}, got {_dw2_strategy!r}")
+
+
+def set_dw2_strategy(strategy: str) -> str:
+    """Select how the backward gets act(h) for dW2 (see the module docstring); returns the
+    previous strategy."""
+    global _dw2_strategy
+    if strategy not in DW2_STRATEGIES:
+        raise ValueError(f"strategy: expected one of {DW2_STRATEGIES}, got {strategy!r}")
+    prev, _dw2_strategy = _dw2_strategy, strategy
+    return prev
 
 
 def conv1d_mlp_fwd(
@@ -79,9 +106,14 @@ def conv1d_mlp_bwd(
             z(c_out, w2) if has_b2 else None,
         )
     dh = torch.empty((M, hidden), dtype=dt, device=dev)
-    db1 = gemm(dy, w2, dh, epi=EPI_DACT, z=h, act=act, colsum=has_b1)
+    store = needs_dw and _dw2_strategy == "store"
+    a = torch.empty_like(dh) if store else None  # act(h), freed when this returns
+    db1 = gemm(dy, w2, dh, epi=EPI_DACT, z=h, act=act, c2=a, colsum=has_b1)
     if needs_dw:
-        gemm(h.t(), dy, dw2.t(), act=act, pro_act=True)  # dW2ᵀ = act(h)ᵀ dy
+        if store:
+            gemm(a.t(), dy, dw2.t())  # dW2ᵀ = act(h)ᵀ dy
+        else:
+            gemm(h.t(), dy, dw2.t(), act=act, pro_act=True)  # act recomputed on load
         gemm(dh.t(), x, dw1)
     gemm(dh, w1, dx)
     db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype) if has_b2 else None
