@@ -60,7 +60,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def attention_case(device, dtype, B, H, NQ, NK, D, mode, public: bool) -> None:
+def attention_case(
+    device, dtype, B, H, NQ, NK, D, mode, dropout_p: float = 0.0, *, public: bool
+) -> None:
     q, k, v, do = (
         rand(*s, seed=i)
         for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
@@ -74,14 +76,17 @@ def attention_case(device, dtype, B, H, NQ, NK, D, mode, public: bool) -> None:
         mask = torch.rand(1, H, NQ, NK, generator=g) > 0.25
     causal = "causal" in mode
     scale = D**-0.5
-    ro, rl = R.attention_fwd(q, k, v, mask, kpm, scale, causal)
-    rg = R.attention_bwd(do, q, k, v, ro, rl, mask, kpm, scale, causal)
+    drop = (dropout_p, 1234)  # the kernels draw reference.dropout_keep's mask
+    ro, rl = R.attention_fwd(q, k, v, mask, kpm, scale, causal, *drop)
+    rg = R.attention_bwd(do, q, k, v, ro, rl, mask, kpm, scale, causal, *drop)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     qd, kd, vd, dod = (t.to(device=device, dtype=dtype) for t in (q, k, v, do))
-    out, lse = rkcuda.attention_fwd(qd, kd, vd, to(mask), to(kpm), scale, causal)
-    grads = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, to(mask), to(kpm), scale, causal)
+    out, lse = rkcuda.attention_fwd(qd, kd, vd, to(mask), to(kpm), scale, causal, *drop)
+    grads = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, to(mask), to(kpm), scale, causal, *drop)
     sync(device)
     label = f"attention {str(dtype)[6:]} {B}x{H}x{NQ}x{NK}x{D} {mode}"
+    if dropout_p:
+        label += f" drop={dropout_p}"
     errs = [check(f"{label} out", out, ro, dtype)]
     errs += [check(f"{label} {n}", a, b, dtype) for n, a, b in zip(("dq", "dk", "dv"), grads, rg)]
     if public:  # the registered op + autograd path, once
@@ -97,7 +102,7 @@ def attention_case(device, dtype, B, H, NQ, NK, D, mode, public: bool) -> None:
         o.backward(dod)
         sync(device)
         errs.append(check(f"{label} op dq", qs.grad, rg[0], dtype))
-    print(f"{label:48s} {' '.join(errs)}", flush=True)
+    print(f"{label:56s} {' '.join(errs)}", flush=True)
 
 
 def mlp_case(device, dtype, M, C, Hd, Co, act, bias: bool, public: bool) -> None:
@@ -127,7 +132,7 @@ def mlp_case(device, dtype, M, C, Hd, Co, act, bias: bool, public: bool) -> None
         rk.conv1d_mlp(xs, w1d, b1d, w2d, b2d, activation=act, backend="cuda").backward(dyd)
         sync(device)
         errs.append(check(f"{label} op dx", xs.grad, rg[0], dtype))
-    print(f"{label:48s} {' '.join(e for e in errs if e)}", flush=True)
+    print(f"{label:56s} {' '.join(e for e in errs if e)}", flush=True)
 
 
 def lora_case(device, dtype, M, In, Out, r, scale, bias: bool, public: bool) -> None:
@@ -156,7 +161,7 @@ def lora_case(device, dtype, M, In, Out, r, scale, bias: bool, public: bool) -> 
         rk.merge_lora(wd, ad, bd, scale, backend="cuda")
         sync(device)
         errs.append(check(f"{label} op dx", xs.grad, rg[0], dtype))
-    print(f"{label:48s} {' '.join(e for e in errs if e)}", flush=True)
+    print(f"{label:56s} {' '.join(e for e in errs if e)}", flush=True)
 
 
 def load_emulator():
@@ -188,16 +193,18 @@ def main() -> int:
         ctx = contextlib.nullcontext()
         device = torch.device("cuda")
     public = not args.emulate and not args.quick  # the op + autograd path: full pass only
-    # (B, H, Nq, Nk, D, mask mode): every head-dim bucket, partial tiles, Nq != Nk
+    # (B, H, Nq, Nk, D, mask mode[, dropout_p]): every head-dim bucket, partial tiles,
+    # Nq != Nk, attention dropout
     attn = [
         (2, 2, 37, 45, 40, "mask_kpm"),
         (1, 2, 70, 33, 128, "causal"),
         (2, 1, 19, 77, 200, "causal_kpm"),
+        (2, 2, 37, 100, 72, "causal_kpm", 0.1),
     ]
     mlp = [(37, 40, 72, 24, "gelu", True), (130, 59, 136, 33, "gelu_tanh", False)]
     lora = [(37, 48, 20, 4, 0.5, True), (130, 40, 136, 3, 2.0, False)]
     if args.quick:
-        attn, mlp, lora = attn[:1] + attn[2:], mlp[:1], lora[:1]
+        attn, mlp, lora = attn[:1] + attn[2:], mlp[:1], lora[:1]  # keeps the dropout case
     t0 = time.time()
     with ctx:
         for dtype in DTYPES:

@@ -139,17 +139,20 @@ def attention_cases():
     for dt in ("bf16", "fp16"):
         p = TL_DTYPE[dt]
         for d, nq in ((64, 512), (128, 8192), (256, 1024)):
-            for causal, kpm, mask in (
-                (False, False, False),
-                (True, False, False),
-                (False, True, False),
-                (False, False, True),
+            for causal, kpm, mask, drop in (
+                (False, False, False, False),
+                (True, False, False, False),
+                (False, True, False, False),
+                (False, False, True, False),
+                (True, False, False, True),  # attention dropout (training GPT / BERT)
+                (False, True, False, True),
             ):
                 flags = dict(
                     BLOCK_D=d,
                     HAS_MASK=mask,
                     HAS_KPM=kpm,
                     CAUSAL=causal,
+                    DROPOUT=drop,
                     PRECISION="ieee",
                     UPCAST=False,
                 )
@@ -175,12 +178,20 @@ def attention_cases():
                         "KVHI": "*i32",
                         **extra_ptrs,
                     }
-                    named = {"NQ": nq, "NK": nq, "BLOCK_D": d, "HAS_MASK": mask, "HAS_KPM": kpm}
+                    named = {
+                        "NQ": nq,
+                        "NK": nq,
+                        "BLOCK_D": d,
+                        "HAS_MASK": mask,
+                        "HAS_KPM": kpm,
+                        "DROPOUT": drop,
+                    }
                     configs = A._pruner(kname)(kern.configs, named)
                     for c in configs:
                         const = {**flags, **c.kwargs}
                         tag = (
                             f"{kname} {dt} D={d} N={nq} causal={int(causal)} kpm={int(kpm)} mask={int(mask)} "
+                            f"drop={int(drop)} "
                             f"BM={c.kwargs['BLOCK_M']} BN={c.kwargs['BLOCK_N']} w={c.num_warps} s={c.num_stages}"
                         )
                         cases.append(
@@ -191,7 +202,7 @@ def attention_cases():
                                 const,
                                 c.num_warps,
                                 c.num_stages,
-                                ("qk_scale", "sm_scale"),
+                                ("qk_scale", "sm_scale", "drop_scale"),
                                 _attn_ints(nq, d),
                             )
                         )

@@ -5,6 +5,12 @@
 //   dQ = scale * dS K                                      (one block per query block)
 // The dK/dV pass works on transposed tiles (rows = keys) so that P^T and dS^T are already in
 // the accumulator layout that the next product takes as its A operand.
+//
+// Dropout (drop_threshold > 0; Z = keep / (1 - p), the forward's mask): dV = (P o Z)^T dO,
+// dP = (dO V^T) o Z, dS = P o (dP - delta) (delta = rowsum(dO o O) still). The dK/dV pass
+// marks a dropped P^T entry by negating it (P >= 0, so the sign carries the mask and no
+// extra register is live across the dV product): dV takes max(P^T, 0) and is scaled by
+// 1 / (1 - p) at the end, dS^T takes |P^T|.
 #include "attention_common.cuh"
 
 namespace rk {
@@ -61,6 +67,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
   const float* lse = reinterpret_cast<const float*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
   const float* delta = reinterpret_cast<const float*>(p.delta) + bh * p.nq;
   const MaskView mv = make_mask_view(p, b, h);
+  const DropoutView drop = make_dropout_view(p, bh);
   const int d = p.d;
   const float sl2 = p.scale * kLog2e;
 
@@ -134,21 +141,38 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
           st[0][ci][e] = ok ? exp2f(fmaf(st[0][ci][e], sl2, -sLse[qc])) : 0.0f;  // P^T
         }
       }
+      if (drop.on()) {  // dropped: -P^T (query m0 + qc, key key0 (+ 8))
+#pragma unroll
+        for (int ci = 0; ci < kCT; ++ci) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (!drop.keep(m0 + ci * 8 + 2 * t + (e & 1), key0 + (e >> 1) * 8))
+              st[0][ci][e] = -st[0][ci][e];
+          }
+        }
+      }
 
       // acc (this warp's 16 keys x the columns [d0, d0 + kAccD)) += st (its 16 x kC tile of
-      // P^T or dS^T) times X (kC queries x D in shared memory): A straight from registers on
-      // the tensor-core path, else staged through shared memory.
-      auto acc_st_x = [&](auto& acc, const T* sX) {
+      // P^T or dS^T; max(st, 0) with `pos`, the kept P^T under dropout) times X (kC queries
+      // x D in shared memory): A straight from registers on the tensor-core path, else
+      // staged through shared memory.
+      auto acc_st_x = [&](auto& acc, const T* sX, bool pos) {
         if constexpr (Cfg::kTC) {
 #pragma unroll
           for (int kk = 0; kk < kC / 16; ++kk) {
             uint32_t a[4];
-            acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
+            if (pos)
+              acc_to_a_frag_pos<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
+            else
+              acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
             warp_mma_k16_regA<T, kDT>(acc[0], a, sX + kk * 16 * kLd + d0, kLd, d - d0);
           }
         } else {
           float* stage = sStage + warp * 16 * kLdS;
-          acc_to_smem<kCT>(stage, kLdS, st[0]);
+          if (pos)
+            acc_to_smem_pos<kCT>(stage, kLdS, st[0]);
+          else
+            acc_to_smem<kCT>(stage, kLdS, st[0]);
           syncwarp();
 #pragma unroll
           for (int kk = 0; kk < kC / 16; ++kk)
@@ -157,7 +181,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
           syncwarp();
         }
       };
-      if constexpr (kDV) acc_st_x(acc_dv, sdO);  // dV += P^T dO
+      if constexpr (kDV) acc_st_x(acc_dv, sdO, drop.on());  // dV += (P o keep)^T dO
       if constexpr (kDK) {
         // dP^T = V dO^T, dS^T = P^T o (dP^T - delta)
         float dpt[1][kCT][4];
@@ -168,13 +192,25 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
             warp_mma_k16<T, 1, kCT, false, true>(dpt, sV + warp * 16 * kLd + kk * 16, kLd,
                                                  sdO + kk * 16, kLd, kC);
         }
+        if (drop.on()) {  // dS^T = |P^T| o ((kept ? dP^T / (1 - p) : 0) - delta)
 #pragma unroll
-        for (int ci = 0; ci < kCT; ++ci) {
+          for (int ci = 0; ci < kCT; ++ci) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            st[0][ci][e] *= dpt[0][ci][e] - sDelta[ci * 8 + 2 * t + (e & 1)];
+            for (int e = 0; e < 4; ++e) {
+              const float pt = st[0][ci][e];
+              const float dz = pt > 0.0f ? dpt[0][ci][e] * drop.scale : 0.0f;
+              st[0][ci][e] = fabsf(pt) * (dz - sDelta[ci * 8 + 2 * t + (e & 1)]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int ci = 0; ci < kCT; ++ci) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              st[0][ci][e] *= dpt[0][ci][e] - sDelta[ci * 8 + 2 * t + (e & 1)];
+          }
         }
-        acc_st_x(acc_dk, sQ);  // dK += dS^T Q (scaled at the end)
+        acc_st_x(acc_dk, sQ, false);  // dK += dS^T Q (scaled at the end)
       }
       __syncthreads();  // every warp is done with this query block's tiles
     }
@@ -186,12 +222,13 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
   T* dv = reinterpret_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
   const bool dk_pair = (reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(T)) == 0) && p.dk_sm % 2 == 0;
   const bool dv_pair = (reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(T)) == 0) && p.dv_sm % 2 == 0;
+  const float dv_scale = drop.on() ? drop.scale : 1.0f;
   for (int d0 = 0; d0 < d; d0 += Cfg::kAccD) {
     if constexpr (Cfg::kTwoPass) {
       float acc[1][kDT][4];
       zero(acc);
       sweep(std::true_type{}, std::false_type{}, acc, acc, d0);
-      store_rows<T, kDT>(dv + d0, p.dv_sm, key0, p.nk, d - d0, acc, 1.0f, 1.0f, dv_pair);
+      store_rows<T, kDT>(dv + d0, p.dv_sm, key0, p.nk, d - d0, acc, dv_scale, dv_scale, dv_pair);
       zero(acc);
       sweep(std::false_type{}, std::true_type{}, acc, acc, d0);
       store_rows<T, kDT>(dk + d0, p.dk_sm, key0, p.nk, d - d0, acc, p.scale, p.scale, dk_pair);
@@ -200,7 +237,8 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
       zero(acc_dv);
       zero(acc_dk);
       sweep(std::true_type{}, std::true_type{}, acc_dv, acc_dk, d0);
-      store_rows<T, kDT>(dv + d0, p.dv_sm, key0, p.nk, d - d0, acc_dv, 1.0f, 1.0f, dv_pair);
+      store_rows<T, kDT>(dv + d0, p.dv_sm, key0, p.nk, d - d0, acc_dv, dv_scale, dv_scale,
+                         dv_pair);
       store_rows<T, kDT>(dk + d0, p.dk_sm, key0, p.nk, d - d0, acc_dk, p.scale, p.scale,
                          dk_pair);
     }
@@ -239,6 +277,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, false>::kThreads, 1)
   const float* lse = reinterpret_cast<const float*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
   const float* delta = reinterpret_cast<const float*>(p.delta) + bh * p.nq;
   const MaskView mv = make_mask_view(p, b, h);
+  const DropoutView drop = make_dropout_view(p, bh);
   const int d = p.d;
   const float sl2 = p.scale * kLog2e;
 
@@ -322,6 +361,16 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, false>::kThreads, 1)
         if (kk * 16 < d)
           warp_mma_k16<T, 1, kCT, false, true>(dp, sdO + warp * 16 * kLd + kk * 16, kLd,
                                                sV + kk * 16, kLd, kC);
+      }
+      if (drop.on()) {  // dP o Z
+#pragma unroll
+        for (int ni = 0; ni < kCT; ++ni) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool kept = drop.keep(row0 + (e >> 1) * 8, n0 + ni * 8 + 2 * t + (e & 1));
+            dp[0][ni][e] = kept ? dp[0][ni][e] * drop.scale : 0.0f;
+          }
+        }
       }
 #pragma unroll
       for (int ni = 0; ni < kCT; ++ni) {

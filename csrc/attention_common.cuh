@@ -89,12 +89,70 @@ RK_DEVICE MaskView make_mask_view(const AttnArgs& p, int64_t b, int64_t h) {
   return mv;
 }
 
+// Attention dropout: the keep mask is a counter-based hash of (batch, head, query, key),
+// the one of recon_kernels/reference.py (dropout_keep), so no RNG state is carried and the
+// forward and both backward kernels draw the same mask:
+//   key(b, h) = mix32(seed + (b * H + h) * 0x9E3779B9), r = mix32((i * Nk + j) ^ key),
+//   keep <=> (r >> 8) >= threshold (threshold = round(p * 2^24); 0 means no dropout).
+RK_DEVICE uint32_t mix32(uint32_t x) {  // lowbias32
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct DropoutView {
+  uint32_t key, nk, threshold;
+  float scale;  // 1 / (1 - p), applied to the kept probabilities
+
+  RK_DEVICE bool on() const { return threshold != 0; }  // uniform over the grid
+  // i: query row, j: key column (any ints: padding rows/columns hash too, harmlessly)
+  RK_DEVICE bool keep(int i, int j) const {
+    return (mix32((static_cast<uint32_t>(i) * nk + static_cast<uint32_t>(j)) ^ key) >> 8) >=
+           threshold;
+  }
+};
+
+RK_DEVICE DropoutView make_dropout_view(const AttnArgs& p, int64_t bh) {
+  DropoutView dv;
+  dv.key = mix32(p.drop_seed + static_cast<uint32_t>(bh) * 0x9E3779B9u);
+  dv.nk = static_cast<uint32_t>(p.nk);
+  dv.threshold = p.drop_threshold;
+  dv.scale = p.drop_scale;
+  return dv;
+}
+
 template <int N>
 RK_DEVICE void zero(float (&acc)[1][N][4]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[0][i][e] = 0.0f;
+  }
+}
+
+// acc_to_a_frag / acc_to_smem of max(acc, 0): the kept entries of a P tile whose dropped
+// entries are negated (the dK/dV backward's dropout encoding).
+template <class T>
+RK_DEVICE void acc_to_a_frag_pos(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(fmaxf(c0[0], 0.0f), fmaxf(c0[1], 0.0f));
+  a[1] = pack2<T>(fmaxf(c0[2], 0.0f), fmaxf(c0[3], 0.0f));
+  a[2] = pack2<T>(fmaxf(c1[0], 0.0f), fmaxf(c1[1], 0.0f));
+  a[3] = pack2<T>(fmaxf(c1[2], 0.0f), fmaxf(c1[3], 0.0f));
+}
+template <int NT>
+RK_DEVICE void acc_to_smem_pos(float* s, int ld, const float (&acc)[NT][4]) {
+  const int lane = lane_id();
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int ni = 0; ni < NT; ++ni) {
+    const int c = ni * 8 + 2 * t;
+    s[g * ld + c] = fmaxf(acc[ni][0], 0.0f);
+    s[g * ld + c + 1] = fmaxf(acc[ni][1], 0.0f);
+    s[(g + 8) * ld + c] = fmaxf(acc[ni][2], 0.0f);
+    s[(g + 8) * ld + c + 1] = fmaxf(acc[ni][3], 0.0f);
   }
 }
 
@@ -152,6 +210,11 @@ inline std::string check_attn_common(const AttnArgs& a) {
   if (a.d < 1 || a.d > 256)
     return "attention: head dim D must be in [1, 256], got " + std::to_string(a.d);
   if (!std::isfinite(a.scale)) return "attention: scale must be finite";
+  if (a.drop_threshold > (1u << 24))
+    return "attention: drop_threshold must be in [0, 2^24], got " +
+           std::to_string(a.drop_threshold);
+  if (!std::isfinite(a.drop_scale) || a.drop_scale < 1.0f)
+    return "attention: drop_scale (1 / (1 - dropout_p)) must be finite and >= 1";
   return "";
 }
 

@@ -8,6 +8,9 @@
 //
 // Saves lse (natural log, float32) for backward; rows with no allowed key get O = 0 and
 // lse = +inf (exp(s - lse) = 0 there in backward: zero gradient, never NaN).
+//
+// Dropout (drop_threshold > 0): the running sum l takes every probability (lse is the
+// undropped one), the P V product only the kept ones; 1 / (1 - p) joins the final 1 / l.
 #include "attention_common.cuh"
 
 namespace rk {
@@ -37,6 +40,7 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
   const T* k = reinterpret_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* v = reinterpret_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
   const MaskView mv = make_mask_view(p, b, h);
+  const DropoutView drop = make_dropout_view(p, bh);
   const int d = p.d;
 
   // Keys past the causal diagonal of the block's last row are never visited.
@@ -112,6 +116,15 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
         l_run[e >> 1] += pe;
       }
     }
+    if (drop.on()) {
+#pragma unroll
+      for (int ni = 0; ni < kNT; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!drop.keep(row0 + (e >> 1) * 8, n0 + ni * 8 + 2 * t + (e & 1))) s[0][ni][e] = 0.0f;
+        }
+      }
+    }
 
     cp_async_wait<0>();  // V_j has landed
     __syncthreads();     // ... and every warp is done with K_j: refill it
@@ -149,6 +162,7 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
     const float l = quad_sum(l_run[i]);
     // l == 0 exactly when no key was allowed (otherwise the max contributes 2^0 = 1)
     inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
+    if (drop.on()) inv[i] *= drop.scale;
     lse[i] = l > 0.0f ? (m_run[i] + log2f(l)) * kLn2 : INFINITY;
   }
   T* o = reinterpret_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;

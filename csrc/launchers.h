@@ -21,6 +21,9 @@
 // dk/dv like k (all with unit stride in D); lse float32 (B, H, Nq) through strides; delta a
 // contiguous float32 (B, H, Nq) workspace; mask uint8 (B, H, Nq, Nk) through strides (0 on
 // broadcast dims); kpm uint8 (B, Nk). Absent masks: pointer 0. scale multiplies q k^T.
+// Dropout of the attention probabilities (recon_kernels/reference.py, dropout_keep):
+// drop_threshold = round(p * 2^24) in [0, 2^24] (0: no dropout), drop_seed the uint32 seed,
+// drop_scale = 1 / (1 - p).
 #define RK_ATTN_FIELDS(X)                                                                  \
   X(uint64_t, q, 0) X(uint64_t, k, 0) X(uint64_t, v, 0) X(uint64_t, o, 0)                  \
   X(uint64_t, lse, 0) X(uint64_t, dout, 0) X(uint64_t, delta, 0) X(uint64_t, dq, 0)        \
@@ -37,7 +40,8 @@
   X(int64_t, m_sb, 0) X(int64_t, m_sh, 0) X(int64_t, m_sm, 0) X(int64_t, m_sn, 0)          \
   X(int64_t, kpm_sb, 0) X(int64_t, kpm_sn, 0)                                              \
   X(int, b, 0) X(int, h, 0) X(int, nq, 0) X(int, nk, 0) X(int, d, 0)                       \
-  X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)
+  X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
+  X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))

@@ -23,6 +23,8 @@ from types import ModuleType
 
 import torch
 
+from recon_kernels.reference import dropout_threshold
+
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
 
@@ -224,6 +226,22 @@ def _attn_common(args, q, k, mask, key_padding_mask, scale, causal) -> list[torc
     return keep
 
 
+def _attn_dropout(dropout_p: float, seed: int) -> dict[str, int | float]:
+    """AttnArgs dropout fields: the 24-bit threshold (0: off), the uint32 seed and
+    1 / (1 - p); the kernels draw the keep mask of ``reference.dropout_keep`` from them."""
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}") from e
+    if not 0.0 <= p < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p!r}")
+    return {
+        "drop_threshold": dropout_threshold(p),
+        "drop_seed": int(seed) & 0xFFFFFFFF,
+        "drop_scale": 1.0 / (1.0 - p),
+    }
+
+
 def _check_attn(q, k, v) -> None:
     _check("q", q, ndim=4)
     _check("k", k, q, ndim=4)
@@ -249,18 +267,23 @@ def attention_fwd(
     key_padding_mask: torch.Tensor | None,
     scale: float,
     causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Nq, D), k/v (B, H, Nk, D) -> (out (B, H, Nq, D) in q.dtype, stored
     (B, Nq, H, D)-contiguous like every backend's (ops.attention.new_output), lse (B, H, Nq)
-    float32: natural log-sum-exp, +inf on rows with no allowed key)."""
+    float32: natural log-sum-exp, +inf on rows with no allowed key). dropout_p > 0 drops
+    the probabilities of ``reference.dropout_keep(seed, ...)`` (lse stays the undropped one)."""
+    drop = _attn_dropout(dropout_p, seed)
     _check_attn(q, k, v)
     ext = _ext()
+    args = ext.AttnArgs()
+    _put(args, **drop)
     B, H, NQ, D = q.shape
     q_, k_, v_ = _aligned(q), _aligned(k), _aligned(v)
     # the kernel writes through strides: (B, Nq, H, D) storage seen as (B, H, Nq, D)
     out = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    args = ext.AttnArgs()
     for prefix, t in (("q", q_), ("k", k_), ("v", v_), ("o", out)):
         _attn_operand(args, prefix, t)
     sb, sh, sm = _strides(lse)
@@ -282,8 +305,12 @@ def attention_bwd(
     key_padding_mask: torch.Tensor | None,
     scale: float,
     causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward."""
+    """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward;
+    dropout_p and seed: the forward's (the same keep mask is drawn again)."""
+    drop = _attn_dropout(dropout_p, seed)
     _check_attn(q, k, v)
     _check("dout", dout, q, ndim=4)
     _check("out", out, q, ndim=4)
@@ -298,6 +325,8 @@ def attention_bwd(
     if tuple(lse.shape) != (B, H, NQ):
         raise ValueError(f"lse: expected shape ({B}, {H}, {NQ}), got {tuple(lse.shape)}")
     ext = _ext()
+    args = ext.AttnArgs()
+    _put(args, **drop)
     lse = lse.float()
     q_, k_, v_, do_ = _aligned(q), _aligned(k), _aligned(v), _aligned(dout)
     out_ = _unit_last(out)
@@ -305,7 +334,6 @@ def attention_bwd(
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=q.device)
-    args = ext.AttnArgs()
     for prefix, t in (
         ("q", q_),
         ("k", k_),

@@ -54,6 +54,44 @@ def attention_allowed(
     return allowed
 
 
+# Attention dropout. Every backend draws the same keep mask from a counter-based hash, so
+# the kernels are testable against this reference bit for bit (no RNG state involved):
+#   mix32(x): x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+#             (all uint32, multiplications wrap)
+#   key(b, h) = mix32(seed + (b * H + h) * 0x9E3779B9)      seed: uint32
+#   r(b, h, i, j) = mix32((i * Nk + j) ^ key(b, h))          i: query row, j: key column
+#   keep  <=>  (r >> 8) >= threshold,  threshold = round(dropout_p * 2^24)
+# Kept probabilities are scaled by 1 / (1 - dropout_p); lse stays the undropped one.
+_M32 = 0xFFFFFFFF
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 24-bit integer threshold that stands for dropout_p (0 means no dropout)."""
+    return min(1 << 24, max(0, round(dropout_p * (1 << 24))))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values (products wrap mod 2^64, and the
+    low 32 bits are what the uint32 arithmetic of the kernels keeps)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(
+    seed: int, B: int, H: int, nq: int, nk: int, dropout_p: float, device=None
+) -> torch.Tensor:
+    """Boolean (B, H, Nq, Nk): which attention probabilities survive dropout."""
+    bh = torch.arange(B * H, dtype=torch.int64, device=device)
+    key = _mix32((seed + bh * 0x9E3779B9) & _M32).view(B, H, 1, 1)
+    i = torch.arange(nq, dtype=torch.int64, device=device)[:, None]
+    j = torch.arange(nk, dtype=torch.int64, device=device)[None, :]
+    r = _mix32(((i * nk + j) & _M32) ^ key)
+    return (r >> 8) >= dropout_threshold(dropout_p)
+
+
 def _masked_scores(q, k, mask, key_padding_mask, scale: float, causal: bool):
     """(q kᵀ·scale (B, H, Nq, Nk) in q's dtype with -inf where a pair may not attend,
     the allowed-pairs tensor or None)."""
@@ -77,8 +115,12 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale + mask) v in the input dtype; rows with no allowed key give 0.
+    dropout_p > 0: the probabilities dropped by ``dropout_keep(seed, ...)`` are zeroed and
+    the kept ones scaled by 1 / (1 - dropout_p).
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D). Returns (B, H, Nq, D).
     """
@@ -88,11 +130,24 @@ def attention(
     if allowed is not None:
         # fully-masked rows are NaN after softmax: define them as 0 (and 0 gradient)
         p = torch.where(allowed.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype))
+    if dropout_p > 0:
+        B, H, NQ, NK = p.shape[0], p.shape[1], p.shape[2], p.shape[3]
+        keep = dropout_keep(seed, B, H, NQ, NK, dropout_p, p.device)
+        p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros((), dtype=p.dtype))
     return torch.matmul(p, v)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """x (B, H, Nq, Nk) with the dropped entries zeroed and the kept ones / (1 - p)."""
+    if dropout_p <= 0:
+        return x
+    B, H, NQ, NK = x.shape
+    keep = dropout_keep(seed, B, H, NQ, NK, dropout_p, x.device)
+    return torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype))
 
 
 def attention_fwd(
@@ -103,18 +158,20 @@ def attention_fwd(
     key_padding_mask: torch.Tensor | None,
     scale: float,
     causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager kernel: returns (out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32/64).
 
-    lse is the natural log-sum-exp of the scaled, masked scores; +inf for rows with no
-    allowed key (so that exp(s - lse) == 0 in backward).
+    lse is the natural log-sum-exp of the scaled, masked scores (before dropout); +inf for
+    rows with no allowed key (so that exp(s - lse) == 0 in backward).
     """
     acc = _acc_dtype(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     s, _ = _masked_scores(qf, kf, mask, key_padding_mask, scale, causal)
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    p = torch.exp(s - lse[..., None])
+    p = _dropped(torch.exp(s - lse[..., None]), dropout_p, seed)
     out = torch.matmul(p, vf).to(q.dtype)
     # the layout every backend returns: (B, Nq, H, D)-contiguous, seen as (B, H, Nq, D)
     return out.transpose(1, 2).contiguous().transpose(1, 2), lse
@@ -131,15 +188,19 @@ def attention_bwd(
     key_padding_mask: torch.Tensor | None,
     scale: float,
     causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager kernel backward (FlashAttention formulas): returns dq, dk, dv."""
+    """Eager kernel backward (FlashAttention formulas): returns dq, dk, dv. With dropout,
+    Z = keep / (1 - p): out = (P∘Z) V, so dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z and, as
+    rowsum(P∘dP) = rowsum(dO∘out) still, dS = P∘(dP - delta)."""
     acc = _acc_dtype(q.dtype)
     qf, kf, vf, of, dof = (t.to(acc) for t in (q, k, v, out, dout))
     s, _ = _masked_scores(qf, kf, mask, key_padding_mask, scale, causal)
     p = torch.exp(s - lse.to(acc)[..., None])  # (B, H, Nq, Nk); 0 where masked / empty row
     delta = (dof * of).sum(-1, keepdim=True)  # (B, H, Nq, 1)
-    dv = torch.matmul(p.transpose(-1, -2), dof)
-    dp = torch.matmul(dof, vf.transpose(-1, -2))
+    dv = torch.matmul(_dropped(p, dropout_p, seed).transpose(-1, -2), dof)
+    dp = _dropped(torch.matmul(dof, vf.transpose(-1, -2)), dropout_p, seed)
     ds = p * (dp - delta) * scale
     dq = torch.matmul(ds, kf)
     dk = torch.matmul(ds.transpose(-1, -2), qf)

@@ -486,3 +486,131 @@ def test_right_padded_batches(backend, device, causal):
     for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
         assert_rule(name, a.cpu(), b, c, dt)
     assert g[1][1, :, 5:].abs().max() == 0 and g[2][2, :, 37:].abs().max() == 0
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_keep_mask_statistics():
+    """The hash mask keeps 1 - p of the probabilities (binomial 6-sigma band), differs
+    between seeds and between (batch, head) pairs, and p = 0 keeps everything."""
+    B, H, NQ, NK = 3, 4, 64, 96
+    n = B * H * NQ * NK
+    for p in (0.1, 0.5, 0.9):
+        keep = R.dropout_keep(7, B, H, NQ, NK, p)
+        assert keep.shape == (B, H, NQ, NK)
+        assert abs(keep.float().mean().item() - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
+        # rows and columns are not correlated: every row keeps about 1 - p of its keys
+        per_row = keep.float().mean(-1)
+        assert (per_row - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / NK) + 0.01
+    a, b = R.dropout_keep(7, B, H, NQ, NK, 0.5), R.dropout_keep(8, B, H, NQ, NK, 0.5)
+    assert (a != b).float().mean() > 0.4
+    assert (a[0, 0] != a[0, 1]).float().mean() > 0.4 and (a[0, 0] != a[1, 0]).float().mean() > 0.4
+    assert R.dropout_keep(7, B, H, NQ, NK, 0.0).all()
+    assert R.dropout_threshold(0.25) == 1 << 22
+
+
+def _seed_after(torch_seed: int) -> int:
+    """The dropout seed the public op draws after torch.manual_seed(torch_seed)."""
+    torch.manual_seed(torch_seed)
+    return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())
+
+
+DROP_CASES = [
+    # (shape (B, H, Nq, Nk, D), mask mode, dropout_p)
+    ((2, 3, 17, 100, 40), "mask_kpm", 0.3),
+    ((2, 2, 100, 17, 72), "causal_kpm", 0.5),
+    ((1, 2, 1, 130, 64), "none", 0.1),
+]
+
+
+@pytest.mark.parametrize("backend,device", [*kernel_cases(), pytest.param("eager", "cpu")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DROP_CASES, ids=lambda c: f"{c[1]}-p{c[2]}")
+def test_dropout_matches_reference(backend, device, dtype, case):
+    """Output and dq, dk, dv with attention dropout vs the float64 reference with the same
+    keep mask (the seed the op draws from torch's generator), under the 2x rule; the
+    backward regenerates the forward's mask (a mismatch would break the gradients)."""
+    (B, H, NQ, NK, D), mode, p = case
+    q, k, v, do = _inputs(B, H, NQ, NK, D, seed=3)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    seed = _seed_after(11)
+
+    def ref_fn(q, k, v):
+        return R.attention(q, k, v, mask, kpm, None, causal, dropout_p=p, seed=seed)
+
+    ref, ref_g = _run(ref_fn, (q, k, v), do)
+    low, low_g = _run(ref_fn, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+
+    def op(q, k, v):
+        torch.manual_seed(11)
+        if causal:
+            return rk.causal_attention(
+                q, k, v, key_padding_mask=dev(kpm), dropout_p=p, backend=backend
+            )
+        return rk.masked_softmax_attention(
+            q, k, v, dev(mask), key_padding_mask=dev(kpm), dropout_p=p, backend=backend
+        )
+
+    out, g = _run(op, [t.to(device=device, dtype=dtype) for t in (q, k, v)], do.to(device, dtype))
+    assert_rule("out", out.cpu(), ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
+        assert_rule(name, a.cpu(), b, c, dtype)
+    # dropout really happened: without it the output is far from this one
+    nodrop = R.attention(q, k, v, mask, kpm, None, causal)
+    assert (nodrop - ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend,device", [*kernel_cases(), pytest.param("eager", "cpu")])
+def test_dropout_seeding_and_eval(backend, device):
+    """torch.manual_seed repeats the mask; the next call draws a new one; dropout_p = 0 is
+    the plain op bit for bit."""
+    q, k, v, _ = (t.float().to(device) for t in _inputs(2, 2, 17, 17, 40))
+    f = lambda p: rk.masked_softmax_attention(q, k, v, dropout_p=p, backend=backend)  # noqa: E731
+    torch.manual_seed(0)
+    a, b = f(0.2), f(0.2)
+    torch.manual_seed(0)
+    assert torch.equal(f(0.2), a)
+    assert not torch.equal(a, b)
+    assert torch.equal(f(0.0), rk.masked_softmax_attention(q, k, v, backend=backend))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "0.1", True])
+def test_dropout_p_validation(bad):
+    q, k, v, _ = (t.float() for t in _inputs(1, 1, 3, 3, 8))
+    with pytest.raises(ValueError, match=r"^dropout_p: expected a float in \[0, 1\), got"):
+        rk.masked_softmax_attention(q, k, v, dropout_p=bad, backend="eager")
+
+
+def test_dropout_opcheck_and_compile():
+    """The fwd/bwd ops with dropout pass opcheck, and the public op compiles fullgraph with
+    dropout (the seed is drawn inside the graph), its backward reusing the forward's mask."""
+    q, k, v, do = (t.float() for t in _inputs(2, 2, 5, 7, 8))
+    seed = torch.tensor([123], dtype=torch.int64)
+    q.requires_grad_()
+    args = (q, k, v, None, None, 0.3, False, "eager", 0.25, seed)
+    torch.library.opcheck(A.attention_fwd, args)
+    out, lse = A.attention_fwd(*args)
+    torch.library.opcheck(
+        A.attention_bwd,
+        (do, q.detach(), k, v, out.detach(), lse, None, None, 0.3, False, "eager", 0.25, seed),
+    )
+
+    def f(q, k, v):
+        return rk.masked_softmax_attention(q, k, v, dropout_p=0.5, backend="eager")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = compiled(qg, kg, vg)
+    out.backward(do)
+    # whatever seed the graph drew, out = W V with W = P∘Z/(1-p), Z a 0/1 mask; with
+    # Nk = 7 <= D = 8, W is recovered from out by least squares, and dV must be Wᵀ dO
+    P = (qg @ kg.transpose(-1, -2) * 8**-0.5).softmax(-1).detach()
+    vt = vg.detach().transpose(-1, -2)  # (B, H, D, Nk)
+    w = torch.linalg.lstsq(vt.double(), out.detach().transpose(-1, -2).double()).solution
+    w = w.transpose(-1, -2).float()  # (B, H, Nq, Nk)
+    z = w / (P / 0.5)
+    torch.testing.assert_close(z, z.round(), rtol=0, atol=1e-3)
+    assert set(z.round().unique().tolist()) <= {0.0, 1.0} and 0 < z.round().mean() < 1
+    torch.testing.assert_close(vg.grad, w.transpose(-1, -2) @ do, rtol=1e-4, atol=1e-4)

@@ -395,6 +395,114 @@ def test_emulated_attention_matches_reference(emu, dtype, case):
         assert out[empty].abs().max().item() == 0 and dq[empty].abs().max().item() == 0
 
 
+# (B, H, Nq, Nk, D, mode, dropout_p, seed): head-dim buckets 64/128/256 (fp32 D = 256 runs
+# the split sweeps), Nq != Nk both ways, fully masked rows (kpm batch 0, one mask row,
+# causal rows with Nq > Nk)
+DROPOUT_CASES = [
+    (2, 2, 17, 100, 40, "causal_kpm", 0.1, 7),
+    (2, 2, 17, 100, 72, "mask_kpm", 0.5, 2**32 + 5),
+    (2, 1, 70, 33, 24, "causal", 0.5, -3),
+    (1, 1, 9, 40, 200, "mask", 0.1, 11),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_attention_dropout_matches_reference(emu, dtype, case):
+    """Dropout in the forward and both backward kernels vs the reference's keep mask."""
+    B, H, NQ, NK, D, mode, p, seed = case
+    q, k, v, do = (
+        _rand(*s, seed=i)
+        for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
+    )
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    scale = D**-0.5
+    f = lambda q, k, v: R.attention(q, k, v, mask, kpm, scale, causal, p, seed)  # noqa: E731
+    ref, ref_g = _grad_ref(f, (q, k, v), do)
+    low, low_g = _grad_ref(f, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
+    qd, kd, vd, dod = (_guarded(t.to(dtype)) for t in (q, k, v, do))
+    with rkcuda.use_emulator(emu):
+        out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal, p, seed)
+        dq, dk, dv = rkcuda.attention_bwd(
+            dod, qd, kd, vd, out, lse, mask, kpm, scale, causal, p, seed
+        )
+    # lse is the undropped one
+    _, ref_lse = R.attention_fwd(
+        *(t.to(dtype).double() for t in (q, k, v)), mask, kpm, scale, causal
+    )
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf exactly on empty rows"
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-5 * (1 + ref_lse[fin].abs().max())
+    assert_rule("out", out, ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g, low_g):
+        assert_rule(name, a, b, c, dtype)
+    empty = torch.isinf(ref_lse)
+    if empty.any():
+        assert out[empty].abs().max().item() == 0 and dq[empty].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_emulated_attention_dropout_mask_is_exact(emu, dtype):
+    """The kernels drop exactly reference.dropout_keep's entries: with V = I the output is
+    P o Z itself, with dO = I dV is (P o Z)^T, so their zero patterns must equal the keep
+    mask (an index off by one, a swapped row/column or a wrong (batch, head) key fails);
+    other seeds give other masks; dropout_p = 0 is the no-dropout call, bit for bit."""
+    B, H, NQ, NK, D = 2, 2, 19, 37, 40
+    q, k = _rand(B, H, NQ, D, seed=0) * 0.3, _rand(B, H, NK, D, seed=1) * 0.3  # P > 0
+    v = torch.eye(NK, D, dtype=torch.float64).expand(B, H, NK, D).contiguous()
+    do = torch.eye(NQ, D, dtype=torch.float64).expand(B, H, NQ, D).contiguous()
+    _, kpm, causal = _masks("causal_kpm", B, H, NQ, NK)
+    allowed = R.attention_allowed(
+        NQ, NK, mask=None, key_padding_mask=kpm, causal=causal, device=q.device
+    )
+    qd, kd, vd, dod = (t.to(dtype) for t in (q, k, v, do))
+    args = (None, kpm, D**-0.5, causal)
+
+    def run(p, seed):
+        with rkcuda.use_emulator(emu):
+            out, lse = rkcuda.attention_fwd(qd, kd, vd, *args, p, seed)
+            grads = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, *args, p, seed)
+        return out, lse, grads
+
+    for p, seed in ((0.5, 3), (0.1, 2**31 + 1)):
+        keep = R.dropout_keep(seed, B, H, NQ, NK, p) & allowed
+        out, lse, (dq, dk, dv) = run(p, seed)
+        assert torch.equal(out[..., :NK] != 0, keep), f"forward mask (p={p}, seed={seed})"
+        assert torch.equal(dv[..., :NQ].transpose(-1, -2) != 0, keep), f"dV mask (p={p})"
+        ref_out, _ = R.attention_fwd(qd.double(), kd.double(), vd.double(), *args, p, seed)
+        assert (out.double() - ref_out).abs().max() < 2e-3
+        ref_g = R.attention_bwd(
+            dod.double(),
+            qd.double(),
+            kd.double(),
+            vd.double(),
+            out.double(),
+            lse.double(),
+            *args,
+            p,
+            seed,
+        )
+        for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g):
+            assert (a.double() - b).abs().max() < 2e-3, name
+    # another seed draws another mask; dropout_p = 0 (any seed) is exactly no dropout
+    assert not torch.equal(run(0.5, 4)[0], run(0.5, 3)[0])
+    with rkcuda.use_emulator(emu):
+        base_out, base_lse = rkcuda.attention_fwd(qd, kd, vd, *args)
+        base_g = rkcuda.attention_bwd(dod, qd, kd, vd, base_out, base_lse, *args)
+    out0, lse0, g0 = run(0.0, 12345)
+    assert torch.equal(out0, base_out) and torch.equal(lse0, base_lse)
+    assert all(torch.equal(a, b) for a, b in zip(g0, base_g))
+
+
+def test_attention_dropout_p_is_validated():
+    q = torch.randn(1, 1, 4, 8)
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            rkcuda.attention_fwd(q, q, q, None, None, 0.3, False, bad)
+        with pytest.raises(ValueError, match="dropout_p"):
+            rkcuda.attention_bwd(q, q, q, q, q, q[..., 0], None, None, 0.3, False, bad)
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_emulated_attention_strided_and_unaligned_views(emu, dtype):
     """Packed qkv views (non-contiguous, row stride 3*H*D), D = 59 (rows not 16-byte

@@ -43,9 +43,10 @@ def _run_static(tmp_path, filt: str) -> list[dict]:
 @pytest.mark.parametrize(
     "filt",
     [
-        "bf16 D=128 N=8192 causal=1 kpm=0 mask=0",
-        "fp16 D=64 N=512 causal=0 kpm=1 mask=0",
-        "bf16 D=256 N=1024 causal=0 kpm=0 mask=1",
+        "bf16 D=128 N=8192 causal=1 kpm=0 mask=0 drop=0",
+        "fp16 D=64 N=512 causal=0 kpm=1 mask=0 drop=0",
+        "bf16 D=256 N=1024 causal=0 kpm=0 mask=1 drop=0",
+        "bf16 D=128 N=8192 causal=1 kpm=0 mask=0 drop=1",  # attention dropout
     ],
 )
 def test_attention_kernels_compile_for_sm90_without_spills(tmp_path, filt):

@@ -42,15 +42,24 @@ def attention_fwd(
     scale: float,
     causal: bool,
     backend: str,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32; float64 for float64 inputs)."""
+    """(out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32; float64 for float64 inputs).
+    dropout_p > 0: seed is a CPU int64 tensor of one element (reference.dropout_keep)."""
     return _dispatch.impl(backend, "attention").attention_fwd(
-        q, k, v, mask, key_padding_mask, scale, causal
+        q, k, v, mask, key_padding_mask, scale, causal, **_dropout_args(dropout_p, seed)
     )
 
 
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> dict:
+    if dropout_p <= 0:
+        return {}
+    return {"dropout_p": dropout_p, "seed": int(seed.item()) & 0xFFFFFFFF}
+
+
 @attention_fwd.register_fake
-def _(q, k, v, mask, key_padding_mask, scale, causal, backend):
+def _(q, k, v, mask, key_padding_mask, scale, causal, backend, dropout_p=0.0, seed=None):
     B, H, NQ, D = q.shape
     torch._check(k.shape[-1] == D, lambda: f"k: head dim {k.shape[-1]} != q's {D}")
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -70,35 +79,73 @@ def attention_bwd(
     scale: float,
     causal: bool,
     backend: str,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the input dtypes."""
     return _dispatch.impl(backend, "attention").attention_bwd(
-        dout, q, k, v, out, lse, mask, key_padding_mask, scale, causal
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        key_padding_mask,
+        scale,
+        causal,
+        **_dropout_args(dropout_p, seed),
     )
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, key_padding_mask, scale, causal, backend):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    key_padding_mask,
+    scale,
+    causal,
+    backend,
+    dropout_p=0.0,
+    seed=None,
+):
     # every backend returns contiguous gradients, whatever the inputs' strides
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, kpm, scale, causal, backend = inputs
+    q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, kpm)
-    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+    ctx.save_for_backward(q, k, v, out, lse, mask, kpm, seed)
+    ctx.scale, ctx.causal, ctx.backend, ctx.dropout_p = scale, causal, backend, dropout_p
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, kpm = ctx.saved_tensors
+    q, k, v, out, lse, mask, kpm, seed = ctx.saved_tensors
     if dout is None:
-        return (None,) * 8
+        return (None,) * 10
     dq, dk, dv = attention_bwd(
-        dout, q, k, v, out, lse, mask, kpm, ctx.scale, ctx.causal, ctx.backend
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        kpm,
+        ctx.scale,
+        ctx.causal,
+        ctx.backend,
+        ctx.dropout_p,
+        seed,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -156,12 +203,27 @@ def _validate(q, k, v, mask, key_padding_mask, scale):
     return mask, scale
 
 
-def _attention(q, k, v, mask, key_padding_mask, scale, causal, backend):
+def _check_dropout(dropout_p) -> float:
+    if (
+        isinstance(dropout_p, bool)
+        or not isinstance(dropout_p, (int, float))
+        or not 0.0 <= dropout_p < 1.0
+    ):
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _attention(q, k, v, mask, key_padding_mask, scale, causal, dropout_p, backend):
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = _dispatch.autocast(q, k, v)
     mask, scale = _validate(q, k, v, mask, key_padding_mask, scale)
+    dropout_p = _check_dropout(dropout_p)
     name = _dispatch.resolve(backend, q.device, q.dtype)
-    out, _ = attention_fwd(q, k, v, mask, key_padding_mask, scale, causal, name)
+    seed = None
+    if dropout_p > 0:
+        # from torch's CPU generator: torch.manual_seed makes a run repeatable
+        seed = torch.randint(0, 2**32, (1,), dtype=torch.int64)
+    out, _ = attention_fwd(q, k, v, mask, key_padding_mask, scale, causal, name, dropout_p, seed)
     return out
 
 
@@ -176,6 +238,7 @@ def masked_softmax_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale + mask) v, bidirectional.
@@ -185,11 +248,16 @@ def masked_softmax_attention(
     mask: bool broadcastable to (B, H, Nq, Nk), True = may attend (SDPA convention).
     key_padding_mask: bool (B, Nk), True = real token (HF attention_mask convention).
     scale: defaults to 1/sqrt(D). A query row with no allowed key returns 0 (0 gradient).
+    dropout_p: attention-probability dropout (as in training BERT / GPT-2), in [0, 1): each
+    probability is zeroed with chance dropout_p and the rest scaled by 1/(1 - dropout_p).
+    The mask is a hash of (seed, batch, head, query, key) (reference.dropout_keep), the
+    seed drawn from torch's default CPU generator per call: torch.manual_seed repeats it,
+    and backward regenerates the mask instead of storing it. Pass 0 in eval.
     Returns (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)-contiguous so that merging
     the heads afterwards is free. Saves q, k, v, out and the
     log-sum-exp (B, H, Nq) for backward.
     """
-    return _attention(q, k, v, mask, key_padding_mask, scale, False, backend)
+    return _attention(q, k, v, mask, key_padding_mask, scale, False, dropout_p, backend)
 
 
 def causal_attention(
@@ -199,23 +267,25 @@ def causal_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Causal attention: query i sees keys j <= i + Nk - Nq (bottom-right aligned, so a
     decode step with Nq=1 sees every key). Shapes and the rest as masked_softmax_attention.
     """
-    return _attention(q, k, v, None, key_padding_mask, scale, True, backend)
+    return _attention(q, k, v, None, key_padding_mask, scale, True, dropout_p, backend)
 
 
 _dispatch.LIB.define(
     "masked_softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, *, "
-    "Tensor? key_padding_mask=None, float? scale=None, str? backend=None) -> Tensor"
+    "Tensor? key_padding_mask=None, float? scale=None, float dropout_p=0.0, "
+    "str? backend=None) -> Tensor"
 )
 _dispatch.LIB.impl(
     "masked_softmax_attention", masked_softmax_attention, "CompositeImplicitAutograd"
 )
 _dispatch.LIB.define(
     "causal_attention(Tensor q, Tensor k, Tensor v, *, Tensor? key_padding_mask=None, "
-    "float? scale=None, str? backend=None) -> Tensor"
+    "float? scale=None, float dropout_p=0.0, str? backend=None) -> Tensor"
 )
 _dispatch.LIB.impl("causal_attention", causal_attention, "CompositeImplicitAutograd")

@@ -104,6 +104,10 @@ def _pruner(kind: str):
                 budget = 112
             else:
                 budget = 128
+            if named_args.get("DROPOUT", kwargs.get("DROPOUT")):
+                # the hash and keep-mask tiles: configs above 80 spill with dropout (96 do
+                # in some kernels, 80 in none; benchmarks/triton_static.py, drop=1 rows)
+                budget = min(budget, 80)
             if acc > budget * 32 * c.num_warps or smem > 200 * 1024:
                 continue
             # the transposed (N, M) tiles of dK/dV with M = 128 spill whatever the budget;
@@ -129,7 +133,7 @@ def _pruner(kind: str):
     return prune
 
 
-_KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL"]
+_KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -187,6 +191,33 @@ def _allowed(
     return ok
 
 
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 (reference.dropout_keep is the specification)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _drop_key(seed, bh):
+    """The dropout hash key of one (batch, head): mix32(seed + bh * golden ratio)."""
+    return _mix32(seed.to(tl.uint32, bitcast=True) + bh.to(tl.uint32) * 0x9E3779B9)
+
+
+@triton.jit
+def _keep(key, offs_m, offs_n, NK, drop_thresh, TRANS: tl.constexpr):
+    """Which (query, key) probabilities survive dropout: (M, N), or (N, M) with TRANS."""
+    if TRANS:
+        idx = offs_m.to(tl.uint32)[None, :] * NK.to(tl.uint32) + offs_n.to(tl.uint32)[:, None]
+    else:
+        idx = offs_m.to(tl.uint32)[:, None] * NK.to(tl.uint32) + offs_n.to(tl.uint32)[None, :]
+    return (_mix32(idx ^ key) >> 8) >= drop_thresh
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -218,6 +249,8 @@ def _fwd_inner(
     NK,
     HEAD_DIM,
     qk_scale,
+    drop_key,
+    drop_thresh,
     lo,
     hi,
     BLOCK_N: tl.constexpr,
@@ -225,6 +258,7 @@ def _fwd_inner(
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
     BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -267,7 +301,9 @@ def _fwd_inner(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
+        if DROPOUT:
+            p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
         v = tl.load(
             V + offs_n[:, None] * svn + offs_d[None, :] * svd,
             mask=n_ok[:, None] & d_ok[None, :],
@@ -281,7 +317,7 @@ def _fwd_inner(
 @triton.autotune(
     configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     Q,
     K,
@@ -323,12 +359,16 @@ def _attn_fwd_kernel(
     NQ_KEY,
     NK_KEY,
     qk_scale,
+    seed,
+    drop_thresh,
+    drop_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -355,6 +395,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    drop_key = _drop_key(seed, bh) if DROPOUT else 0
 
     # Keys [0, n_full) need no causal/bounds test for any row of this block; the rest do.
     if CAUSAL:
@@ -396,6 +437,8 @@ def _attn_fwd_kernel(
         NK,
         HEAD_DIM,
         qk_scale,
+        drop_key,
+        drop_thresh,
         0,
         n_full,
         BLOCK_N,
@@ -403,6 +446,7 @@ def _attn_fwd_kernel(
         HAS_KPM,
         CAUSAL,
         False,
+        DROPOUT,
         PRECISION,
         UPCAST,
     )
@@ -433,6 +477,8 @@ def _attn_fwd_kernel(
         NK,
         HEAD_DIM,
         qk_scale,
+        drop_key,
+        drop_thresh,
         n_full,
         hi,
         BLOCK_N,
@@ -440,6 +486,7 @@ def _attn_fwd_kernel(
         HAS_KPM,
         CAUSAL,
         True,
+        DROPOUT,
         PRECISION,
         UPCAST,
     )
@@ -447,6 +494,8 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * drop_scale
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(
         O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
@@ -500,7 +549,7 @@ def _bwd_preprocess_kernel(
 @triton.autotune(
     configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -546,12 +595,16 @@ def _attn_bwd_dkdv_kernel(
     NK_KEY,
     qk_scale,
     sm_scale,
+    seed,
+    drop_thresh,
+    drop_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -587,6 +640,7 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    drop_key = _drop_key(seed, bh) if DROPOUT else 0
     lo = 0
     if CAUSAL:
         # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
@@ -632,14 +686,22 @@ def _attn_bwd_dkdv_kernel(
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        dv = mma(cast_rne(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
+            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
+            dv = mma(cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        else:
+            dv = mma(cast_rne(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpt = mma(
             v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
         )
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
         dst = pt * (dpt - delta[None, :])
         dk = mma(cast_rne(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
     dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * drop_scale
     out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
     tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
@@ -648,7 +710,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.autotune(
     configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q,
     K,
@@ -693,12 +755,16 @@ def _attn_bwd_dq_kernel(
     NK_KEY,
     qk_scale,
     sm_scale,
+    seed,
+    drop_thresh,
+    drop_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -734,6 +800,7 @@ def _attn_bwd_dq_kernel(
     V += b * svb + h * svh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    drop_key = _drop_key(seed, bh) if DROPOUT else 0
     hi = NK
     if CAUSAL:
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + NK - NQ), 0)
@@ -776,6 +843,9 @@ def _attn_bwd_dq_kernel(
         )
         p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        if DROPOUT:
+            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = mma(cast_rne(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
     dq = dq * sm_scale
@@ -817,9 +887,24 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
+def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
+    """(seed as a signed int32, 24-bit threshold, 1 / (1 - p)) for the kernels."""
+    from ..reference import dropout_threshold
+
+    s = seed & 0xFFFFFFFF
+    return (
+        s - (1 << 32) if s >= 1 << 31 else s,
+        dropout_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p),
+    )
+
+
+def attention_fwd(
+    q, k, v, mask, key_padding_mask, scale: float, causal: bool, dropout_p=0.0, seed=0
+):
     """q (B, H, Nq, D), k/v (B, H, Nk, D) any strides -> (out, lse (B, H, Nq) fp32);
-    out is stored (B, Nq, H, D)-contiguous (see ops.attention.new_output)."""
+    out is stored (B, Nq, H, D)-contiguous (see ops.attention.new_output). dropout_p > 0:
+    the keep mask of reference.dropout_keep(seed, ...), recomputed in backward."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_dtype(name, t)
     B, H, NQ, D = q.shape
@@ -851,17 +936,32 @@ def attention_fwd(q, k, v, mask, key_padding_mask, scale: float, causal: bool):
         _bucket(NQ),
         _bucket(NK),
         scale * LOG2E,
+        *_drop_args(dropout_p, seed),
         BLOCK_D=_block_d(D),
         HAS_MASK=mask is not None,
         HAS_KPM=key_padding_mask is not None,
         CAUSAL=causal,
+        DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(q.dtype),
         UPCAST=INTERPRET,
     )
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, key_padding_mask, scale: float, causal: bool):
+def attention_bwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    key_padding_mask,
+    scale: float,
+    causal: bool,
+    dropout_p=0.0,
+    seed=0,
+):
     """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -880,11 +980,22 @@ def attention_bwd(dout, q, k, v, out, lse, mask, key_padding_mask, scale: float,
         HAS_MASK=mask is not None,
         HAS_KPM=key_padding_mask is not None,
         CAUSAL=causal,
+        DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(q.dtype),
         UPCAST=INTERPRET,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *mstr, *kstr)
-    sizes = (H, NQ, NK, D, _bucket(NQ), _bucket(NK), scale * LOG2E, scale)
+    sizes = (
+        H,
+        NQ,
+        NK,
+        D,
+        _bucket(NQ),
+        _bucket(NK),
+        scale * LOG2E,
+        scale,
+        *_drop_args(dropout_p, seed),
+    )
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(NK, meta["BLOCK_N"]) * B * H,)](
         q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )

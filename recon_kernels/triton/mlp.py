@@ -34,7 +34,6 @@ import torch
 from ._common import check_dtype
 from ._gemm import EPI_DACT, gemm
 
-
 DW2_STRATEGIES = ("recompute", "store")
 _dw2_strategy = os.environ.get("RECON_MLP_DW2", "recompute")
 if _dw2_strategy not in DW2_STRATEGIES:
