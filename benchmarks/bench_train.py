@@ -66,19 +66,19 @@ class TorchOps:
     """Stock-PyTorch stand-ins for the recon ops python_models.blocks calls (same signatures)."""
 
     @staticmethod
-    def causal_attention(q, k, v, key_padding_mask=None, backend=None):
+    def causal_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, backend=None):
         if key_padding_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         n, m = q.shape[-2], k.shape[-2]
         causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal & key_padding_mask[:, None, None, :]
+            q, k, v, attn_mask=causal & key_padding_mask[:, None, None, :], dropout_p=dropout_p
         )
 
     @staticmethod
-    def masked_softmax_attention(q, k, v, key_padding_mask=None, backend=None):
+    def masked_softmax_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, backend=None):
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     @staticmethod
     def conv1d_mlp(x, w1, b1, w2, b2, activation="gelu", backend=None):

@@ -30,6 +30,7 @@ class BERTConfig(ModelConfig):
     activation: str = "gelu"  # MLP and MLM-head activation (BERT: exact gelu)
     norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's)
     dropout: float = 0.0  # embedding and residual dropout
+    attn_dropout: float = 0.0  # on the attention probabilities (training only)
     pad_token_id: int = 256  # padding id (no special meaning in the model; for collators)
     cls_token_id: int = 257  # [CLS], prepended by the data pipeline
     sep_token_id: int = 258  # [SEP]
@@ -89,6 +90,7 @@ class BERT(ReconModel):
             activation=c.activation,
             norm_eps=c.norm_eps,
             dropout=c.dropout,
+            attn_dropout=c.attn_dropout,
             backend=backend,
         )
         # MLM head: dense -> act -> LayerNorm -> tied decoder + bias

@@ -13,8 +13,8 @@ any of them in ``rk.nn.LoRALinear`` by name. A LoRA-wrapped ``qkv``/``proj`` run
 ``lora_linear`` op; a LoRA-wrapped ``fc1``/``fc2`` keeps the MLP fused by passing the
 effective weight W + s·B A (``merge_lora``, differentiable in A and B) to conv1d_mlp.
 
-Not supported: dropout on the attention probabilities (the fused attention ops have no
-dropout); residual and embedding dropout are supported.
+Dropout: on the attention probabilities (``attn_dropout``, the fused ops' own dropout,
+in training only), on the residual branches and on the embeddings.
 """
 
 from __future__ import annotations
@@ -92,11 +92,15 @@ class SelfAttention(nn.Module):
         causal: bool = False,
         qkv_bias: bool = True,
         proj_bias: bool = True,
+        dropout: float = 0.0,
         backend: str | None = None,
     ) -> None:
         super().__init__()
         if n_heads < 1 or dim % n_heads != 0:
             raise ValueError(f"n_heads: expected a divisor of dim={dim}, got {n_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"attn_dropout: expected a probability in [0, 1), got {dropout}")
+        self.dropout = dropout  # on the attention probabilities, in training
         self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
         self.causal, self.backend = causal, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -119,19 +123,23 @@ class SelfAttention(nn.Module):
                     f"{'given' if key_padding_mask is not None else 'None'}"
                 )
             k, v = kv_cache[0].update(kv_cache[1], k, v)  # (B, nh, cached + N, hd)
+        p = self.dropout if self.training else 0.0
         if self.causal:
             y = rk.causal_attention(
-                q, k, v, key_padding_mask=key_padding_mask, backend=self.backend
+                q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
             )
         else:
             y = rk.masked_softmax_attention(
-                q, k, v, key_padding_mask=key_padding_mask, backend=self.backend
+                q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
             )
         y = y.transpose(1, 2).reshape(B, N, E)  # (B, N, nh*hd)
         return self.proj(y)
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, causal={self.causal}, backend={self.backend!r}"
+        return (
+            f"n_heads={self.n_heads}, causal={self.causal}, dropout={self.dropout}, "
+            f"backend={self.backend!r}"
+        )
 
 
 def _effective_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -206,13 +214,16 @@ class Block(nn.Module):
         activation: str = "gelu",
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
+        attn_dropout: float = 0.0,
         qkv_bias: bool = True,
         backend: str | None = None,
     ) -> None:
         super().__init__()
         self.pre_norm = pre_norm
         self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = SelfAttention(dim, n_heads, causal=causal, qkv_bias=qkv_bias, backend=backend)
+        self.attn = SelfAttention(
+            dim, n_heads, causal=causal, qkv_bias=qkv_bias, dropout=attn_dropout, backend=backend
+        )
         self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, mlp_hidden, activation=activation, backend=backend)
         self.drop = nn.Dropout(dropout)

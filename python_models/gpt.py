@@ -36,6 +36,7 @@ class GPTConfig(ModelConfig):
     activation: str = "gelu_tanh"  # GPT-2's "gelu_new"
     norm_eps: float = 1e-5  # LayerNorm epsilon
     dropout: float = 0.0  # embedding and residual dropout
+    attn_dropout: float = 0.0  # on the attention probabilities (training only)
 
     presets = {
         "tiny": dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32),
@@ -75,6 +76,7 @@ class GPT(ReconModel):
             activation=c.activation,
             norm_eps=c.norm_eps,
             dropout=c.dropout,
+            attn_dropout=c.attn_dropout,
             backend=backend,
         )
         self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps)

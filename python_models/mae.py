@@ -87,7 +87,7 @@ def pixel_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
 def decoder_stack(config, backend: str | None) -> tuple[nn.ModuleList, nn.LayerNorm, nn.Linear]:
     """The light pre-LN decoder of MAE and the autoencoder: blocks, final LayerNorm, pixel
     head. config: an MAEConfig or AutoencoderConfig (decoder_* fields and its encoder's
-    activation, eps, dropout, qkv_bias and patch size)."""
+    activation, eps, dropouts, qkv_bias and patch size)."""
     e = config.encoder
     blocks = make_blocks(
         config.decoder_depth,
@@ -98,6 +98,7 @@ def decoder_stack(config, backend: str | None) -> tuple[nn.ModuleList, nn.LayerN
         activation=e.activation,
         norm_eps=e.norm_eps,
         dropout=e.dropout,
+        attn_dropout=e.attn_dropout,
         qkv_bias=e.qkv_bias,
         backend=backend,
     )

@@ -29,6 +29,7 @@ class EncoderConfig(ModelConfig):
     norm_eps: float = 1e-6  # LayerNorm epsilon (ViT-MAE checkpoints use 1e-12)
     qkv_bias: bool = True  # bias on the qkv projection
     dropout: float = 0.0  # residual and embedding dropout
+    attn_dropout: float = 0.0  # on the attention probabilities (training only)
     pool: str = "cls"  # features(): "cls" token or "mean" of the patch tokens
 
     presets = {
@@ -89,6 +90,7 @@ class ViTEncoder(nn.Module):
             activation=cfg.activation,
             norm_eps=cfg.norm_eps,
             dropout=cfg.dropout,
+            attn_dropout=cfg.attn_dropout,
             qkv_bias=cfg.qkv_bias,
             backend=backend,
         )

@@ -20,6 +20,7 @@ class MultiheadAttention(nn.Module):
     (the Hugging Face convention, the opposite of nn.MultiheadAttention's).
     ``mask``: bool broadcastable to (B, H, N, N), True = may attend.
     ``causal=True`` uses causal_attention (mask must then be None).
+    ``dropout``: on the attention probabilities, in training only (as nn.MultiheadAttention).
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class MultiheadAttention(nn.Module):
         *,
         bias: bool = True,
         causal: bool = False,
+        dropout: float = 0.0,
         backend: str | None = None,
         device=None,
         dtype=None,
@@ -38,6 +40,9 @@ class MultiheadAttention(nn.Module):
             raise ValueError(
                 f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}"
             )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        self.dropout = dropout
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.causal, self.backend = causal, backend
@@ -57,13 +62,16 @@ class MultiheadAttention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         # views of the packed tensor, no copies: the kernels take any strides
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
+        p = self.dropout if self.training else 0.0
         if self.causal:
             if mask is not None:
                 raise ValueError("mask: must be None when causal=True (use key_padding_mask)")
-            y = causal_attention(q, k, v, key_padding_mask=key_padding_mask, backend=self.backend)
+            y = causal_attention(
+                q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
+            )
         else:
             y = masked_softmax_attention(
-                q, k, v, mask, key_padding_mask=key_padding_mask, backend=self.backend
+                q, k, v, mask, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
             )
         y = y.transpose(1, 2).reshape(B, N, E)  # (B, N, E)
         return self.proj(y)

@@ -365,6 +365,19 @@ def test_multihead_attention_module():
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     want, _ = ref(x, x, x, attn_mask=~causal, need_weights=False)
     torch.testing.assert_close(mc(x), want)
+    # dropout: on in training (the op's hash mask for the drawn seed), off in eval
+    md = rk.nn.MultiheadAttention(24, 3, dropout=0.4, backend="eager").double()
+    md.load_state_dict(m.state_dict())
+    torch.manual_seed(1)
+    y = md(x)
+    torch.manual_seed(1)
+    qkv = md.qkv(x).view(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    o = rk.masked_softmax_attention(*qkv.unbind(0), dropout_p=0.4, backend="eager")
+    torch.testing.assert_close(y, md.proj(o.transpose(1, 2).reshape(2, 7, 24)))
+    assert (y - m(x)).abs().max() > 1e-3
+    torch.testing.assert_close(md.eval()(x), m(x))
+    with pytest.raises(ValueError, match="^dropout: expected a probability"):
+        rk.nn.MultiheadAttention(24, 3, dropout=1.0)
 
 
 @pytest.mark.parametrize("backend,device", kernel_cases())

@@ -268,9 +268,6 @@ def test_fallbacks_taken_exactly_where_documented(spy, caplog, monkeypatch):
     monkeypatch.setattr(sdpa_mod, "_warned", set())
     q, k, v = _qkv((2, 4, 5, 16), (2, 2, 7, 16), "cpu")  # 4 query heads, 2 kv heads
     cases = {
-        "dropout": lambda: rk.scaled_dot_product_attention(
-            q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), dropout_p=0.5
-        ),
         "gqa": lambda: rk.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "value_dim": lambda: rk.scaled_dot_product_attention(q[:, :2], k, torch.randn(2, 2, 7, 8)),
         "head_dim": lambda: rk.scaled_dot_product_attention(
@@ -298,13 +295,33 @@ def test_fallbacks_taken_exactly_where_documented(spy, caplog, monkeypatch):
     assert not caplog.records
 
 
-def test_dropout_fallback_matches_torch():
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_runs_fused(spy, is_causal):
+    """dropout_p > 0 runs on the fused kernels' dropout: the output is the fused op's with
+    the same torch seed (and not the undropped one), and the expectation over seeds is
+    the undropped attention (dropout is unbiased)."""
     q, k, v = _qkv((2, 2, 5, 16), (2, 2, 7, 16), "cpu")
     torch.manual_seed(7)
-    ours = rk.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    ours = rk.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=is_causal)
+    assert spy == {"torch": 0, "fused": 1}
     torch.manual_seed(7)
-    ref = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    if is_causal:  # L < S, top-left: the first L keys, bottom-right aligned
+        want = rk.causal_attention(q, k[:, :, :5], v[:, :, :5], dropout_p=0.3)
+    else:
+        want = rk.masked_softmax_attention(q, k, v, dropout_p=0.3)
+    torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    assert (ours - plain).abs().max() > 0.05
+    n = 400
+    draws = torch.stack(
+        [
+            rk.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=is_causal)
+            for _ in range(n)
+        ]
+    )
+    # unbiased: every element's mean within 5 standard errors of the undropped value
+    bound = 5 * draws.std(0) / n**0.5 + 1e-6
+    assert ((draws.mean(0) - plain).abs() <= bound).all()
 
 
 def test_gqa_fallback_matches_torch():

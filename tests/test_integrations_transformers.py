@@ -318,7 +318,9 @@ def test_mask_builder_forms():
         assert torch.equal(got, want)
 
 
-def test_attention_dropout_falls_back_to_hf_sdpa(monkeypatch, op_calls):
+def test_attention_dropout_runs_fused(monkeypatch, op_calls):
+    """Training with attn_pdrop > 0 stays on the fused attention (its own dropout), never
+    on transformers' sdpa; the same torch seed repeats the step, eval has no dropout."""
     from transformers.integrations import sdpa_attention
 
     rkt.register()
@@ -329,20 +331,22 @@ def test_attention_dropout_falls_back_to_hf_sdpa(monkeypatch, op_calls):
         "sdpa_attention_forward",
         lambda *a, **k: (hf_calls.append(1), real(*a, **k))[1],
     )
-    model = make("gpt2", "recon", "cpu", attn_pdrop=0.1)
-    stock = make("gpt2", "sdpa", "cpu", attn_pdrop=0.1)
-    stock.load_state_dict(model.state_dict())
-    inputs = batch("gpt2", "cpu")  # padded: both hand torch the same bool mask, same RNG use
+    model = make("gpt2", "recon", "cpu", attn_pdrop=0.3)
+    inputs = batch("gpt2", "cpu")
+    real_tok = inputs["attention_mask"].bool()
     torch.manual_seed(3)
     got = model(**inputs).logits  # training mode: dropout is active
-    assert len(hf_calls) == 2 and op_calls["attention"] == 0
-    torch.manual_seed(3)
-    want = stock(**inputs).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    hf_calls.clear()
-    model.eval()
-    model(**inputs)
     assert len(hf_calls) == 0 and op_calls["attention"] == 2
+    torch.manual_seed(3)
+    torch.testing.assert_close(model(**inputs).logits, got, rtol=0, atol=0)
+    model.eval()
+    evaluated = model(**inputs).logits
+    assert (got - evaluated)[real_tok].abs().max() > 1e-3
+    stock = make("gpt2", "sdpa", "cpu", attn_pdrop=0.3).eval()
+    stock.load_state_dict(model.state_dict())
+    want = stock(**inputs).logits
+    torch.testing.assert_close(evaluated[real_tok], want[real_tok], rtol=1e-4, atol=1e-4)
+    assert len(hf_calls) == 0
 
 
 def test_generate_with_kv_cache_matches_stock():

@@ -15,6 +15,9 @@ is_causal=False, scale=None, enable_gqa=False)`` has torch's signature and seman
   L keys (the others are never visible), L > S runs a (L, S) lower-triangular mask.
   is_causal with a bool attn_mask computes the AND of both, as torch's CPU path does.
 * scale: defaults to 1/sqrt(E).
+* dropout_p: applied, as torch does, whatever the caller's training mode, by the fused
+  kernels' own dropout (a hash of the seed and the position, the seed drawn from torch's
+  generator): the same distribution as torch's dropout, other random numbers.
 * Rows with no allowed key return 0, as torch (>= 2.5) does for bool and -inf masks.
 
 Float masks: the kernels take boolean masks only. ``float_masks=`` says what to do with
@@ -36,8 +39,6 @@ check       verify the values once per mask tensor (one device sync, cached on t
 
 Falls back to torch's own SDPA (logging one warning per reason, never a silent difference) for:
 
-* ``dropout_p > 0`` (torch applies it whatever the module's training mode; our kernels have
-  no dropout);
 * ``enable_gqa=True`` with fewer key/value heads than query heads;
 * a float attn_mask (per ``float_masks`` above), including float mask + is_causal;
 * what the kernels do not take: value head dim != query head dim, head dim > 256,
@@ -178,8 +179,6 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             return f"{name} is not a tensor"
-    if dropout_p > 0.0:
-        return "dropout_p > 0 (the fused kernels have no attention dropout)"
     if min(query.dim(), key.dim(), value.dim()) < 2:
         return "query/key/value of rank < 2"
     if query.dtype not in _KERNEL_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
@@ -267,10 +266,10 @@ def scaled_dot_product_attention(
             scale=scale,
             **kw,
         )
-    return _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend)
+    return _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend, dropout_p)
 
 
-def _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend):
+def _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend, dropout_p=0.0):
     query, key, value = autocast_inputs(query, key, value)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask == 0  # verified (check) or stated (binary) to be 0 / -inf
@@ -294,7 +293,9 @@ def _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend):
     with no_autocast(q.device):
         if is_causal and mask is None and L <= S:
             # top-left == bottom-right on the first L keys; keys >= L are never visible
-            out = causal_attention(q, k[:, :, :L], v[:, :, :L], scale=scale, backend=backend)
+            out = causal_attention(
+                q, k[:, :, :L], v[:, :, :L], scale=scale, dropout_p=dropout_p, backend=backend
+            )
         else:
             if is_causal:
                 tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()  # j <= i
@@ -304,7 +305,14 @@ def _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend):
                 kpm = mask[:, 0, 0, :].expand(B, S)  # (B, S): the key-padding fast path
                 mask = None
             out = masked_softmax_attention(
-                q, k, v, mask, key_padding_mask=kpm, scale=scale, backend=backend
+                q,
+                k,
+                v,
+                mask,
+                key_padding_mask=kpm,
+                scale=scale,
+                dropout_p=dropout_p,
+                backend=backend,
             )
     return out.reshape(*lead, L, E)  # (..., L, E)
 

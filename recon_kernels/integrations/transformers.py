@@ -24,7 +24,7 @@ functions, ...)                         mask path of ``masked_softmax_attention`
 The attention function takes the query/key/value HF gives it (B, H, N, D), repeats key/value
 heads for grouped-query attention, and returns (B, L, H, D). It hands the call to
 transformers' own ``sdpa`` implementation (logging once) when it carries what the kernels do
-not compute: attention dropout in training (``dropout > 0``), ``softcap``, ``s_aux``
+not compute: ``softcap``, ``s_aux``
 (attention sinks) or ``position_bias``; a float 4-D mask passed in by the caller goes to
 torch's SDPA (see ``sdpa.py``). Query rows with no visible key (e.g. left padding under a
 causal mask) give 0, as torch's SDPA does for bool masks; HF's *eager* path gives the
@@ -207,10 +207,10 @@ def recon_attention_forward(
     L, S = query.shape[2], key.shape[2]
 
     extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
-    if extra or dropout > 0.0:
+    if extra:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        why = f"{', '.join(extra)}" if extra else "attention dropout > 0 (training)"
+        why = ", ".join(extra)
         _warn_once(f"{why}: this call runs on transformers' sdpa attention")
         mask = _dense_mask(attention_mask, causal, L, S, query.device)
         # the mask now carries causality; repeated kv heads make HF's own GQA step a no-op
@@ -230,7 +230,13 @@ def recon_attention_forward(
     if attention_mask is not None and attention_mask.dim() == 4:
         # a full mask: it carries everything, including causality (HF's sdpa convention)
         out = scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scaling, backend=backend
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            backend=backend,
         )
     else:
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -243,11 +249,11 @@ def recon_attention_forward(
         with no_autocast(q.device):
             if causal and L > 1:
                 out = causal_attention(
-                    q, k, v, key_padding_mask=kpm, scale=scaling, backend=backend
+                    q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
                 )
             else:
                 out = masked_softmax_attention(
-                    q, k, v, key_padding_mask=kpm, scale=scaling, backend=backend
+                    q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
                 )
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D)
 
