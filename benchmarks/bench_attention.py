@@ -4,7 +4,8 @@
 
 Shapes (bf16): BERT/MAE-like bidirectional with key padding (16k tokens, N=512, D=64,
 H=12, padding 0/25/50%) and GPT-like causal (16k tokens, N=1k/4k/8k, D=64 (H=12) and
-D=128 (H=16)). Forward and forward+backward, median and p20/p80 of
+D=128 (H=16)), and two training cases with attention dropout 0.1 (against SDPA's
+flash/efficient dropout; no error column there). Forward and forward+backward, median and p20/p80 of
 ``triton.testing.do_bench``, TFLOP/s on useful FLOPs (4·B·H·Nq·Nk_real·D forward, halved
 for causal, x3.5 for forward+backward), peak memory above the inputs, and each provider's
 max error against a float32 SDPA reference (a benchmark of a wrong kernel is worthless).
@@ -54,6 +55,7 @@ def shapes(quick: bool, dry: bool) -> list[dict]:
         return [
             dict(name="bert-pad25", N=40, D=16, H=2, B=2, causal=False, pad=0.25),
             dict(name="gpt", N=48, D=32, H=2, B=1, causal=True, pad=0.0),
+            dict(name="gpt-drop10", N=48, D=32, H=2, B=1, causal=True, pad=0.0, drop=0.1),
         ]
     out = []
     for pad in (0.0, 0.25, 0.5) if not quick else (0.0, 0.5):
@@ -65,6 +67,17 @@ def shapes(quick: bool, dry: bool) -> list[dict]:
             out.append(
                 dict(name=f"gpt-N{N}-D{D}", N=N, D=D, H=H, B=16384 // N, causal=True, pad=0.0)
             )
+    # training with attention dropout (BERT / GPT-2 use 0.1): SDPA's flash and efficient
+    # kernels take dropout_p too; the error column is left empty (other random numbers)
+    out.append(
+        dict(name="bert-pad25-drop10", N=512, D=64, H=12, B=32, causal=False, pad=0.25, drop=0.1)
+    )
+    if not quick:
+        out.append(
+            dict(
+                name="gpt-N4096-D64-drop10", N=4096, D=64, H=12, B=4, causal=True, pad=0.0, drop=0.1
+            )
+        )
     return out
 
 
@@ -81,14 +94,17 @@ def providers(case: dict, device: str, kpm, bool_mask) -> dict[str, Callable]:
     from recon_kernels import reference as R
 
     causal = case["causal"]
+    p = case.get("drop", 0.0)
     out: dict[str, Callable] = {}
     for b in ("triton", "cuda"):
         if rk.why_unavailable(b, device) is None:
             if causal:
-                out[f"recon-{b}"] = lambda q, k, v, b=b: rk.causal_attention(q, k, v, backend=b)
+                out[f"recon-{b}"] = lambda q, k, v, b=b: rk.causal_attention(
+                    q, k, v, dropout_p=p, backend=b
+                )
             else:
                 out[f"recon-{b}"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
-                    q, k, v, key_padding_mask=kpm, backend=b
+                    q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b
                 )
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -102,20 +118,20 @@ def providers(case: dict, device: str, kpm, bool_mask) -> dict[str, Callable]:
             def f(q, k, v, be=be):
                 with sdpa_kernel([be]):
                     if causal:
-                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=p)
 
             out[label] = f
-    eager = lambda q, k, v: R.attention(
-        q, k, v, key_padding_mask=None if causal else kpm, causal=causal
-    )  # noqa: E731
+    eager = lambda q, k, v: R.attention(  # noqa: E731
+        q, k, v, key_padding_mask=None if causal else kpm, causal=causal, dropout_p=p, seed=1
+    )
     if case["N"] <= 4096 or device != "cuda":
         out["eager"] = eager
         out["compiled-eager"] = torch.compile(eager, dynamic=False)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        if device == "cuda":
+        if device == "cuda" and p == 0:  # flex_attention has no dropout
             B, N = case["B"], case["N"]
             if causal:
                 mm = lambda b, h, qi, kj: kj <= qi  # noqa: E731
@@ -178,7 +194,7 @@ def run(args) -> list[dict]:
                         t.detach().clone().requires_grad_(mode != "fwd") for t in (q, k, v)
                     )
                     err = float("nan")
-                    if mode == "fwd":
+                    if mode == "fwd" and not case.get("drop"):
                         with torch.no_grad():
                             o = fn(qq, kk, vv)
                             err = (
