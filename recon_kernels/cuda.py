@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from recon_kernels.reference import dropout_threshold
+from recon_kernels.reference import dropout_params
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
@@ -227,19 +227,14 @@ def _attn_common(args, q, k, mask, key_padding_mask, scale, causal) -> list[torc
 
 
 def _attn_dropout(dropout_p: float, seed: int) -> dict[str, int | float]:
-    """AttnArgs dropout fields: the 24-bit threshold (0: off), the uint32 seed and
+    """AttnArgs dropout fields: the uint32 seed, the 24-bit threshold (0: off) and
     1 / (1 - p); the kernels draw the keep mask of ``reference.dropout_keep`` from them."""
     try:
         p = float(dropout_p)
     except (TypeError, ValueError) as e:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}") from e
-    if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p!r}")
-    return {
-        "drop_threshold": dropout_threshold(p),
-        "drop_seed": int(seed) & 0xFFFFFFFF,
-        "drop_scale": 1.0 / (1.0 - p),
-    }
+    drop_seed, drop_threshold, drop_scale = dropout_params(p, seed)
+    return {"drop_threshold": drop_threshold, "drop_seed": drop_seed, "drop_scale": drop_scale}
 
 
 def _check_attn(q, k, v) -> None:

@@ -70,6 +70,14 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(1 << 24, max(0, round(dropout_p * (1 << 24))))
 
 
+def dropout_params(dropout_p: float, seed: int) -> tuple[int, int, float]:
+    """(uint32 seed, 24-bit threshold, 1 / (1 - p)): what the kernels take to draw the keep
+    mask of ``dropout_keep`` and scale the kept probabilities."""
+    if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    return int(seed) & _M32, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 on int64 tensors holding uint32 values (products wrap mod 2^64, and the
     low 32 bits are what the uint32 arithmetic of the kernels keeps)."""

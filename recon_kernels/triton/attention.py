@@ -889,14 +889,10 @@ def _bucket(n: int) -> int:
 
 def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     """(seed as a signed int32, 24-bit threshold, 1 / (1 - p)) for the kernels."""
-    from ..reference import dropout_threshold
+    from ..reference import dropout_params
 
-    s = seed & 0xFFFFFFFF
-    return (
-        s - (1 << 32) if s >= 1 << 31 else s,
-        dropout_threshold(dropout_p),
-        1.0 / (1.0 - dropout_p),
-    )
+    s, threshold, scale = dropout_params(dropout_p, seed)
+    return s - (1 << 32) if s >= 1 << 31 else s, threshold, scale
 
 
 def attention_fwd(
