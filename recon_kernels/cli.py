@@ -56,6 +56,16 @@ def _cases(device: str) -> list[tuple[str, Callable, Callable, list[torch.Tensor
             [rnd(B, H, NQ, D), rnd(B, H, NK, D), rnd(B, H, NK, D)],
         ),
         (
+            "attention(dropout=0.3)",
+            lambda t, b: _with_seed(
+                lambda: rk.masked_softmax_attention(
+                    *t, key_padding_mask=dev(kpm), dropout_p=0.3, backend=b
+                )
+            ),
+            lambda t: R.attention(*t, key_padding_mask=kpm, dropout_p=0.3, seed=_drop_seed()),
+            [rnd(B, H, NQ, D), rnd(B, H, NK, D), rnd(B, H, NK, D)],
+        ),
+        (
             "conv1d_mlp",
             lambda t, b: rk.conv1d_mlp(*t, activation="gelu", backend=b),
             lambda t: R.conv1d_mlp(*t, activation="gelu"),
@@ -74,6 +84,22 @@ def _cases(device: str) -> list[tuple[str, Callable, Callable, list[torch.Tensor
             [rnd(OUT, C), rnd(RANK, C), rnd(OUT, RANK)],
         ),
     ]
+
+
+_CHECK_SEED = 1234
+
+
+def _with_seed(fn):
+    """fn() with torch's generator at _CHECK_SEED (the ops draw their dropout seed from it),
+    leaving the caller's RNG state alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_CHECK_SEED)
+        return fn()
+
+
+def _drop_seed() -> int:
+    """The dropout seed an op draws under _with_seed."""
+    return int(_with_seed(lambda: torch.randint(0, 2**32, (1,), dtype=torch.int64)).item())
 
 
 def _fwd_bwd(fn, tensors, dout_seed=1):

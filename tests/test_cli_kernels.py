@@ -44,6 +44,7 @@ def test_check_table_covers_every_op_and_passes():
     assert ops == {
         "masked_softmax_attention",
         "causal_attention",
+        "attention(dropout=0.3)",
         "conv1d_mlp",
         "lora_linear",
         "merge_lora",

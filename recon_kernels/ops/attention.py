@@ -55,7 +55,7 @@ def attention_fwd(
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> dict:
     if dropout_p <= 0:
         return {}
-    return {"dropout_p": dropout_p, "seed": int(seed.item()) & 0xFFFFFFFF}
+    return {"dropout_p": dropout_p, "seed": int(seed.item())}  # the kernels keep 32 bits
 
 
 @attention_fwd.register_fake
