@@ -12,6 +12,9 @@ model object, e.g. ``GPT2LMHeadModel.from_pretrained(...)`` built wherever it is
   (``layers.N.attention.q_proj``) module layouts are read.
 
 The parity tests (tests/test_models_hf.py) compare logits and losses in float32 eval mode.
+The dropout probabilities come over too (residual/embedding and attention-probability
+dropout; GPT-2's embd_pdrop is taken to equal resid_pdrop), so fine-tuning a loaded model
+regularises as the Hugging Face one does.
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ def gpt_from_hf(hf_model: nn.Module, backend: str | None = None) -> GPT:
         mlp_hidden=c.n_inner,
         activation=_activation(c.activation_function, "config.activation_function"),
         norm_eps=c.layer_norm_epsilon,
-        dropout=0.0,
+        dropout=c.resid_pdrop,  # also the embedding dropout (HF's embd_pdrop: the same 0.1)
+        attn_dropout=c.attn_pdrop,
     )
     model = GPT(cfg, backend=backend)
     tr = getattr(hf_model, "transformer", hf_model)
@@ -159,7 +163,8 @@ def bert_from_hf(hf_model: nn.Module, backend: str | None = None) -> BERT:
         mlp_hidden=c.intermediate_size,
         activation=_activation(c.hidden_act, "config.hidden_act"),
         norm_eps=c.layer_norm_eps,
-        dropout=0.0,
+        dropout=c.hidden_dropout_prob,
+        attn_dropout=c.attention_probs_dropout_prob,
         pad_token_id=c.pad_token_id if c.pad_token_id is not None else 0,
         **_bert_special_ids(c, c.vocab_size),
     )
@@ -249,7 +254,8 @@ def mae_from_hf(hf_model: nn.Module, backend: str | None = None) -> MAE:
         activation=_activation(c.hidden_act, "config.hidden_act"),
         norm_eps=c.layer_norm_eps,
         qkv_bias=c.qkv_bias,
-        dropout=0.0,
+        dropout=c.hidden_dropout_prob,
+        attn_dropout=c.attention_probs_dropout_prob,
         pool="cls",
     )
     cfg = MAEConfig(

@@ -184,3 +184,37 @@ def test_our_sincos_is_vit_mae_layout():
             "tiny", encoder=dict(image_size=grid * 2, dim=dim)
         ).encoder.pos_embed[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dropout_probabilities_come_over():
+    """Loaded models keep Hugging Face's dropout (residual/embedding and attention), so
+    fine-tuning regularises alike; eval parity is unaffected (the tests above)."""
+    gpt = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=11,
+            n_positions=8,
+            n_embd=8,
+            n_layer=1,
+            n_head=2,
+            resid_pdrop=0.15,
+            embd_pdrop=0.15,
+            attn_pdrop=0.2,
+        )
+    )
+    c = pm.GPT.from_hf(gpt).config
+    assert (c.dropout, c.attn_dropout) == (0.15, 0.2)
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=30,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=16,
+            hidden_dropout_prob=0.05,
+            attention_probs_dropout_prob=0.3,
+        )
+    )
+    model = pm.BERT.from_hf(bert)
+    assert (model.config.dropout, model.config.attn_dropout) == (0.05, 0.3)
+    assert all(b.attn.dropout == 0.3 for b in model.blocks)
