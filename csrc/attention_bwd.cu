@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
           for (int kk = 0; kk < kC / 16; ++kk) {
             uint32_t a[4];
             if (pos)
-              acc_to_a_frag_pos<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
+              acc_to_a_frag<T, true>(a, st[0][2 * kk], st[0][2 * kk + 1]);
             else
               acc_to_a_frag<T>(a, st[0][2 * kk], st[0][2 * kk + 1]);
             warp_mma_k16_regA<T, kDT>(acc[0], a, sX + kk * 16 * kLd + d0, kLd, d - d0);
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
         } else {
           float* stage = sStage + warp * 16 * kLdS;
           if (pos)
-            acc_to_smem_pos<kCT>(stage, kLdS, st[0]);
+            acc_to_smem<kCT, true>(stage, kLdS, st[0]);
           else
             acc_to_smem<kCT>(stage, kLdS, st[0]);
           syncwarp();

@@ -133,29 +133,6 @@ RK_DEVICE void zero(float (&acc)[1][N][4]) {
   }
 }
 
-// acc_to_a_frag / acc_to_smem of max(acc, 0): the kept entries of a P tile whose dropped
-// entries are negated (the dK/dV backward's dropout encoding).
-template <class T>
-RK_DEVICE void acc_to_a_frag_pos(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
-  a[0] = pack2<T>(fmaxf(c0[0], 0.0f), fmaxf(c0[1], 0.0f));
-  a[1] = pack2<T>(fmaxf(c0[2], 0.0f), fmaxf(c0[3], 0.0f));
-  a[2] = pack2<T>(fmaxf(c1[0], 0.0f), fmaxf(c1[1], 0.0f));
-  a[3] = pack2<T>(fmaxf(c1[2], 0.0f), fmaxf(c1[3], 0.0f));
-}
-template <int NT>
-RK_DEVICE void acc_to_smem_pos(float* s, int ld, const float (&acc)[NT][4]) {
-  const int lane = lane_id();
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int ni = 0; ni < NT; ++ni) {
-    const int c = ni * 8 + 2 * t;
-    s[g * ld + c] = fmaxf(acc[ni][0], 0.0f);
-    s[g * ld + c + 1] = fmaxf(acc[ni][1], 0.0f);
-    s[(g + 8) * ld + c] = fmaxf(acc[ni][2], 0.0f);
-    s[(g + 8) * ld + c + 1] = fmaxf(acc[ni][3], 0.0f);
-  }
-}
-
 // Writes a warp's 16-row accumulator tile (scaled) to out rows row0, row0 + 8 (row stride
 // ld, unit column stride), columns < d, rows < nrows.
 template <class T, int N>

@@ -485,29 +485,37 @@ RK_DEVICE void warp_mma_k16_regA(float (&acc)[NT][4], const uint32_t (&a)[4], co
   }
 }
 
+// kPos: pass max(v, 0) on, the kept entries of a P tile whose dropped entries are negated
+// (the dK/dV backward's dropout encoding); otherwise v unchanged.
+template <bool kPos>
+RK_DEVICE float acc_value(float v) {
+  if constexpr (kPos) return fmaxf(v, 0.0f);
+  return v;
+}
+
 // C-layout accumulators of n8 tiles 2j and 2j+1 (16 x 16) -> the A fragment of a k16 step
 // (the FlashAttention-2 register reuse: P and dS never go through shared memory).
-template <class T>
+template <class T, bool kPos = false>
 RK_DEVICE void acc_to_a_frag(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
-  a[0] = pack2<T>(c0[0], c0[1]);  // row g,   k 2t..
-  a[1] = pack2<T>(c0[2], c0[3]);  // row g+8, k 2t..
-  a[2] = pack2<T>(c1[0], c1[1]);  // row g,   k 2t+8..
-  a[3] = pack2<T>(c1[2], c1[3]);  // row g+8, k 2t+8..
+  a[0] = pack2<T>(acc_value<kPos>(c0[0]), acc_value<kPos>(c0[1]));  // row g,   k 2t..
+  a[1] = pack2<T>(acc_value<kPos>(c0[2]), acc_value<kPos>(c0[3]));  // row g+8, k 2t..
+  a[2] = pack2<T>(acc_value<kPos>(c1[0]), acc_value<kPos>(c1[1]));  // row g,   k 2t+8..
+  a[3] = pack2<T>(acc_value<kPos>(c1[2]), acc_value<kPos>(c1[3]));  // row g+8, k 2t+8..
 }
 
 // fp32 counterpart: write a 16 x 8*NT accumulator tile to this warp's staging buffer
 // (row stride ld) so the next product can read it as an A operand from shared memory.
-template <int NT>
+template <int NT, bool kPos = false>
 RK_DEVICE void acc_to_smem(float* s, int ld, const float (&acc)[NT][4]) {
   const int lane = lane_id();
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int ni = 0; ni < NT; ++ni) {
     const int c = ni * 8 + 2 * t;
-    s[g * ld + c] = acc[ni][0];
-    s[g * ld + c + 1] = acc[ni][1];
-    s[(g + 8) * ld + c] = acc[ni][2];
-    s[(g + 8) * ld + c + 1] = acc[ni][3];
+    s[g * ld + c] = acc_value<kPos>(acc[ni][0]);
+    s[g * ld + c + 1] = acc_value<kPos>(acc[ni][1]);
+    s[(g + 8) * ld + c] = acc_value<kPos>(acc[ni][2]);
+    s[(g + 8) * ld + c + 1] = acc_value<kPos>(acc[ni][3]);
   }
 }
 
