@@ -63,7 +63,8 @@ SIZES = {"gpt": ("base", 8), "bert": ("base", 16), "mae": ("base", 64)}
 
 
 class TorchOps:
-    """Stock-PyTorch stand-ins for the recon ops python_models.blocks calls (same signatures)."""
+    """Stock-PyTorch stand-ins for the recon ops the model blocks call (same signatures):
+    attention through recon_kernels.nn.MultiheadAttention, the MLP through blocks.MLP."""
 
     @staticmethod
     def causal_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, backend=None):
@@ -76,8 +77,12 @@ class TorchOps:
         )
 
     @staticmethod
-    def masked_softmax_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, backend=None):
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    def masked_softmax_attention(
+        q, k, v, mask=None, key_padding_mask=None, dropout_p=0.0, backend=None
+    ):
+        if key_padding_mask is not None:
+            kpm = key_padding_mask[:, None, None, :]
+            mask = kpm if mask is None else mask & kpm
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     @staticmethod
@@ -91,15 +96,25 @@ class TorchOps:
 
 @contextlib.contextmanager
 def stock_ops() -> Iterator[None]:
-    """Route python_models.blocks through TorchOps (the 'eager' / 'torch.compile' baselines)."""
-    from python_models import blocks
+    """Route the model blocks through TorchOps (the 'eager' / 'torch.compile' baselines):
+    the MLP's ops (python_models.models.blocks) and the attention ops that
+    recon_kernels.nn.MultiheadAttention calls."""
+    import recon_kernels.nn as rk_nn
+    from python_models.models import blocks
 
-    saved = blocks.rk
-    blocks.rk = TorchOps
+    patched = [
+        (blocks, "rk", TorchOps),
+        (rk_nn, "causal_attention", TorchOps.causal_attention),
+        (rk_nn, "masked_softmax_attention", TorchOps.masked_softmax_attention),
+    ]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    for mod, name, new in patched:
+        setattr(mod, name, new)
     try:
         yield
     finally:
-        blocks.rk = saved
+        for mod, name, old in saved:
+            setattr(mod, name, old)
 
 
 # --------------------------------------------------------------------------- models

@@ -27,11 +27,11 @@ with a comment per field. ``forward`` returns a NamedTuple whose first field is 
   drawn inside unless ``views=(v1, v2)`` is given).
 * ``ImageGPT.forward(images)`` -> ``ImageGPTOutput(loss, pred (B, L, P))`` (next-patch regression).
 
-(L = number of patches, P = patch_size² · channels.) ``from_hf``: ``GPT.from_hf(GPT2LMHeadModel)``,
-``BERT.from_hf(BertForMaskedLM)``, ``MAE.from_hf(ViTMAEForPreTraining)``.
+(L = number of patches, P = patch_size² · channels.) ``from_hf(hf_model)`` (python_models.hf):
+a ``GPT2LMHeadModel`` -> GPT, ``BertForMaskedLM`` -> BERT, ``ViTMAEForPreTraining`` -> MAE.
 
-Image models (MAE, Autoencoder, SimCLR, ImageGPT) share one encoder class, ``vit.ViTEncoder``,
-configured by ``vit.EncoderConfig`` (the ``encoder`` field of their configs; give all four
+Image models (MAE, Autoencoder, SimCLR, ImageGPT) share one encoder class, ``ViTEncoder``,
+configured by ``EncoderConfig`` (models/vit.py) (the ``encoder`` field of their configs; give all four
 the same one to compare objectives). ``model.encoder`` is that module and
 ``model.features(images)`` -> (B, dim) its [CLS] (or mean, ``EncoderConfig.pool``)
 representation of the full, unmasked image. Images are (B, C, H, W) float; the tiny/small
@@ -45,13 +45,24 @@ wraps the matching nn.Linear layers under ``root`` and freezes every other param
     lora.inject_lora(clf, r"encoder\..*(qkv|proj|fc1|fc2)", r=4, trainable=("head",))
 
 then ``merge_lora``/``unmerge_lora``/``unwrap_lora`` and ``save_adapters``/``load_adapters``.
+
+Layout (imports point one way: runs -> data, lora, hf -> models -> recon_kernels):
+
+    models/   common (config, base class, registry), blocks (attention/MLP blocks, shared
+              helpers), vit, gpt, bert, mae, autoencoder, contrastive
+    data.py   offline data: digits, MNIST IDX, .npz, image folders, text + tokenizers
+    lora.py   LoRA injection, merge/unmerge, adapters
+    hf.py     Hugging Face weight loading: ``from_hf``
+    runs/     config, seeding, tasks, checkpoint, metrics, distributed, train, evaluate,
+              claims, stats, report, compare, args, cli (the ``recon`` command)
 """
 
 from __future__ import annotations
 
-from .autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
-from .bert import BERT, BERTConfig, BERTOutput, MLMCollator
-from .common import (
+from .hf import from_hf
+from .models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderOutput
+from .models.bert import BERT, BERTConfig, BERTOutput, MLMCollator
+from .models.common import (
     IGNORE_INDEX,
     MODEL_REGISTRY,
     ModelConfig,
@@ -59,10 +70,10 @@ from .common import (
     load_pretrained,
     set_backend,
 )
-from .contrastive import SimCLR, SimCLRConfig, SimCLROutput
-from .gpt import GPT, GPTConfig, GPTOutput, ImageGPT, ImageGPTConfig, ImageGPTOutput
-from .mae import MAE, MAEConfig, MAEOutput, random_masking
-from .vit import EncoderConfig, ViTEncoder
+from .models.contrastive import SimCLR, SimCLRConfig, SimCLROutput
+from .models.gpt import GPT, GPTConfig, GPTOutput, ImageGPT, ImageGPTConfig, ImageGPTOutput
+from .models.mae import MAE, MAEConfig, MAEOutput, random_masking
+from .models.vit import EncoderConfig, ViTEncoder
 
 __all__ = [
     "BERT",
@@ -90,6 +101,7 @@ __all__ = [
     "SimCLRConfig",
     "SimCLROutput",
     "ViTEncoder",
+    "from_hf",
     "load_pretrained",
     "random_masking",
     "set_backend",

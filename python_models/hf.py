@@ -11,6 +11,9 @@ model object, e.g. ``GPT2LMHeadModel.from_pretrained(...)`` built wherever it is
   Both the transformers 4.x (``encoder.layer.N.attention.attention.query``) and 5.x
   (``layers.N.attention.q_proj``) module layouts are read.
 
+``from_hf(hf_model)`` picks the loader from the model's ``config.model_type`` (gpt2, bert,
+vit_mae); ``gpt_from_hf`` / ``bert_from_hf`` / ``mae_from_hf`` are the loaders themselves.
+
 The parity tests (tests/test_models_hf.py) compare logits and losses in float32 eval mode.
 The dropout probabilities come over too (residual/embedding and attention-probability
 dropout; GPT-2's embd_pdrop is taken to equal resid_pdrop), so fine-tuning a loaded model
@@ -22,11 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .bert import BERT, BERTConfig
-from .blocks import Block
-from .gpt import GPT, GPTConfig
-from .mae import MAE, MAEConfig
-from .vit import EncoderConfig
+from .models.bert import BERT, BERTConfig
+from .models.blocks import Block
+from .models.common import ReconModel
+from .models.gpt import GPT, GPTConfig
+from .models.mae import MAE, MAEConfig
+from .models.vit import EncoderConfig
 
 # HF activation name -> ours (those with exactly the same formula)
 _ACTIVATIONS = {
@@ -289,3 +293,19 @@ def mae_from_hf(hf_model: nn.Module, backend: str | None = None) -> MAE:
     _copy_ln(model.decoder_norm, dec.decoder_norm, "decoder_norm")
     _copy_linear(model.decoder_pred, dec.decoder_pred.weight, dec.decoder_pred.bias, "decoder_pred")
     return model.to(conv.weight.device)
+
+
+def from_hf(hf_model: nn.Module, backend: str | None = None) -> ReconModel:
+    """Our model with the weights of a transformers model: ``GPT2LMHeadModel`` / ``GPT2Model``
+    -> GPT, ``BertForMaskedLM`` -> BERT, ``ViTMAEForPreTraining`` -> MAE."""
+    config = getattr(hf_model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in _LOADERS:
+        raise ValueError(
+            f"hf_model: expected a transformers model with config.model_type in "
+            f"{sorted(_LOADERS)}, got {type(hf_model).__name__} (model_type {kind!r})"
+        )
+    return _LOADERS[kind](hf_model, backend=backend)
+
+
+_LOADERS = {"gpt2": gpt_from_hf, "bert": bert_from_hf, "vit_mae": mae_from_hf}

@@ -6,7 +6,7 @@ else except an optional head, merge/unmerge, save/load the adapters alone.
 Module patterns: a pattern matches a module name if ``re.fullmatch(pattern, s)`` holds for
 the name or any dot-suffix of it, so ``"qkv"`` matches ``encoder.blocks.3.attn.qkv``,
 ``r"blocks\\.[01]\\..*"`` the first two blocks, ``"(qkv|proj|fc1|fc2)"`` every linear of
-every block (the layer names come from python_models.blocks).
+every block (the layer names come from python_models.models.blocks).
 
     names = inject_lora(model.encoder, "(qkv|proj)", r=8, alpha=16)   # freezes the rest
     ... train ...

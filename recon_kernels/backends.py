@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -116,6 +117,11 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
             )
         return f"triton does not support device {dev.type!r}"
     # cuda
+    cuda_mod = sys.modules.get("recon_kernels.cuda")
+    if cuda_mod is not None and cuda_mod._emulator is not None:  # tests: CPU emulation build
+        if dev is None or dev.type == "cpu":
+            return None
+        return f"the CUDA emulator (tests) takes CPU tensors, got a tensor on {dev.type!r}"
     err = _CUDA_EXT_ERROR
     if err:
         return err

@@ -1,7 +1,7 @@
 """Kernel-level commands: ``info``, ``check`` and ``bench``.
 
 ``python -m recon_kernels {info,check,bench}``; the ``recon`` console script
-(python_models.cli) registers the same subcommands through ``add_kernel_subcommands``.
+(python_models.runs.cli) registers the same subcommands through ``add_kernel_subcommands``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,55 @@ from .ops.lora import merge_lora_
 from .reference import ACTIVATIONS
 
 
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far (causal decoding).
+
+    Buffers (n_layers, B, num_heads, max_len, head_dim) are allocated on the first
+    ``update`` (dtype and device of the first keys). ``length`` tokens are cached; a forward
+    pass writes its T new tokens into every layer with ``update`` and then calls
+    ``advance(T)``. The new queries attend to the cached keys through causal_attention, whose
+    mask is aligned bottom-right, so Nq < Nk needs no offset.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        if n_layers < 1 or max_len < 1:
+            raise ValueError(
+                f"KVCache: expected n_layers >= 1 and max_len >= 1, got {n_layers}, {max_len}"
+            )
+        self.n_layers, self.max_len, self.length = n_layers, max_len, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, head_dim) after the cached tokens of ``layer``; returns that
+        layer's keys and values for all ``length + T`` tokens (strided views)."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer: expected 0..{self.n_layers - 1}, got {layer}")
+        B, H, T, hd = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"kv_cache: {self.length} cached + {T} new tokens exceed max_len={self.max_len}"
+            )
+        if self.k is None:
+            shape = (self.n_layers, B, H, self.max_len, hd)
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        elif self.k.shape[1:3] != (B, H) or self.k.shape[-1] != hd:
+            raise ValueError(
+                f"kv_cache: expected keys of shape ({self.k.shape[1]}, {self.k.shape[2]}, T, "
+                f"{self.k.shape[-1]}), got {tuple(k.shape)}"
+            )
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
 class MultiheadAttention(nn.Module):
     """Self-attention with a packed qkv projection, like ``nn.MultiheadAttention`` with
     ``batch_first=True`` but calling the fused ops.
@@ -20,7 +69,11 @@ class MultiheadAttention(nn.Module):
     (the Hugging Face convention, the opposite of nn.MultiheadAttention's).
     ``mask``: bool broadcastable to (B, H, N, N), True = may attend.
     ``causal=True`` uses causal_attention (mask must then be None).
+    ``kv_cache=(cache, layer)``: incremental causal decoding; x holds only the new tokens,
+    which attend to the cached ones and themselves (causal=True, no masks).
     ``dropout``: on the attention probabilities, in training only (as nn.MultiheadAttention).
+    ``bias`` sets both projections' biases; ``qkv_bias`` / ``proj_bias`` override it per
+    projection (GPT-2 and ViT use both, some models only the input one).
     """
 
     def __init__(
@@ -29,6 +82,8 @@ class MultiheadAttention(nn.Module):
         num_heads: int,
         *,
         bias: bool = True,
+        qkv_bias: bool | None = None,
+        proj_bias: bool | None = None,
         causal: bool = False,
         dropout: float = 0.0,
         backend: str | None = None,
@@ -47,14 +102,17 @@ class MultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.causal, self.backend = causal, backend
         kw = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **kw)
-        self.proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        proj_bias = bias if proj_bias is None else proj_bias
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias, **kw)
+        self.proj = nn.Linear(embed_dim, embed_dim, bias=proj_bias, **kw)
 
     def forward(
         self,
         x: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        kv_cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
@@ -62,6 +120,15 @@ class MultiheadAttention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         # views of the packed tensor, no copies: the kernels take any strides
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
+        if kv_cache is not None:
+            if not self.causal or key_padding_mask is not None or mask is not None:
+                raise ValueError(
+                    "kv_cache: expected causal attention without key_padding_mask or mask, got "
+                    f"causal={self.causal}, key_padding_mask "
+                    f"{'given' if key_padding_mask is not None else 'None'}, mask "
+                    f"{'given' if mask is not None else 'None'}"
+                )
+            k, v = kv_cache[0].update(kv_cache[1], k, v)  # (B, H, cached + N, hd)
         p = self.dropout if self.training else 0.0
         if self.causal:
             if mask is not None:
@@ -75,6 +142,12 @@ class MultiheadAttention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(B, N, E)  # (B, N, E)
         return self.proj(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, causal={self.causal}, dropout={self.dropout}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class ConvMLP(nn.Module):

@@ -1,13 +1,19 @@
 """Shared test fixtures: device/backend parametrisation and the 2x-error tolerance rule.
 
 Without a GPU, Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 must be set
-before triton is imported, so it is set here). With a GPU, the same tests run the Triton
-and CUDA kernels for real on CUDA tensors.
+before triton is imported, so it is set here) and the CUDA kernels run in their CPU
+emulation build (the "cuda-emu" case: the same csrc/ sources compiled for the host with
+csrc/emulator.h, built once per session when nvcc's headers are there). With a GPU, the
+same tests run the Triton and CUDA kernels for real on CUDA tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -20,6 +26,17 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import recon_kernels as rk  # noqa: E402
+from recon_kernels import cuda as rkcuda  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_cuda  # noqa: E402
+
+NVCC = build_cuda.find_nvcc()
+NO_NVCC = (
+    "nvcc not found: the CUDA extension cannot be built here (install the CUDA toolkit or "
+    "set CUDA_HOME / NVCC)"
+)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,6 +62,10 @@ def kernel_cases():
         )
     else:
         cases.append(pytest.param("triton", "cpu", id="triton-interp"))
+        emu_marks = [pytest.mark.cuda_emu]
+        if NVCC is None:
+            emu_marks.append(pytest.mark.skip(reason=NO_NVCC + "; the emulator needs its headers"))
+        cases.append(pytest.param("cuda", "cpu", id="cuda-emu", marks=emu_marks))
         cases.append(
             pytest.param(
                 "cuda",
@@ -56,6 +77,43 @@ def kernel_cases():
             )
         )
     return cases
+
+
+@contextlib.contextmanager
+def locked(path: str):
+    """Serialises builds between pytest-xdist workers."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The CPU emulation build of the CUDA kernels (host compiler + CUDA headers), built once
+    (ninja: a no-op when fresh)."""
+    if NVCC is None:
+        pytest.skip(NO_NVCC + "; the emulator needs its fp16/bf16 headers")
+    builddir = os.path.join(ROOT, "build", "cuda-emu")
+    with locked(builddir + ".lock"):
+        path = build_cuda.build_emulator(builddir)
+    spec = importlib.util.spec_from_file_location("_cuda_emu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emu_case(request):
+    """A "cuda-emu" kernel case runs backend "cuda" on CPU tensors through the emulator."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    with rkcuda.use_emulator(request.getfixturevalue("emu")):
+        yield
 
 
 def assert_rule(

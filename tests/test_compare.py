@@ -1,4 +1,4 @@
-"""python_models.compare: paired statistics, verdicts that follow the numbers, and a tiny
+"""python_models.runs.compare (claims, stats, report): paired statistics, verdicts that follow the numbers, and a tiny
 end-to-end comparison (every objective, two budgets, reports and plots)."""
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import pytest
 from scipy import stats
 from test_models_common import tiny_model_cpu
 
-from python_models import compare as C
-from python_models.evaluate import FewShotResult
+from python_models.runs import claims as CL
+from python_models.runs import compare as C
+from python_models.runs import report as R
+from python_models.runs import stats as S
+from python_models.runs.config import CompareConfig
+from python_models.runs.evaluate import FewShotResult
 
 
 @pytest.fixture(autouse=True)
@@ -24,23 +28,23 @@ def _one_thread():
 def test_paired_test_matches_scipy_and_edge_cases():
     rng = np.random.default_rng(0)
     d = rng.normal(0.05, 0.1, 30)
-    mean, p = C.paired_test(d)
+    mean, p = S.paired_test(d)
     assert mean == pytest.approx(d.mean()) and p == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
-    assert C.paired_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
-    assert C.paired_test([0.1, 0.1, 0.1])[1] == 0.0  # consistent non-zero difference
-    assert C.paired_test([0.2])[1] == 1.0  # one pair: no test
+    assert S.paired_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
+    assert S.paired_test([0.1, 0.1, 0.1])[1] == 0.0  # consistent non-zero difference
+    assert S.paired_test([0.2])[1] == 1.0  # one pair: no test
 
 
 def test_holm():
-    assert C.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert C.holm([0.5]) == [0.5]
+    assert S.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert S.holm([0.5]) == [0.5]
 
 
-def _synthetic(cfg: C.CompareConfig, means: dict, noise: float = 0.01) -> C.Results:
+def _synthetic(cfg: CompareConfig, means: dict, noise: float = 0.01) -> S.Results:
     """Results whose accuracy is means[(method, protocol)] (a number, or a dict budget ->
     number) plus small per-unit noise."""
     rng = np.random.default_rng(0)
-    res = C.Results()
+    res = S.Results()
     for (m, p), v in means.items():
         for b in cfg.budgets:
             base = v[b] if isinstance(v, dict) else v
@@ -55,7 +59,7 @@ def _verdict(verdicts: list[dict], key: str) -> dict:
 
 
 def test_verdicts_follow_the_numbers():
-    cfg = C.CompareConfig(budgets=[100, 500], seeds=[0], draws=4, shots=[1, 5])
+    cfg = CompareConfig(budgets=[100, 500], seeds=[0], draws=4, shots=[1, 5])
     means = {
         # SimCLR probes best at every budget -> contrastive claim reproduced
         ("simclr", "probe"): 0.8,
@@ -70,8 +74,8 @@ def test_verdicts_follow_the_numbers():
         ("mae", "finetune"): {100: 0.25, 500: 0.95},
     }
     res = _synthetic(cfg, means)
-    tests = C.test_claims(res, cfg)
-    v = C.verdicts(tests, cfg)
+    tests = S.test_claims(res, cfg)
+    v = S.verdicts(tests, cfg)
     assert _verdict(v, "contrastive_probe")["verdict"] == "reproduced"
     ae = _verdict(v, "ae_poor")
     assert ae["verdict"] == "mixed"
@@ -88,37 +92,37 @@ def test_verdicts_follow_the_numbers():
 
 
 def test_no_differences_reproduce_nothing():
-    cfg = C.CompareConfig(budgets=[100], seeds=[0], draws=4, shots=[1, 5])
-    means = {(m, p): 0.5 for m in C.METHODS for p in C.PROTOCOLS}
-    tests = C.test_claims(_synthetic(cfg, means, noise=0.02), cfg)
+    cfg = CompareConfig(budgets=[100], seeds=[0], draws=4, shots=[1, 5])
+    means = {(m, p): 0.5 for m in CL.METHODS for p in CL.PROTOCOLS}
+    tests = S.test_claims(_synthetic(cfg, means, noise=0.02), cfg)
     assert {t.outcome for t in tests} == {"n.s."}
-    assert {v["verdict"] for v in C.verdicts(tests, cfg)} == {"not reproduced"}
+    assert {v["verdict"] for v in S.verdicts(tests, cfg)} == {"not reproduced"}
 
 
 def test_seed_level_units_average_the_draws():
-    cfg = C.CompareConfig(budgets=[10], seeds=[0, 1, 2], draws=3, shots=[1, 2])
+    cfg = CompareConfig(budgets=[10], seeds=[0, 1, 2], draws=3, shots=[1, 2])
     assert cfg.seed_level
     res = _synthetic(cfg, {("mae", "probe"): 0.5})
     units = res.units("mae", "probe", 10, seed_level=True)
     assert len(units) == 3 * 2
     rows = [r["acc"] for r in res.rows if r["seed"] == 1 and r["k"] == 2]
     assert units[(1, 2)] == pytest.approx(np.mean(rows))
-    assert "variation between pretraining runs" not in C.power_note(cfg)
-    quick = C.CompareConfig(**{**C.CompareConfig.QUICK, "quick": True})
-    assert C.power_note(quick).startswith("LOW-POWERED") and not quick.seed_level
+    assert "variation between pretraining runs" not in R.power_note(cfg)
+    quick = CompareConfig(**{**CompareConfig.QUICK, "quick": True})
+    assert R.power_note(quick).startswith("LOW-POWERED") and not quick.seed_level
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="methods: expected a subset"):
-        C.CompareConfig(methods=["vae"])
+        CompareConfig(methods=["vae"])
     with pytest.raises(ValueError, match="budgets"):
-        C.CompareConfig(budgets=[])
-    assert C.CompareConfig(preset="tiny").lr == 3e-3
+        CompareConfig(budgets=[])
+    assert CompareConfig(preset="tiny").lr == 3e-3
 
 
 def test_tiny_end_to_end_compare(tmp_path):
     out = str(tmp_path / "cmp")
-    cfg = C.CompareConfig(
+    cfg = CompareConfig(
         out=out,
         budgets=[2, 4],
         seeds=[0],
@@ -141,7 +145,7 @@ def test_tiny_end_to_end_compare(tmp_path):
     assert len(rep.results.rows) == (4 * 2 * 2 + 1 + 2) * 2 * 2
     assert all(0.0 <= r["acc"] <= 1.0 for r in rep.results.rows)
     assert {v["verdict"] for v in rep.verdicts} <= {"reproduced", "not reproduced", "mixed"}
-    assert len(rep.tests) == sum(len(c.comparisons) for c in C.CLAIMS) * 2
+    assert len(rep.tests) == sum(len(c.comparisons) for c in CL.CLAIMS) * 2
     for m in ("autoencoder", "MAE", "SimCLR", "image-GPT", "raw pixels", "random init"):
         assert f"| {m}" in rep.summary
     assert "[low-powered]" in rep.summary and "## Paired tests" in rep.markdown

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_models_common import tiny_model_cpu
 
-from python_models import evaluate as E
 from python_models.data import ImageData, load_images
-from python_models.train import generator
-from python_models.vit import EncoderConfig, ViTEncoder
+from python_models.models.vit import EncoderConfig, ViTEncoder
+from python_models.runs import evaluate as E
+from python_models.runs.seeding import generator
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import assert_rule, kernel_cases
 
 import recon_kernels as rk
+from recon_kernels.integrations import _log as warn_log
 from recon_kernels.integrations import sdpa as sdpa_mod
 
 BACKENDS = [pytest.param("eager", "cpu", id="eager-cpu"), *kernel_cases()]
@@ -265,7 +266,7 @@ def test_float_mask_check_runs_once_per_mask_version(monkeypatch):
 
 
 def test_fallbacks_taken_exactly_where_documented(spy, caplog, monkeypatch):
-    monkeypatch.setattr(sdpa_mod, "_warned", set())
+    warn_log.reset()
     q, k, v = _qkv((2, 4, 5, 16), (2, 2, 7, 16), "cpu")  # 4 query heads, 2 kv heads
     cases = {
         "gqa": lambda: rk.scaled_dot_product_attention(q, k, v, enable_gqa=True),

@@ -8,7 +8,7 @@ from conftest import kernel_cases
 from test_models_common import assert_kernel_parity, compile_train_step, train_smoke
 
 import python_models as pm
-from python_models.blocks import patchify
+from python_models.models.blocks import patchify
 
 
 def tiny_ae(**kw) -> pm.Autoencoder:

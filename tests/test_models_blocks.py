@@ -14,14 +14,15 @@ from test_models_common import assert_kernel_parity
 
 import python_models as pm
 from python_models import lora
-from python_models.blocks import MLP, Block, SelfAttention
+from python_models.models.blocks import MLP, Block
+from recon_kernels.nn import MultiheadAttention
 
 
 def reference_block(blk: Block, x: torch.Tensor, kpm: torch.Tensor | None) -> torch.Tensor:
     """The block written out with plain torch ops (float64 capable)."""
     a, m = blk.attn, blk.mlp
     B, N, E = x.shape
-    H, D = a.n_heads, a.head_dim
+    H, D = a.num_heads, a.head_dim
 
     def attn(h):
         q, k, v = F.linear(h, a.qkv.weight, a.qkv.bias).split(E, dim=-1)
@@ -123,8 +124,8 @@ def test_lora_wrapped_mlp_stays_fused_and_exact():
 
 
 def test_attention_errors():
-    with pytest.raises(ValueError, match="n_heads: expected a divisor of dim=24, got 5"):
-        SelfAttention(24, 5)
+    with pytest.raises(ValueError, match="num_heads: expected a divisor of embed_dim=24, got 5"):
+        MultiheadAttention(24, 5)
     with pytest.raises(ValueError, match="activation: expected one of"):
         MLP(8, 16, activation="swish")
 

@@ -1,5 +1,5 @@
 """Shared helpers of the model tests (kernel-vs-eager parity, training smoke test) and the
-tests of python_models.common: configs, presets, save/load, backend switching.
+tests of python_models.models.common: configs, presets, save/load, backend switching.
 
 Tolerance of the kernel-vs-eager parity: both paths compute in float32 and differ only in
 the order of floating-point reductions (matmul tiling, online softmax). Each reordered sum

@@ -11,7 +11,7 @@ from conftest import kernel_cases
 from test_models_common import assert_kernel_parity, compile_train_step, train_smoke
 
 import python_models as pm
-from python_models.contrastive import augment, nt_xent
+from python_models.models.contrastive import augment, nt_xent
 
 
 def tiny_simclr(**kw) -> pm.SimCLR:

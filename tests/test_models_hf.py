@@ -62,7 +62,7 @@ def test_gpt2_parity(activation):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     randomize(hf)
-    ours = pm.GPT.from_hf(hf, backend="eager").eval()
+    ours = pm.from_hf(hf, backend="eager").eval()
     assert ours.config.activation == {"gelu_new": "gelu_tanh", "gelu": "gelu"}[activation]
     ids = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 13, dtype=torch.long)
@@ -88,7 +88,7 @@ def test_gpt2_unsupported_option_is_refused():
         scale_attn_by_inverse_layer_idx=True,
     )
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx: expected False"):
-        pm.GPT.from_hf(transformers.GPT2LMHeadModel(cfg))
+        pm.from_hf(transformers.GPT2LMHeadModel(cfg))
 
 
 def test_bert_parity():
@@ -108,7 +108,7 @@ def test_bert_parity():
     torch.manual_seed(0)
     hf = transformers.BertForMaskedLM(cfg).eval()
     randomize(hf)
-    ours = pm.BERT.from_hf(hf, backend="eager").eval()
+    ours = pm.from_hf(hf, backend="eager").eval()
     assert ours.config.norm_eps == 1e-12 and ours.config.activation == "gelu"
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 99, (3, 11), generator=g)
@@ -158,7 +158,7 @@ def test_vit_mae_parity(norm_pix, qkv_bias):
     with torch.no_grad():  # the fixed sin-cos tables, as in a pretrained checkpoint
         hf.vit.embeddings.position_embeddings.copy_(hf_mae_sincos(4, 32)[None])
         hf.decoder.decoder_pos_embed.copy_(hf_mae_sincos(4, 24)[None])
-    ours = pm.MAE.from_hf(hf, backend="eager").eval()
+    ours = pm.from_hf(hf, backend="eager").eval()
     assert ours.config.encoder.norm_eps == 1e-12 and ours.config.norm_pix_loss == norm_pix
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, 8, 8, generator=g)
@@ -201,7 +201,7 @@ def test_dropout_probabilities_come_over():
             attn_pdrop=0.2,
         )
     )
-    c = pm.GPT.from_hf(gpt).config
+    c = pm.from_hf(gpt).config
     assert (c.dropout, c.attn_dropout) == (0.15, 0.2)
     bert = transformers.BertForMaskedLM(
         transformers.BertConfig(
@@ -215,6 +215,6 @@ def test_dropout_probabilities_come_over():
             attention_probs_dropout_prob=0.3,
         )
     )
-    model = pm.BERT.from_hf(bert)
+    model = pm.from_hf(bert)
     assert (model.config.dropout, model.config.attn_dropout) == (0.05, 0.3)
     assert all(b.attn.dropout == 0.3 for b in model.blocks)

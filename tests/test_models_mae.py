@@ -11,7 +11,7 @@ from conftest import kernel_cases
 from test_models_common import assert_kernel_parity, compile_train_step, train_smoke
 
 import python_models as pm
-from python_models.blocks import patchify, sincos_pos_embed_2d, unpatchify
+from python_models.models.blocks import patchify, sincos_pos_embed_2d, unpatchify
 
 
 def tiny_mae(**kw) -> pm.MAE:

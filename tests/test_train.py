@@ -1,4 +1,4 @@
-"""python_models.train: schedule, data order, exact resume, atomic checkpoints, and the
+"""python_models.runs (train, tasks, checkpoint, metrics): schedule, data order, exact resume, atomic checkpoints, and the
 2-process torchrun/gloo run against the 1-process run."""
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import torch
 from safetensors.torch import load_file
 from test_models_common import tiny_model_cpu
 
-from python_models import train as T
 from python_models.data import load_images
+from python_models.runs import checkpoint as CK
+from python_models.runs import metrics as M
+from python_models.runs import tasks as K
+from python_models.runs import train as T
+from python_models.runs.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,9 +30,9 @@ def _one_thread():
         yield
 
 
-def _cfg(model="mae", **kw) -> T.TrainConfig:
+def _cfg(model="mae", **kw) -> TrainConfig:
     base = dict(model=model, steps=6, batch_size=16, log_every=1)
-    return T.TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def _weights(ckpt: str) -> dict[str, torch.Tensor]:
@@ -38,7 +42,7 @@ def _weights(ckpt: str) -> dict[str, torch.Tensor]:
 def _losses(run: str) -> list[tuple[int, float, float]]:
     return [
         (r["step"], r["loss"], r["grad_norm"])
-        for r in T.read_metrics(os.path.join(run, "metrics.jsonl"))
+        for r in M.read_metrics(os.path.join(run, "metrics.jsonl"))
         if "loss" in r
     ]
 
@@ -50,23 +54,23 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine falls
     assert lrs[-1] == pytest.approx(1e-4)
-    assert T.TrainConfig(model="mae", steps=200).warmup_steps == 10
+    assert TrainConfig(model="mae", steps=200).warmup_steps == 10
 
 
 def test_epoch_sampler_covers_each_epoch_once_and_crosses_epochs():
-    s = T.EpochSampler(10, seed=3)
+    s = K.EpochSampler(10, seed=3)
     stream = torch.cat([s.indices(i, 4) for i in range(5)])  # 20 = two epochs
     assert sorted(stream[:10].tolist()) == list(range(10))
     assert sorted(stream[10:].tolist()) == list(range(10))
     assert not torch.equal(stream[:10], stream[10:])  # a new permutation per epoch
-    assert torch.equal(T.EpochSampler(10, seed=3).indices(3, 4), s.indices(3, 4))
+    assert torch.equal(K.EpochSampler(10, seed=3).indices(3, 4), s.indices(3, 4))
 
 
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="model: expected one of"):
-        T.TrainConfig(model="vae")
+        TrainConfig(model="vae")
     with pytest.raises(ValueError, match="stop_at"):
-        T.TrainConfig(model="mae", steps=5, stop_at=9)
+        TrainConfig(model="mae", steps=5, stop_at=9)
     with pytest.raises(ValueError, match="bf16: expected a CUDA device"):
         T.train(_cfg(bf16=True, device="cpu"), "/nonexistent/never-created")
 
@@ -78,20 +82,20 @@ def test_resume_equals_uninterrupted(tmp_path, model):
     kw = dict(seq_len=16) if model in ("gpt", "bert") else {}
     full = T.train(_cfg(model, **kw), str(tmp_path / "a"), progress=False)
     T.train(_cfg(model, stop_at=3, **kw), str(tmp_path / "b"), progress=False)
-    assert os.path.basename(T.latest_checkpoint(str(tmp_path / "b"))) == "step_0000003"
+    assert os.path.basename(CK.latest_checkpoint(str(tmp_path / "b"))) == "step_0000003"
     resumed = T.train(_cfg(model, **kw), str(tmp_path / "b"), resume=True, progress=False)
     assert resumed.step == full.step == 6
     wa, wb = _weights(full.checkpoint), _weights(resumed.checkpoint)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    oa = load_file(os.path.join(full.checkpoint, T.OPTIMIZER_NAME))
-    ob = load_file(os.path.join(resumed.checkpoint, T.OPTIMIZER_NAME))
+    oa = load_file(os.path.join(full.checkpoint, CK.OPTIMIZER_NAME))
+    ob = load_file(os.path.join(resumed.checkpoint, CK.OPTIMIZER_NAME))
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
     assert _losses(str(tmp_path / "a")) == _losses(str(tmp_path / "b"))
     assert full.val == resumed.val
     # and the checkpoint differs from the initial weights (training happened)
-    init = T.build_model(_cfg(model, **kw), T.load_task_data(_cfg(model, **kw))).state_dict()
+    init = K.build_model(_cfg(model, **kw), K.load_task_data(_cfg(model, **kw))).state_dict()
     assert any(not torch.equal(init[k], wa[k]) for k in wa if k in init)
 
 
@@ -117,12 +121,12 @@ def test_run_directory_contents_and_text_metrics(tmp_path):
         "trainer_state.json",
     ]
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = T.read_metrics(str(run / "metrics.jsonl"))
+    rows = M.read_metrics(str(run / "metrics.jsonl"))
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     val = [r for r in rows if "val_loss" in r]
     assert len(val) == 1 and val[0]["val_ppl"] == pytest.approx(np.exp(val[0]["val_loss"]))
     # the checkpoint is a loadable model with a 27-symbol vocabulary (char tokenizer)
-    model, state = T.load_checkpoint_model(str(run))
+    model, state = CK.load_checkpoint_model(str(run))
     assert model.config.vocab_size == len(set(txt.read_text())) and state["step"] == 6
 
 
@@ -159,10 +163,10 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkey
 
     out = str(tmp_path / "run")
     cfg = _cfg(steps=4, save_every=2)
-    data = T.load_task_data(cfg)
-    model = T.build_model(cfg, data)
+    data = K.load_task_data(cfg)
+    model = K.build_model(cfg, data)
     opt = T.make_optimizer(model, cfg)
-    good = T.save_checkpoint(out, 2, model, opt, {"train_config": cfg.to_dict()})
+    good = CK.save_checkpoint(out, 2, model, opt, {"train_config": cfg.to_dict()})
     files = {n: open(os.path.join(good, n), "rb").read() for n in os.listdir(good)}
     real = safetensors.torch.save_file
 
@@ -175,26 +179,26 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkey
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     with pytest.raises(OSError, match="disk full"):
-        T.save_checkpoint(out, 4, model, opt, {"train_config": cfg.to_dict()})
+        CK.save_checkpoint(out, 4, model, opt, {"train_config": cfg.to_dict()})
     # and rewriting the same step that exists: the old one must survive the failure too
     with pytest.raises(OSError, match="disk full"):
-        T.save_checkpoint(out, 2, model, opt, {"train_config": cfg.to_dict()})
+        CK.save_checkpoint(out, 2, model, opt, {"train_config": cfg.to_dict()})
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert sorted(os.listdir(out)) == ["latest", "step_0000002"]
-    assert T.latest_checkpoint(out) == good
+    assert CK.latest_checkpoint(out) == good
     assert {n: open(os.path.join(good, n), "rb").read() for n in os.listdir(good)} == files
 
 
 def test_checkpoint_pruning_and_stale_latest(tmp_path):
     out = str(tmp_path / "run")
     cfg = _cfg(steps=4)
-    model = T.build_model(cfg, T.load_task_data(cfg))
+    model = K.build_model(cfg, K.load_task_data(cfg))
     opt = T.make_optimizer(model, cfg)
     for step in (1, 2, 3):
-        T.save_checkpoint(out, step, model, opt, {}, keep=2)
+        CK.save_checkpoint(out, step, model, opt, {}, keep=2)
     assert sorted(os.listdir(out)) == ["latest", "step_0000002", "step_0000003"]
     os.remove(os.path.join(out, "latest"))  # a crash between the rename and `latest`
-    assert T.latest_checkpoint(out).endswith("step_0000003")
+    assert CK.latest_checkpoint(out).endswith("step_0000003")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -203,9 +207,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with open(os.path.join(res.checkpoint, "model.safetensors"), "r+b") as f:
         f.truncate(100)
     with pytest.raises(ValueError, match="checkpoint: cannot load"):
-        T.load_checkpoint_model(out)
+        CK.load_checkpoint_model(out)
     with pytest.raises(FileNotFoundError, match="checkpoint: expected a checkpoint directory"):
-        T.resolve_checkpoint(str(tmp_path))
+        CK.resolve_checkpoint(str(tmp_path))
 
 
 def test_ddp_global_batch_is_independent_of_world_size():
@@ -213,10 +217,10 @@ def test_ddp_global_batch_is_independent_of_world_size():
     included): the data side of the DDP equivalence."""
     cfg = _cfg("mae")
     data = load_images()
-    model = T.build_model(cfg, data)
-    task = T.make_task(cfg, data, model)
+    model = K.build_model(cfg, data)
+    task = K.make_task(cfg, data, model)
     full = task.batch(5, 16)
-    halves = [T._slice(task.batch(5, 16), slice(r * 8, (r + 1) * 8)) for r in range(2)]
+    halves = [K.slice_batch(task.batch(5, 16), slice(r * 8, (r + 1) * 8)) for r in range(2)]
     for key in ("images", "noise"):
         assert torch.equal(torch.cat([h[key] for h in halves]), full[key])
 
@@ -286,7 +290,7 @@ def test_torchrun_two_processes_gloo_equals_one_process(tmp_path):
     for (_, a, ga), (_, b, gb) in zip(l1, l2):
         assert b == pytest.approx(a, rel=1e-5) and gb == pytest.approx(ga, rel=1e-5)
     # each rank computed the loss of its own half (not the whole batch)
-    for r in T.read_metrics(os.path.join(two, "metrics.jsonl")):
+    for r in M.read_metrics(os.path.join(two, "metrics.jsonl")):
         if "loss" in r:
             assert len(r["rank_loss"]) == 2 and r["rank_loss"][0] != r["rank_loss"][1]
             assert np.mean(r["rank_loss"]) == pytest.approx(r["loss"], rel=1e-6)

@@ -20,36 +20,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 
 import torch
 import torch.nn as nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from ..ops import lora_linear
-from .sdpa import autocast_inputs, no_autocast
+from ._log import warn_once
 
 logger = logging.getLogger(__name__)
-
-_warned: set[str] = set()
-_warn_lock = threading.Lock()
-
 
 # states a user chooses on purpose: said at debug level, not as a warning
 _BENIGN = ("adapters disabled", "merged adapter weights")
 
 
 def _warn_once(msg: str) -> None:
-    if torch.compiler.is_compiling():
-        return
     if msg in _BENIGN:
+        if torch.compiler.is_compiling():
+            return
         logger.debug("recon_kernels peft integration: %s; running peft's forward", msg)
         return
-    with _warn_lock:
-        if msg in _warned:
-            return
-        _warned.add(msg)
-    logger.warning("recon_kernels peft integration: %s; running peft's forward (said once)", msg)
+    warn_once(logger, msg, "recon_kernels peft integration: %s; running peft's forward (said once)")
 
 
 def _base_weight(layer: PeftLoraLinear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -110,19 +101,16 @@ class ReconLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         name = next(a for a in self.active_adapters if a in self.lora_A)
         weight, bias = _base_weight(self)
-        x, weight, bias, lora_a, lora_b = autocast_inputs(
-            x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight
+        # lora_linear follows torch.autocast itself (casts its inputs like nn.Linear)
+        return lora_linear(
+            x,
+            weight,
+            bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            float(self.scaling[name]),
+            backend=getattr(self, "_recon_backend", None),
         )
-        with no_autocast(x.device):
-            return lora_linear(
-                x,
-                weight,
-                bias,
-                lora_a,
-                lora_b,
-                float(self.scaling[name]),
-                backend=getattr(self, "_recon_backend", None),
-            )
 
 
 @dataclasses.dataclass

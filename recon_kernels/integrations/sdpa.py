@@ -60,7 +60,6 @@ import contextlib
 import functools
 import logging
 import math
-import threading
 import weakref
 from collections.abc import Iterator
 
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 
 from ..ops import causal_attention, masked_softmax_attention
 from ..ops.attention import MAX_HEAD_DIM
+from ._log import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +78,13 @@ _torch_sdpa = torch._C._nn.scaled_dot_product_attention
 FLOAT_MASK_POLICIES = ("fallback", "binary", "check")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_warned: set[str] = set()
-_warn_lock = threading.Lock()
-
 
 def _warn_once(reason: str) -> None:
-    if torch.compiler.is_compiling():
-        return  # logging inside a traced region is a graph break; the eager run has said it
-    with _warn_lock:
-        if reason in _warned:
-            return
-        _warned.add(reason)
-    logger.warning(
+    warn_once(
+        logger,
+        reason,
         "recon_kernels scaled_dot_product_attention: %s; falling back to "
         "torch.nn.functional.scaled_dot_product_attention (said once per reason)",
-        reason,
     )
 
 
@@ -109,26 +101,6 @@ def collapse_broadcast(mask: torch.Tensor) -> torch.Tensor:
         for n, st in zip(mask.shape, mask.stride())
     )
     return mask[idx]
-
-
-def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Cast floating tensors to the autocast dtype when autocast is on for their device."""
-    ref = next(t for t in tensors if t is not None)
-    dev = ref.device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    )
-
-
-def no_autocast(device: torch.device):
-    """Context that turns autocast off for the fused op (its inputs are already cast)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # Per-tensor cache of the "check" policy's verdict: (weakref to the mask, its version) -> bool.
@@ -270,7 +242,6 @@ def scaled_dot_product_attention(
 
 
 def _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend, dropout_p=0.0):
-    query, key, value = autocast_inputs(query, key, value)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask == 0  # verified (check) or stated (binary) to be 0 / -inf
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
@@ -290,30 +261,30 @@ def _fused_sdpa(query, key, value, attn_mask, is_causal, scale, backend, dropout
             m = m.expand(*lead[:-1], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
         mask = collapse_broadcast(_to_4d(m, lead) if len(lead) <= 2 else m)  # (B|1, H|1, L|1, S|1)
 
-    with no_autocast(q.device):
-        if is_causal and mask is None and L <= S:
-            # top-left == bottom-right on the first L keys; keys >= L are never visible
-            out = causal_attention(
-                q, k[:, :, :L], v[:, :, :L], scale=scale, dropout_p=dropout_p, backend=backend
-            )
-        else:
-            if is_causal:
-                tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()  # j <= i
-                mask = tril[None, None] if mask is None else mask & tril
-            kpm = None
-            if mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1:
-                kpm = mask[:, 0, 0, :].expand(B, S)  # (B, S): the key-padding fast path
-                mask = None
-            out = masked_softmax_attention(
-                q,
-                k,
-                v,
-                mask,
-                key_padding_mask=kpm,
-                scale=scale,
-                dropout_p=dropout_p,
-                backend=backend,
-            )
+    # the ops follow torch.autocast themselves (inputs cast like torch does for SDPA)
+    if is_causal and mask is None and L <= S:
+        # top-left == bottom-right on the first L keys; keys >= L are never visible
+        out = causal_attention(
+            q, k[:, :, :L], v[:, :, :L], scale=scale, dropout_p=dropout_p, backend=backend
+        )
+    else:
+        if is_causal:
+            tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()  # j <= i
+            mask = tril[None, None] if mask is None else mask & tril
+        kpm = None
+        if mask is not None and mask.shape[1] == 1 and mask.shape[2] == 1:
+            kpm = mask[:, 0, 0, :].expand(B, S)  # (B, S): the key-padding fast path
+            mask = None
+        out = masked_softmax_attention(
+            q,
+            k,
+            v,
+            mask,
+            key_padding_mask=kpm,
+            scale=scale,
+            dropout_p=dropout_p,
+            backend=backend,
+        )
     return out.reshape(*lead, L, E)  # (..., L, E)
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import threading
 
 import torch
 import torch.nn as nn
@@ -66,7 +65,8 @@ except ImportError as e:  # pragma: no cover - depends on the installed version
     ) from e
 
 from ..ops import causal_attention, conv1d_mlp, masked_softmax_attention
-from .sdpa import autocast_inputs, no_autocast, scaled_dot_product_attention
+from ._log import warn_once
+from .sdpa import scaled_dot_product_attention
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +74,10 @@ IMPLEMENTATION = "recon"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
 
 _default_backend: str | None = None
-_warned: set[str] = set()
-_warn_lock = threading.Lock()
 
 
 def _warn_once(msg: str) -> None:
-    if torch.compiler.is_compiling():
-        return
-    with _warn_lock:
-        if msg in _warned:
-            return
-        _warned.add(msg)
-    logger.warning("recon_kernels transformers integration: %s (said once)", msg)
+    warn_once(logger, msg, "recon_kernels transformers integration: %s (said once)")
 
 
 # --------------------------------------------------------------------------- the mask builder
@@ -245,16 +237,15 @@ def recon_attention_forward(
                 f"{tuple(attention_mask.shape)}"
             )
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
-        q, k, v = autocast_inputs(query, key, value)
-        with no_autocast(q.device):
-            if causal and L > 1:
-                out = causal_attention(
-                    q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
-                )
-            else:
-                out = masked_softmax_attention(
-                    q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
-                )
+        q, k, v = query, key, value  # the ops follow torch.autocast themselves
+        if causal and L > 1:
+            out = causal_attention(
+                q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
+            )
+        else:
+            out = masked_softmax_attention(
+                q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
+            )
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D)
 
 
@@ -312,10 +303,8 @@ def activation_name(act: object) -> str | None:
 
 
 def fused_mlp(x, w1, b1, w2, b2, activation, backend):
-    """conv1d_mlp with torch.autocast's policy for linear layers (cast to the autocast dtype)."""
-    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
-    with no_autocast(x.device):
-        return conv1d_mlp(x, w1, b1, w2, b2, activation=activation, backend=backend)
+    """conv1d_mlp (which follows torch.autocast's policy for linear layers itself)."""
+    return conv1d_mlp(x, w1, b1, w2, b2, activation=activation, backend=backend)
 
 
 def _stock_if_changed(method: str):

@@ -11,6 +11,7 @@ Every implementation module exposes the same function names with the same signat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -30,6 +31,23 @@ def impl(backend: str, family: str) -> ModuleType:
     if backend == "cuda":
         return importlib.import_module("recon_kernels.cuda")
     raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+
+
+def run(backend: str, family: str, fn: str, *args, **kwargs):
+    """``fn`` of the backend's implementation module, called from a custom op's body with
+    autocast off: the op's inputs were already cast to the autocast dtype by the public
+    function (``autocast`` below), and a backend that computes in float32 on purpose (the
+    eager reference's upcasts) must not have its matmuls cast back down by autocast."""
+    ref = next(a for a in args if isinstance(a, torch.Tensor))
+    with no_autocast(ref.device):
+        return getattr(impl(backend, family), fn)(*args, **kwargs)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device`` (a no-op context when it is off already)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:

@@ -47,8 +47,18 @@ def attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32; float64 for float64 inputs).
     dropout_p > 0: seed is a CPU int64 tensor of one element (reference.dropout_keep)."""
-    return _dispatch.impl(backend, "attention").attention_fwd(
-        q, k, v, mask, key_padding_mask, scale, causal, **_dropout_args(dropout_p, seed)
+    return _dispatch.run(
+        backend,
+        "attention",
+        "attention_fwd",
+        q,
+        k,
+        v,
+        mask,
+        key_padding_mask,
+        scale,
+        causal,
+        **_dropout_args(dropout_p, seed),
     )
 
 
@@ -83,7 +93,10 @@ def attention_bwd(
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the input dtypes."""
-    return _dispatch.impl(backend, "attention").attention_bwd(
+    return _dispatch.run(
+        backend,
+        "attention",
+        "attention_bwd",
         dout,
         q,
         k,

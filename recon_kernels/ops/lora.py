@@ -29,7 +29,7 @@ def lora_linear_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, in) -> (y (M, out), xa (M, r)), both in x.dtype."""
-    return _dispatch.impl(backend, "lora").lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale)
+    return _dispatch.run(backend, "lora", "lora_linear_fwd", x, weight, bias, lora_a, lora_b, scale)
 
 
 @lora_linear_fwd.register_fake
@@ -52,8 +52,19 @@ def lora_linear_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dA, dB); dweight/dbias are empty (0,) when not needed."""
-    dx, dw, dbias, da, db = _dispatch.impl(backend, "lora").lora_linear_bwd(
-        dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias
+    dx, dw, dbias, da, db = _dispatch.run(
+        backend,
+        "lora",
+        "lora_linear_bwd",
+        dy,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        xa,
+        scale,
+        needs_dw,
+        has_bias,
     )
     if dw is None:
         dw = weight.new_empty(0)
@@ -101,7 +112,7 @@ def merge_lora_op(
 ) -> torch.Tensor:
     """weight + scale · lora_b @ lora_a, in weight's dtype, contiguous (whatever weight's
     strides: every backend returns the layout the fake declares)."""
-    return _dispatch.impl(backend, "lora").merge_lora(weight, lora_a, lora_b, scale).contiguous()
+    return _dispatch.run(backend, "lora", "merge_lora", weight, lora_a, lora_b, scale).contiguous()
 
 
 @merge_lora_op.register_fake
@@ -133,11 +144,12 @@ def merge_lora_inplace_op(
     """weight <- weight + scale · lora_b @ lora_a, in place (one rounding from fp32)."""
     mod = _dispatch.impl(backend, "lora")
     inplace = getattr(mod, "merge_lora_", None)
-    if inplace is not None:
-        inplace(weight, lora_a, lora_b, scale)
-    else:
-        # backends without an in-place kernel: the same rounding, through a temporary
-        weight.copy_(mod.merge_lora(weight, lora_a, lora_b, scale))
+    with _dispatch.no_autocast(weight.device):
+        if inplace is not None:
+            inplace(weight, lora_a, lora_b, scale)
+        else:
+            # backends without an in-place kernel: the same rounding, through a temporary
+            weight.copy_(mod.merge_lora(weight, lora_a, lora_b, scale))
 
 
 @merge_lora_inplace_op.register_fake

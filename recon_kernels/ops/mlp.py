@@ -27,7 +27,7 @@ def conv1d_mlp_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, C) -> (y (M, C_out), h (M, hidden) pre-activation), both in x.dtype."""
-    return _dispatch.impl(backend, "mlp").conv1d_mlp_fwd(x, w1, b1, w2, b2, activation)
+    return _dispatch.run(backend, "mlp", "conv1d_mlp_fwd", x, w1, b1, w2, b2, activation)
 
 
 @conv1d_mlp_fwd.register_fake
@@ -52,8 +52,8 @@ def conv1d_mlp_bwd(
     """(dx, dw1, db1, dw2, db2); a bias gradient is an empty (0,) tensor when that bias is
     absent or frozen, the weight gradients when both weights are frozen (needs_dw False:
     the dW1/dW2 GEMMs are skipped, e.g. LoRA fine-tuning with a frozen MLP)."""
-    dx, dw1, db1, dw2, db2 = _dispatch.impl(backend, "mlp").conv1d_mlp_bwd(
-        dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
+    dx, dw1, db1, dw2, db2 = _dispatch.run(
+        backend, "mlp", "conv1d_mlp_bwd", dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
     )
     if dw1 is None:
         dw1 = w1.new_empty(0)

@@ -23,75 +23,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (usage is one ``--help`` away)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# --------------------------------------------------------------------------- argument types
-
-
-def int_list(text: str) -> list[int]:
-    """'1,5,10' -> [1, 5, 10] (positive integers)."""
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        ) from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        )
-    return vals
-
-
-def seed_list(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2] (non-negative integers)."""
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        vals = []
-    if not vals or any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated non-negative integers, got {text!r}"
-        )
-    return vals
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """['encoder.dim=64', 'mask_ratio=0.6'] -> {'encoder': {'dim': 64}, 'mask_ratio': 0.6};
-    values are JSON (numbers, true/false/null, lists) or plain strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"set: expected KEY=VALUE (e.g. encoder.dim=64), got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"set: {key!r} conflicts with another --set")
-        node[leaf] = value
-    return out
+from .args import (
+    Parser,
+    add_compare_args,
+    add_eval_args,
+    add_finetune_args,
+    add_pretrain_args,
+    parse_overrides,
+)
 
 
 # --------------------------------------------------------------------------- environment
@@ -116,7 +55,7 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     if not verbose:  # per-save and per-injection lines would drown the progress output
-        for name in ("python_models.common", "python_models.lora", "python_models.data"):
+        for name in ("python_models.models.common", "python_models.lora", "python_models.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -124,7 +63,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig(
         model=args.model,
@@ -154,7 +93,9 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, latest_checkpoint, read_trainer_state, train
+    from .checkpoint import latest_checkpoint, read_trainer_state
+    from .config import TrainConfig
+    from .train import train
 
     out = args.out
     if args.resume:
@@ -232,7 +173,7 @@ def _given(args: argparse.Namespace, saved: Any) -> dict[str, Any]:
 
 def _preset_of(checkpoint: str) -> str | None:
     """The preset a checkpoint was pretrained with (None when unknown), for thread defaults."""
-    from .train import read_trainer_state, resolve_checkpoint
+    from .checkpoint import read_trainer_state, resolve_checkpoint
 
     try:
         return read_trainer_state(resolve_checkpoint(checkpoint))["train_config"]["preset"]
@@ -244,8 +185,10 @@ def _image_eval_setup(args: argparse.Namespace):
     """(model, encoder, data, device) for probe/finetune of a checkpoint."""
     import torch
 
-    from .data import load_images
-    from .train import IMAGE_MODELS, MODELS, load_checkpoint_model, pick_device
+    from ..data import load_images
+    from .checkpoint import load_checkpoint_model
+    from .config import IMAGE_MODELS, MODELS
+    from .distributed import pick_device
 
     device = pick_device(args.device)
     model, state = load_checkpoint_model(args.checkpoint, backend=args.backend, device=device)
@@ -332,7 +275,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, run_compare
+    from .compare import run_compare
+    from .config import CompareConfig
 
     cfg = CompareConfig.from_args(args)
     setup_cpu(cfg.device, args.threads, cfg.preset)
@@ -344,33 +288,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="checkpoint directory or run directory (its latest)"
-    )
-    p.add_argument(
-        "--shots", type=int_list, default=[1, 5, 10], help="k values, e.g. 1,5,10 (default)"
-    )
-    p.add_argument(
-        "--draws", type=positive_int, default=5, help="random k-shot sets per k (default 5)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the k-shot draws and heads")
-    p.add_argument("--data", default=None, help="image data (default: the checkpoint's)")
-    p.add_argument(
-        "--pool",
-        choices=("cls", "mean"),
-        default=None,
-        help="features: [CLS] or mean (default: the model's)",
-    )
-    p.add_argument("--backend", default=None, help="recon_kernels backend (default auto)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
-    p.add_argument("--out", default=None, help="write the accuracies as JSON here")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .train import MODELS, PRESETS
-
     parser = Parser(
         prog="recon",
         description="Fused-kernel transformer pretraining: pretrain, few-shot evaluation, "
@@ -390,112 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
         "writes metrics.jsonl, loss.png and atomic safetensors checkpoints to --out. "
         "Multi-process: torchrun --nproc_per_node N -m python_models pretrain ...",
     )
-    p.add_argument(
-        "--model",
-        choices=sorted(MODELS),
-        default=None,
-        help="ae, mae, simclr, igpt (images); gpt, bert (text)",
-    )
-    p.add_argument("--preset", choices=PRESETS, default=None, help="model size (default tiny)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="images: digits (default), MNIST IDX dir, .npz, image folder; text: a file (default: built-in corpus)",
-    )
-    p.add_argument("--out", default=None, help="run directory (default runs/pretrain/MODEL-PRESET)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the newest checkpoint of --out exactly"
-    )
-    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default 200)")
-    p.add_argument(
-        "--stop-at",
-        type=positive_int,
-        default=None,
-        help="stop this invocation after N steps (resume later)",
-    )
-    p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="global batch (default 64)"
-    )
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
-    p.add_argument("--min-lr-ratio", type=float, default=None, help="final lr / peak (default 0.1)")
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of steps)")
-    p.add_argument(
-        "--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.05)"
-    )
-    p.add_argument(
-        "--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default 1)"
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    p.add_argument(
-        "--tokenizer", choices=("byte", "char"), default=None, help="text tokenizer (default byte)"
-    )
-    p.add_argument(
-        "--seq-len",
-        type=positive_int,
-        default=None,
-        help="text tokens per example (default: the preset's)",
-    )
-    p.add_argument(
-        "--patch-size",
-        type=positive_int,
-        default=None,
-        help="image patch size (default: fits the images)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model config override, e.g. encoder.dim=64 (repeatable)",
-    )
-    p.add_argument(
-        "--save-every",
-        type=int,
-        default=None,
-        help="checkpoint every N steps (default: at the end only)",
-    )
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=None,
-        help="validate every N steps (default: at the end only)",
-    )
-    p.add_argument(
-        "--log-every", type=positive_int, default=None, help="metrics every N steps (default 10)"
-    )
-    p.add_argument("--keep", type=positive_int, default=None, help="checkpoints kept (default 2)")
-    p.add_argument(
-        "--backend", default=None, help="recon_kernels backend: auto | eager | triton | cuda"
-    )
-    p.add_argument("--device", default=None, help="auto (default) | cpu | cuda[:N]")
-    p.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast (default: on GPU)",
-    )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="CPU threads (default 1 for tiny on CPU)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("probe", help="few-shot linear probe on frozen features")
-    _add_eval_args(p)
+    add_eval_args(p)
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("finetune", help="few-shot LoRA fine-tune of the encoder + a linear head")
-    _add_eval_args(p)
-    p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument(
-        "--steps", type=positive_int, default=100, help="fine-tuning steps (default 100)"
-    )
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
-    p.add_argument("--no-progress", action="store_true")
+    add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
-
-    from .compare import add_compare_args
 
     p = sub.add_parser(
         "compare",

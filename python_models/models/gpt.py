@@ -17,11 +17,11 @@ from .blocks import (
     init_weights,
     make_blocks,
     patchify,
+    pixel_targets,
     scale_residual_init,
     unpatchify,
 )
 from .common import IGNORE_INDEX, ModelConfig, ReconModel
-from .mae import pixel_targets
 from .vit import EncoderConfig, ViTEncoder
 
 
@@ -187,13 +187,6 @@ class GPT(ReconModel):
             return h.mean(dim=1)
         m = attention_mask.to(h.dtype)[..., None]  # (B, T, 1)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
-
-    @classmethod
-    def from_hf(cls, hf_model: nn.Module, backend: str | None = None) -> GPT:
-        """From a transformers ``GPT2LMHeadModel`` (see python_models.hf)."""
-        from .hf import gpt_from_hf
-
-        return gpt_from_hf(hf_model, backend=backend)
 
 
 # --------------------------------------------------------------------------- image GPT

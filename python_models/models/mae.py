@@ -11,7 +11,14 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .blocks import init_weights, make_blocks, patchify, sincos_pos_embed_2d, unpatchify
+from .blocks import (
+    decoder_stack,
+    init_weights,
+    patchify,
+    pixel_targets,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from .common import ModelConfig, ReconModel
 from .vit import EncoderConfig, ViTEncoder
 
@@ -72,38 +79,6 @@ def random_masking(
     mask = (torch.arange(length, device=noise.device) >= keep).to(noise.dtype)  # shuffled order
     mask = torch.gather(mask.expand(batch, -1), 1, ids_restore)  # (B, L) original order
     return ids_keep, mask, ids_restore
-
-
-def pixel_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-    """(B, L, P) -> the regression target; per-patch standardised if norm_pix (unbiased var,
-    eps 1e-6, as MAE)."""
-    if not norm_pix:
-        return patches
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + 1.0e-6) ** 0.5
-
-
-def decoder_stack(config, backend: str | None) -> tuple[nn.ModuleList, nn.LayerNorm, nn.Linear]:
-    """The light pre-LN decoder of MAE and the autoencoder: blocks, final LayerNorm, pixel
-    head. config: an MAEConfig or AutoencoderConfig (decoder_* fields and its encoder's
-    activation, eps, dropouts, qkv_bias and patch size)."""
-    e = config.encoder
-    blocks = make_blocks(
-        config.decoder_depth,
-        config.decoder_dim,
-        config.decoder_heads,
-        config.decoder_mlp_hidden,
-        pre_norm=True,
-        activation=e.activation,
-        norm_eps=e.norm_eps,
-        dropout=e.dropout,
-        attn_dropout=e.attn_dropout,
-        qkv_bias=e.qkv_bias,
-        backend=backend,
-    )
-    norm = nn.LayerNorm(config.decoder_dim, eps=e.norm_eps)
-    return blocks, norm, nn.Linear(config.decoder_dim, e.patch_dim)
 
 
 class MAE(ReconModel):
@@ -184,10 +159,3 @@ class MAE(ReconModel):
     def features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, dim): the encoder on all patches, [CLS] or mean pooled."""
         return self.encoder.features(images, pool)
-
-    @classmethod
-    def from_hf(cls, hf_model: nn.Module, backend: str | None = None) -> MAE:
-        """From a transformers ``ViTMAEForPreTraining`` (see python_models.hf)."""
-        from .hf import mae_from_hf
-
-        return mae_from_hf(hf_model, backend=backend)

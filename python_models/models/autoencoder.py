@@ -11,9 +11,15 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .blocks import init_weights, patchify, sincos_pos_embed_2d, unpatchify
+from .blocks import (
+    decoder_stack,
+    init_weights,
+    patchify,
+    pixel_targets,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from .common import ModelConfig, ReconModel
-from .mae import decoder_stack, pixel_targets
 from .vit import EncoderConfig, ViTEncoder
 
 

@@ -1,12 +1,11 @@
 """Transformer building blocks on the recon_kernels ops.
 
-* ``SelfAttention``: packed qkv projection -> rk.masked_softmax_attention or
-  rk.causal_attention -> output projection.
+* attention: ``rk.nn.MultiheadAttention`` (packed qkv projection -> the fused attention
+  op -> output projection), with its ``rk.nn.KVCache`` for incremental causal decoding.
 * ``MLP``: act(x W1ᵀ + b1) W2ᵀ + b2 as one rk.conv1d_mlp call.
 * ``Block``: pre-LN (GPT-2, ViT, MAE) or post-LN (BERT) residual block.
-* ``KVCache``: keys and values of the tokens already seen, for incremental causal decoding
-  (the new queries attend to the cached keys through rk.causal_attention, whose causal
-  mask is aligned bottom-right, so Nq < Nk needs no offset).
+* ``pixel_targets`` / ``decoder_stack``: the regression target and the light decoder that
+  MAE and the autoencoder share.
 
 Every linear layer is a plain ``nn.Linear`` attribute, so ``python_models.lora`` can wrap
 any of them in ``rk.nn.LoRALinear`` by name. A LoRA-wrapped ``qkv``/``proj`` runs the fused
@@ -25,121 +24,8 @@ import torch
 import torch.nn as nn
 
 import recon_kernels as rk
-from recon_kernels.nn import LoRALinear
+from recon_kernels.nn import KVCache, LoRALinear, MultiheadAttention
 from recon_kernels.reference import ACTIVATIONS, apply_activation
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens decoded so far.
-
-    Buffers (n_layers, B, n_heads, max_len, head_dim) are allocated on the first
-    ``update`` (dtype and device of the first keys). ``length`` tokens are cached; a forward
-    pass writes its T new tokens into every layer with ``update`` and then calls
-    ``advance(T)``.
-    """
-
-    def __init__(self, n_layers: int, max_len: int) -> None:
-        if n_layers < 1 or max_len < 1:
-            raise ValueError(
-                f"KVCache: expected n_layers >= 1 and max_len >= 1, got {n_layers}, {max_len}"
-            )
-        self.n_layers, self.max_len, self.length = n_layers, max_len, 0
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_heads, T, head_dim) after the cached tokens of ``layer``; returns
-        that layer's keys and values for all ``length + T`` tokens (strided views)."""
-        B, nh, T, hd = k.shape
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(
-                f"kv_cache: {self.length} cached + {T} new tokens exceed max_len={self.max_len}"
-            )
-        if self.k is None:
-            shape = (self.n_layers, B, nh, self.max_len, hd)
-            self.k = k.new_empty(shape)
-            self.v = v.new_empty(shape)
-        elif self.k.shape[1:3] != (B, nh) or self.k.shape[-1] != hd:
-            raise ValueError(
-                f"kv_cache: expected keys of shape ({self.k.shape[1]}, {self.k.shape[2]}, T, "
-                f"{self.k.shape[-1]}), got {tuple(k.shape)}"
-            )
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention. x: (B, N, dim) -> (B, N, dim).
-
-    key_padding_mask: bool (B, N), True = real token (HF ``attention_mask`` convention).
-    causal=True: query i sees keys j <= i (GPT).
-    kv_cache=(cache, layer): causal decoding; x holds only the new tokens, which attend to the
-    cached ones and themselves (no key_padding_mask then).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        n_heads: int,
-        *,
-        causal: bool = False,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        dropout: float = 0.0,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__()
-        if n_heads < 1 or dim % n_heads != 0:
-            raise ValueError(f"n_heads: expected a divisor of dim={dim}, got {n_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"attn_dropout: expected a probability in [0, 1), got {dropout}")
-        self.dropout = dropout  # on the attention probabilities, in training
-        self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
-        self.causal, self.backend = causal, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        kv_cache: tuple[KVCache, int] | None = None,
-    ) -> torch.Tensor:
-        B, N, E = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)  # (B, N, 3, nh, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hd), strided views
-        if kv_cache is not None:
-            if not self.causal or key_padding_mask is not None:
-                raise ValueError(
-                    "kv_cache: expected causal attention without key_padding_mask, got "
-                    f"causal={self.causal}, key_padding_mask "
-                    f"{'given' if key_padding_mask is not None else 'None'}"
-                )
-            k, v = kv_cache[0].update(kv_cache[1], k, v)  # (B, nh, cached + N, hd)
-        p = self.dropout if self.training else 0.0
-        if self.causal:
-            y = rk.causal_attention(
-                q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
-            )
-        else:
-            y = rk.masked_softmax_attention(
-                q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
-            )
-        y = y.transpose(1, 2).reshape(B, N, E)  # (B, N, nh*hd)
-        return self.proj(y)
-
-    def extra_repr(self) -> str:
-        return (
-            f"n_heads={self.n_heads}, causal={self.causal}, dropout={self.dropout}, "
-            f"backend={self.backend!r}"
-        )
 
 
 def _effective_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -219,10 +105,12 @@ class Block(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout: expected a probability in [0, 1), got {attn_dropout}")
         self.pre_norm = pre_norm
         self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = SelfAttention(
-            dim, n_heads, causal=causal, qkv_bias=qkv_bias, dropout=attn_dropout, backend=backend
+        self.attn = MultiheadAttention(
+            dim, n_heads, qkv_bias=qkv_bias, causal=causal, dropout=attn_dropout, backend=backend
         )
         self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, mlp_hidden, activation=activation, backend=backend)
@@ -235,9 +123,9 @@ class Block(nn.Module):
         kv_cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, kv_cache))
+            x = x + self.drop(self.attn(self.ln_1(x), key_padding_mask, kv_cache=kv_cache))
             return x + self.drop(self.mlp(self.ln_2(x)))
-        x = self.ln_1(x + self.drop(self.attn(x, key_padding_mask, kv_cache)))
+        x = self.ln_1(x + self.drop(self.attn(x, key_padding_mask, kv_cache=kv_cache)))
         return self.ln_2(x + self.drop(self.mlp(x)))
 
 
@@ -334,3 +222,35 @@ def unpatchify(
     x = patches.reshape(B, h, w, p, p, channels)  # (B, h, w, p, p, C)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
     return x.reshape(B, channels, h * p, w * p)  # (B, C, H, W)
+
+
+def pixel_targets(patches: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """(B, L, P) -> the regression target; per-patch standardised if norm_pix (unbiased var,
+    eps 1e-6, as MAE)."""
+    if not norm_pix:
+        return patches
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1.0e-6) ** 0.5
+
+
+def decoder_stack(config, backend: str | None) -> tuple[nn.ModuleList, nn.LayerNorm, nn.Linear]:
+    """The light pre-LN decoder of MAE and the autoencoder: blocks, final LayerNorm, pixel
+    head. config: an MAEConfig or AutoencoderConfig (decoder_* fields and its encoder's
+    activation, eps, dropouts, qkv_bias and patch size)."""
+    e = config.encoder
+    blocks = make_blocks(
+        config.decoder_depth,
+        config.decoder_dim,
+        config.decoder_heads,
+        config.decoder_mlp_hidden,
+        pre_norm=True,
+        activation=e.activation,
+        norm_eps=e.norm_eps,
+        dropout=e.dropout,
+        attn_dropout=e.attn_dropout,
+        qkv_bias=e.qkv_bias,
+        backend=backend,
+    )
+    norm = nn.LayerNorm(config.decoder_dim, eps=e.norm_eps)
+    return blocks, norm, nn.Linear(config.decoder_dim, e.patch_dim)

@@ -9,7 +9,7 @@ of the k-shot set, accuracy on the whole test split.
 
 Draw d of k shots is seeded by (seed, k, d) and nothing else, so every method sees the same
 k-shot sets and probe/fine-tune results pair up draw by draw (the paired tests of
-python_models.compare rely on this).
+python_models.runs.compare rely on this).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lora
-from .data import ImageData
-from .train import derive_seed, generator
+from .. import lora
+from ..data import ImageData
+from .seeding import derive_seed, generator
 
 logger = logging.getLogger(__name__)
 

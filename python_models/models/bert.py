@@ -158,13 +158,6 @@ class BERT(ReconModel):
         """(B, T) -> (B, dim): the final hidden state of the [CLS] token (position 0)."""
         return self.encode(input_ids, attention_mask, token_type_ids)[:, 0]
 
-    @classmethod
-    def from_hf(cls, hf_model: nn.Module, backend: str | None = None) -> BERT:
-        """From a transformers ``BertForMaskedLM`` (see python_models.hf)."""
-        from .hf import bert_from_hf
-
-        return bert_from_hf(hf_model, backend=backend)
-
 
 class MLMCollator:
     """BERT masking: choose ``mlm_probability`` of the non-special tokens; of those 80%

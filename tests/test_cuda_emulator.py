@@ -1,0 +1,376 @@
+"""The CUDA launchers (recon_kernels.cuda) on the CPU emulation build of csrc/: the same
+kernel sources compiled for the host with csrc/emulator.h (threads as fibers,
+mma.sync/ldmatrix/cp.async from their PTX definitions), called directly with inputs in
+NaN-filled guard buffers (an out-of-bounds read turns the result non-finite), against the
+float64 reference with the 2x rule: fragment layouts, masks, pipelines, lse, dropout masks,
+strided views, and the launchers' own guards. The public ops, autograd and the models run
+the same kernels as the "cuda-emu" case of the other test files (conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPES, assert_rule
+
+from recon_kernels import cuda as rkcuda
+from recon_kernels import reference as R
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _rand(*shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _guarded(t: torch.Tensor, pad: int = 64) -> torch.Tensor:
+    """A copy of t inside a NaN-filled buffer: an out-of-bounds read by a kernel turns the
+    result non-finite (the 2x rule rejects it). The view stays 16-byte aligned."""
+    buf = torch.full((t.numel() + 2 * pad,), float("nan"), dtype=t.dtype)
+    view = buf[pad : pad + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _grad_ref(fn, inputs, dout):
+    ts = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*ts)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in ts]
+
+
+def _masks(mode, B, H, NQ, NK, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = kpm = None
+    if "kpm" in mode:
+        kpm = torch.rand(B, NK, generator=g) > 0.3
+        kpm[:, 0] = True
+        kpm[0] = False  # batch 0: every row fully masked
+    if "mask" in mode:
+        mask = torch.rand(1, H, NQ, NK, generator=g) > 0.25  # broadcast over batch
+        mask[0, 0, NQ // 2] = False  # one fully masked row
+    return mask, kpm, "causal" in mode
+
+
+# (B, H, Nq, Nk, D, mode): every head-dim bucket, tile edges (16, 32, 64 multiples +- 1),
+# Nq < Nk, Nq > Nk (rows that see no key), decode, every mask kind
+ATTN_CASES = [
+    (2, 2, 17, 23, 40, "none"),
+    (1, 1, 100, 70, 64, "causal"),
+    (2, 1, 70, 100, 72, "causal_kpm"),
+    (2, 2, 33, 65, 16, "mask_kpm"),
+    (1, 2, 9, 40, 256, "mask"),
+    (2, 1, 20, 130, 136, "causal_kpm"),
+    (2, 1, 1, 37, 24, "causal"),
+    (1, 1, 65, 31, 200, "causal_mask"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_attention_matches_reference(emu, dtype, case):
+    B, H, NQ, NK, D, mode = case
+    q, k, v, do = (
+        _rand(*s, seed=i)
+        for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
+    )
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)  # the kernels also take mask + causal
+    scale = D**-0.5
+    f = lambda q, k, v: R.attention(q, k, v, mask, kpm, scale, causal)  # noqa: E731
+    ref, ref_g = _grad_ref(f, (q, k, v), do)
+    # baseline of the 2x rule: eager in the same dtype (float32 eager for float32)
+    low, low_g = _grad_ref(f, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
+    qd, kd, vd, dod = (_guarded(t.to(dtype)) for t in (q, k, v, do))
+    with rkcuda.use_emulator(emu):
+        out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal)
+        dq, dk, dv = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, mask, kpm, scale, causal)
+    # lse against float64 math on the same (rounded) inputs: only kernel arithmetic remains
+    _, ref_lse = R.attention_fwd(
+        *(t.to(dtype).double() for t in (q, k, v)), mask, kpm, scale, causal
+    )
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf exactly on empty rows"
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-5 * (1 + ref_lse[fin].abs().max())
+    assert_rule("out", out, ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g, low_g):
+        assert a.dtype == dtype
+        assert_rule(name, a, b, c, dtype)
+    empty = torch.isinf(ref_lse)  # rows with no allowed key: 0 output and 0 gradient
+    if empty.any():
+        assert out[empty].abs().max().item() == 0 and dq[empty].abs().max().item() == 0
+
+
+# (B, H, Nq, Nk, D, mode, dropout_p, seed): head-dim buckets 64/128/256 (fp32 D = 256 runs
+# the split sweeps), Nq != Nk both ways, fully masked rows (kpm batch 0, one mask row,
+# causal rows with Nq > Nk)
+DROPOUT_CASES = [
+    (2, 2, 17, 100, 40, "causal_kpm", 0.1, 7),
+    (2, 2, 17, 100, 72, "mask_kpm", 0.5, 2**32 + 5),
+    (2, 1, 70, 33, 24, "causal", 0.5, -3),
+    (1, 1, 9, 40, 200, "mask", 0.1, 11),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_attention_dropout_matches_reference(emu, dtype, case):
+    """Dropout in the forward and both backward kernels vs the reference's keep mask."""
+    B, H, NQ, NK, D, mode, p, seed = case
+    q, k, v, do = (
+        _rand(*s, seed=i)
+        for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
+    )
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    scale = D**-0.5
+    f = lambda q, k, v: R.attention(q, k, v, mask, kpm, scale, causal, p, seed)  # noqa: E731
+    ref, ref_g = _grad_ref(f, (q, k, v), do)
+    low, low_g = _grad_ref(f, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
+    qd, kd, vd, dod = (_guarded(t.to(dtype)) for t in (q, k, v, do))
+    with rkcuda.use_emulator(emu):
+        out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal, p, seed)
+        dq, dk, dv = rkcuda.attention_bwd(
+            dod, qd, kd, vd, out, lse, mask, kpm, scale, causal, p, seed
+        )
+    # lse is the undropped one
+    _, ref_lse = R.attention_fwd(
+        *(t.to(dtype).double() for t in (q, k, v)), mask, kpm, scale, causal
+    )
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf exactly on empty rows"
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-5 * (1 + ref_lse[fin].abs().max())
+    assert_rule("out", out, ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g, low_g):
+        assert_rule(name, a, b, c, dtype)
+    empty = torch.isinf(ref_lse)
+    if empty.any():
+        assert out[empty].abs().max().item() == 0 and dq[empty].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_emulated_attention_dropout_mask_is_exact(emu, dtype):
+    """The kernels drop exactly reference.dropout_keep's entries: with V = I the output is
+    P o Z itself, with dO = I dV is (P o Z)^T, so their zero patterns must equal the keep
+    mask (an index off by one, a swapped row/column or a wrong (batch, head) key fails);
+    other seeds give other masks; dropout_p = 0 is the no-dropout call, bit for bit."""
+    B, H, NQ, NK, D = 2, 2, 19, 37, 40
+    q, k = _rand(B, H, NQ, D, seed=0) * 0.3, _rand(B, H, NK, D, seed=1) * 0.3  # P > 0
+    v = torch.eye(NK, D, dtype=torch.float64).expand(B, H, NK, D).contiguous()
+    do = torch.eye(NQ, D, dtype=torch.float64).expand(B, H, NQ, D).contiguous()
+    _, kpm, causal = _masks("causal_kpm", B, H, NQ, NK)
+    allowed = R.attention_allowed(
+        NQ, NK, mask=None, key_padding_mask=kpm, causal=causal, device=q.device
+    )
+    qd, kd, vd, dod = (t.to(dtype) for t in (q, k, v, do))
+    args = (None, kpm, D**-0.5, causal)
+
+    def run(p, seed):
+        with rkcuda.use_emulator(emu):
+            out, lse = rkcuda.attention_fwd(qd, kd, vd, *args, p, seed)
+            grads = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, *args, p, seed)
+        return out, lse, grads
+
+    for p, seed in ((0.5, 3), (0.1, 2**31 + 1)):
+        keep = R.dropout_keep(seed, B, H, NQ, NK, p) & allowed
+        out, lse, (dq, dk, dv) = run(p, seed)
+        assert torch.equal(out[..., :NK] != 0, keep), f"forward mask (p={p}, seed={seed})"
+        assert torch.equal(dv[..., :NQ].transpose(-1, -2) != 0, keep), f"dV mask (p={p})"
+        ref_out, _ = R.attention_fwd(qd.double(), kd.double(), vd.double(), *args, p, seed)
+        assert (out.double() - ref_out).abs().max() < 2e-3
+        ref_g = R.attention_bwd(
+            dod.double(),
+            qd.double(),
+            kd.double(),
+            vd.double(),
+            out.double(),
+            lse.double(),
+            *args,
+            p,
+            seed,
+        )
+        for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g):
+            assert (a.double() - b).abs().max() < 2e-3, name
+    # another seed draws another mask; dropout_p = 0 (any seed) is exactly no dropout
+    assert not torch.equal(run(0.5, 4)[0], run(0.5, 3)[0])
+    with rkcuda.use_emulator(emu):
+        base_out, base_lse = rkcuda.attention_fwd(qd, kd, vd, *args)
+        base_g = rkcuda.attention_bwd(dod, qd, kd, vd, base_out, base_lse, *args)
+    out0, lse0, g0 = run(0.0, 12345)
+    assert torch.equal(out0, base_out) and torch.equal(lse0, base_lse)
+    assert all(torch.equal(a, b) for a, b in zip(g0, base_g))
+
+
+def test_attention_dropout_p_is_validated():
+    q = torch.randn(1, 1, 4, 8)
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            rkcuda.attention_fwd(q, q, q, None, None, 0.3, False, bad)
+        with pytest.raises(ValueError, match="dropout_p"):
+            rkcuda.attention_bwd(q, q, q, q, q, q[..., 0], None, None, 0.3, False, bad)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_emulated_attention_strided_and_unaligned_views(emu, dtype):
+    """Packed qkv views (non-contiguous, row stride 3*H*D), D = 59 (rows not 16-byte
+    aligned: the launcher copies), non-contiguous dO."""
+    B, N, H, D = 2, 21, 2, 59
+    qkv = _rand(B, N, 3, H, D, seed=3)
+    do = _rand(B, N, H, D, seed=4).transpose(1, 2)
+    kpm = torch.rand(B, N, generator=torch.Generator().manual_seed(5)) > 0.2
+    kpm[:, 0] = True
+    split = lambda p: p.permute(2, 0, 3, 1, 4).unbind(0)  # noqa: E731
+    f = lambda p: R.attention(*split(p), key_padding_mask=kpm)  # noqa: E731
+    ref, (ref_g,) = _grad_ref(f, [qkv], do)
+    low, (low_g,) = _grad_ref(f, [qkv.to(dtype)], do.to(dtype))
+    p = qkv.to(dtype)
+    q, k, v = split(p)
+    assert not q.is_contiguous()
+    with rkcuda.use_emulator(emu):
+        out, lse = rkcuda.attention_fwd(q, k, v, None, kpm, D**-0.5, False)
+        dq, dk, dv = rkcuda.attention_bwd(
+            do.to(dtype), q, k, v, out, lse, None, kpm, D**-0.5, False
+        )
+    assert_rule("out", out, ref, low, dtype)
+    got_g = torch.stack([dq, dk, dv], 0).permute(1, 3, 0, 2, 4)  # back to (B, N, 3, H, D)
+    assert_rule("dqkv", got_g, ref_g, low_g, dtype)
+
+
+# (M, C, hidden, C_out, activation, biases): M and hidden across tile edges (128), odd C
+MLP_CASES = [
+    (37, 24, 70, 20, "gelu", True),
+    (130, 40, 136, 33, "gelu_tanh", True),
+    (50, 59, 100, 17, "relu", False),
+    (1, 16, 8, 8, "gelu", True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MLP_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_conv1d_mlp_matches_reference(emu, dtype, case):
+    M, C, Hd, Co, act, bias = case
+    x, w1, w2, dy = (
+        _rand(M, C, seed=0),
+        _rand(Hd, C, seed=1) / C**0.5,
+        _rand(Co, Hd, seed=2) / Hd**0.5,
+        _rand(M, Co, seed=3),
+    )
+    b1 = _rand(Hd, seed=4) if bias else None
+    b2 = _rand(Co, seed=5) if bias else None
+    params = [t for t in (x, w1, b1, w2, b2) if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        x_, w1_ = next(it), next(it)
+        b1_ = next(it) if bias else None
+        w2_ = next(it)
+        b2_ = next(it) if bias else None
+        return R.conv1d_mlp(x_, w1_, b1_, w2_, b2_, act)
+
+    ref, ref_g = _grad_ref(f, params, dy)
+    lowd = torch.float32 if dtype == torch.float32 else dtype
+    low, low_g = _grad_ref(f, [t.to(lowd) for t in params], dy.to(lowd))
+    cast = lambda t: None if t is None else _guarded(t.to(dtype))  # noqa: E731
+    xd, w1d, b1d, w2d, b2d, dyd = map(cast, (x, w1, b1, w2, b2, dy))
+    with rkcuda.use_emulator(emu):
+        y, h = rkcuda.conv1d_mlp_fwd(xd, w1d, b1d, w2d, b2d, act)
+        dx, dw1, db1, dw2, db2 = rkcuda.conv1d_mlp_bwd(dyd, xd, w1d, w2d, h, act, bias, bias)
+    assert_rule("y", y, ref, low, dtype)
+    h_ref = torch.nn.functional.linear(x, w1, b1)
+    h_low = torch.nn.functional.linear(x.to(lowd), w1.to(lowd), None if b1 is None else b1.to(lowd))
+    assert_rule("h", h, h_ref, h_low, dtype)
+    got = [dx, dw1] + ([db1] if bias else []) + [dw2] + ([db2] if bias else [])
+    names = ["dx", "dw1"] + (["db1"] if bias else []) + ["dw2"] + (["db2"] if bias else [])
+    for name, a, b, c in zip(names, got, ref_g, low_g):
+        assert_rule(name, a, b, c, dtype)
+    if not bias:
+        assert db1 is None and db2 is None
+
+
+# (M, in, out, r, scale, bias)
+LORA_CASES = [
+    (37, 48, 20, 4, 0.5, True),
+    (150, 40, 136, 8, 2.0, True),
+    (33, 21, 19, 3, 0.25, False),
+    (1, 8, 8, 1, 1.0, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_lora_matches_reference(emu, dtype, case):
+    M, I, O, r, s, bias = case
+    x, w, a, b, dy = (
+        _rand(M, I, seed=0),
+        _rand(O, I, seed=1) / I**0.5,
+        _rand(r, I, seed=2) / I**0.5,
+        _rand(O, r, seed=3),
+        _rand(M, O, seed=4),
+    )
+    bs = _rand(O, seed=5) if bias else None
+    params = [x, w, a, b] + ([bs] if bias else [])
+    f = lambda x_, w_, a_, b_, *rest: R.lora_linear(x_, w_, rest[0] if rest else None, a_, b_, s)  # noqa: E731
+    ref, ref_g = _grad_ref(f, params, dy)
+    lowd = torch.float32 if dtype == torch.float32 else dtype
+    low, low_g = _grad_ref(f, [t.to(lowd) for t in params], dy.to(lowd))
+    xd, wd, ad, bd, dyd = (_guarded(t.to(dtype)) for t in (x, w, a, b, dy))
+    bsd = None if bs is None else _guarded(bs.to(dtype))
+    with rkcuda.use_emulator(emu):
+        y, xa = rkcuda.lora_linear_fwd(xd, wd, bsd, ad, bd, s)
+        dx, dw, dbias, da, db = rkcuda.lora_linear_bwd(dyd, xd, wd, ad, bd, xa, s, True, bias)
+        merged = rkcuda.merge_lora(wd, ad, bd, s)
+    assert_rule("y", y, ref, low, dtype)
+    assert_rule("xa", xa, x @ a.t(), x.to(lowd) @ a.to(lowd).t(), dtype)
+    assert xa.is_contiguous() and xa.shape == (M, r)
+    named = {"dx": dx, "dw": dw, "da": da, "db": db}
+    ref_named = dict(zip(["dx", "dw", "da", "db", "dbias"], ref_g))
+    low_named = dict(zip(["dx", "dw", "da", "db", "dbias"], low_g))
+    if bias:
+        named["dbias"] = dbias
+    for name, t in named.items():
+        assert_rule(name, t, ref_named[name], low_named[name], dtype)
+    assert_rule(
+        "merge",
+        merged,
+        R.merge_lora(w, a, b, s),
+        R.merge_lora(w.to(lowd), a.to(lowd), b.to(lowd), s),
+        dtype,
+    )
+    with rkcuda.use_emulator(emu):  # the fine-tuning case: no dW, no dbias
+        dx2, dw2, dbias2, _, _ = rkcuda.lora_linear_bwd(dyd, xd, wd, ad, bd, xa, s, False, False)
+    assert dw2 is None and dbias2 is None and torch.equal(dx2, dx)
+
+
+def test_emulated_empty_token_batch(emu):
+    x = torch.zeros(0, 8)
+    w1, w2 = torch.randn(16, 8), torch.randn(8, 16)
+    with rkcuda.use_emulator(emu):
+        y, h = rkcuda.conv1d_mlp_fwd(x, w1, None, w2, None, "gelu")
+        dx, dw1, db1, dw2, db2 = rkcuda.conv1d_mlp_bwd(
+            torch.zeros(0, 8), x, w1, w2, h, "gelu", True, True
+        )
+    assert y.shape == (0, 8) and h.shape == (0, 16)
+    assert dw1.abs().max() == 0 and dw2.abs().max() == 0 and db1.abs().max() == 0
+
+
+def test_emulated_launcher_guards_reject_misaligned_input(emu):
+    """The C++ launchers re-check what Python guarantees: a misaligned row is refused."""
+    q = torch.randn(1, 1, 8, 16, dtype=torch.float16)
+    a = emu.AttnArgs()
+    a.q = a.k = a.v = q.data_ptr() + 2  # not 16-byte aligned
+    a.o = a.lse = q.data_ptr()
+    a.b = a.h = 1
+    a.nq = a.nk = 8
+    a.d = 16
+    a.q_sm = a.k_sm = a.v_sm = 16
+    a.dtype = 1
+    with pytest.raises(
+        RuntimeError, match=r"attention_fwd: q: expected a 16-byte aligned data pointer"
+    ):
+        emu.attention_fwd(a, 0)
+    g = emu.GemmArgs()
+    g.a, g.b, g.c, g.lda, g.ldb, g.ldc, g.m, g.n, g.k, g.dtype = 16, 32, 64, 12, 16, 16, 4, 4, 4, 1
+    with pytest.raises(
+        RuntimeError, match=r"gemm: A: expected a 16-byte aligned pointer and a row stride"
+    ):
+        emu.gemm(g, 0)
