@@ -32,9 +32,13 @@ namespace rk {
 
 // --------------------------------------------------------------------------- dtypes
 
-// Codes shared with recon_kernels/cuda.py (_DTYPE_CODES).
+// The codes of recon_kernels/codes.py (DTYPE_CODES, ACT_CODES, EPI_*), shared with the
+// Triton kernels; tests/test_cuda_static.py checks that these values match that table.
 enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum ActCode : int { kGelu = 0, kGeluTanh = 1, kRelu = 2 };
+enum ActCode : int { kActNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+// GEMM epilogue on v = alpha * acc + bias + residual: none (c = v; c2 = act(v) when c2 is
+// given), dact (c = v * act'(aux); c2 = act(aux) when given), add (c = v + aux).
+enum EpiCode : int { kEpiNone = 0, kEpiDact = 1, kEpiAdd = 2 };
 
 template <class T>
 struct TypeInfo;
@@ -197,8 +201,10 @@ RK_DEVICE float activation(float h, int act) {
       const float inner = 0.7978845608028654f * (h + 0.044715f * h * h * h);
       return 0.5f * h * (1.0f + tanhf(inner));
     }
-    default:
+    case kRelu:
       return h > 0.0f ? h : 0.0f;
+    default:  // kActNone
+      return h;
   }
 }
 
@@ -215,8 +221,10 @@ RK_DEVICE float activation_grad(float h, int act) {
       const float t = tanhf(c * (h + 0.044715f * h * h * h));
       return 0.5f * (1.0f + t) + 0.5f * h * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * h * h);
     }
-    default:
+    case kRelu:
       return h > 0.0f ? 1.0f : 0.0f;
+    default:  // kActNone
+      return 1.0f;
   }
 }
 

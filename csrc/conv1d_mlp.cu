@@ -15,7 +15,7 @@ std::string conv1d_mlp_fwd(const MlpArgs& a, uintptr_t stream) {
     return "conv1d_mlp_fwd: expected M, C, hidden, C_out >= 1";
   GemmArgs g = gemm_args(a.x, a.ldx, 0, a.w1, a.ldw1, 1, a.m, a.hidden, a.c, a.h, a.ldh, a.dtype);
   g.bias = a.b1;
-  g.epi = 1;
+  g.epi = kEpiNone;  // c2 given: act(h) beside h
   g.act = a.act;
   g.c2 = a.act_h;
   g.ldc2 = a.ld_act_h;
@@ -36,7 +36,7 @@ std::string conv1d_mlp_bwd(const MlpArgs& a, uintptr_t stream) {
   // dh = (dy W2) o act'(h); act(h) to the act_h workspace on the side
   GemmArgs g =
       gemm_args(a.dy, a.lddy, 0, a.w2, a.ldw2, 0, a.m, a.hidden, a.c_out, a.dh, a.lddh, a.dtype);
-  g.epi = 2;
+  g.epi = kEpiDact;
   g.act = a.act;
   g.aux = a.h;
   g.ldaux = a.ldh;

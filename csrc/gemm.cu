@@ -154,12 +154,13 @@ __global__ void __launch_bounds__(GemmCfg<T>::kThreads, 1) gemm_kernel(const Gem
       float v = p.alpha * sC[(idx / kBN) * kLdC + idx % kBN];
       if (bias != nullptr) v += to_float(bias[col]);
       if (res != nullptr) v += to_float(res[r * p.ldr + col]);
-      if (p.epi == 1) {
-        c2[r * p.ldc2 + col] = from_float<T>(activation(v, p.act));
-      } else if (p.epi == 2) {
+      if (p.epi == kEpiDact) {
         const float hv = to_float(aux[r * p.ldaux + col]);
         v *= activation_grad(hv, p.act);
         if (c2 != nullptr) c2[r * p.ldc2 + col] = from_float<T>(activation(hv, p.act));
+      } else {
+        if (p.epi == kEpiAdd) v += to_float(aux[r * p.ldaux + col]);
+        if (c2 != nullptr) c2[r * p.ldc2 + col] = from_float<T>(activation(v, p.act));
       }
       c[r * p.ldc + col] = from_float<T>(v);
     }
@@ -224,9 +225,13 @@ std::string gemm(const GemmArgs& g, uintptr_t stream) {
   if (err.empty() && g.k2 > 0) err = check_operand("B2", g.b2, g.ldb2, vec);
   if (!err.empty()) return err;
   if (g.c == 0) return "gemm: C is a null pointer";
-  if (g.epi == 2 && g.aux == 0) return "gemm: epilogue 2 needs aux (the pre-activation)";
-  if (g.epi < 0 || g.epi > 2) return "gemm: epilogue must be 0, 1 or 2";
-  if (g.act < 0 || g.act > 2) return "gemm: activation code must be 0, 1 or 2";
+  if (g.epi < kEpiNone || g.epi > kEpiAdd)
+    return "gemm: epilogue code must be 0 (none), 1 (dact) or 2 (add), got " + std::to_string(g.epi);
+  if (g.epi != kEpiNone && g.aux == 0)
+    return "gemm: epilogue " + std::to_string(g.epi) + " needs aux (the pre-activation or addend)";
+  if (g.act < kActNone || g.act > kRelu)
+    return "gemm: activation code must be 0 (none), 1 (gelu), 2 (gelu_tanh) or 3 (relu), got " +
+           std::to_string(g.act);
   const int64_t gx = (int64_t(g.m) + 127) / 128, gy = (int64_t(g.n) + 127) / 128;
   if (gy > 65535) return "gemm: N = " + std::to_string(g.n) + " too large (at most 8388480)";
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));

@@ -48,8 +48,9 @@
 // A[m][k] = a[m * lda + k] (a_trans = 0) or a[k * lda + m] (a_trans = 1);
 // B[k][n] = b[n * ldb + k] (b_trans = 1, nn.Linear weight layout) or b[k * ldb + n] (0).
 // The optional second K segment (k2 > 0, same layouts) is the rank-r LoRA term.
-// v = alpha * acc + bias[n] + residual[m][n]; epi 0: c = v; 1 (MLP forward): c = v,
-// c2 = act(v); 2 (MLP backward): c = v * act'(aux[m][n]), c2 = act(aux) when c2 != 0.
+// v = alpha * acc + bias[n] + residual[m][n]; epi (EpiCode, recon_kernels/codes.py):
+// 0: c = v, and c2 = act(v) when c2 != 0 (MLP forward); 1 (MLP backward):
+// c = v * act'(aux[m][n]), c2 = act(aux) when c2 != 0; 2: c = v + aux[m][n].
 #define RK_GEMM_FIELDS(X)                                                                 \
   X(uint64_t, a, 0) X(uint64_t, b, 0) X(uint64_t, a2, 0) X(uint64_t, b2, 0)               \
   X(uint64_t, c, 0) X(uint64_t, c2, 0) X(uint64_t, bias, 0) X(uint64_t, residual, 0)      \

@@ -117,8 +117,8 @@ def why_unavailable(name: str, device: torch.device | str | None = None) -> str 
             )
         return f"triton does not support device {dev.type!r}"
     # cuda
-    cuda_mod = sys.modules.get("recon_kernels.cuda")
-    if cuda_mod is not None and cuda_mod._emulator is not None:  # tests: CPU emulation build
+    loader = sys.modules.get("recon_kernels.cuda._loader")
+    if loader is not None and loader.emulator() is not None:  # tests: CPU emulation build
         if dev is None or dev.type == "cpu":
             return None
         return f"the CUDA emulator (tests) takes CPU tensors, got a tensor on {dev.type!r}"

@@ -23,12 +23,13 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ATOL, NO_NVCC, NVCC, locked
+from conftest import ATOL, NO_NVCC, NVCC, ROOT, locked
 
 import build_cuda  # noqa: E402  (conftest puts the repository root on sys.path)
 import recon_kernels as rk
 from recon_kernels import cuda as rkcuda
 from recon_kernels import reference as R
+from recon_kernels.cuda import _loader as cuda_loader
 from recon_kernels.ops import _dispatch
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
@@ -119,32 +120,32 @@ def test_no_gpu_gives_a_clear_error_not_a_crash(cuda_build):
 
 
 def test_cuda_is_a_backend_of_every_op_with_reference_signatures():
-    for fam in ("attention", "mlp", "lora"):
-        assert _dispatch.impl("cuda", fam) is rkcuda
-    for name in (
-        "attention_fwd",
-        "attention_bwd",
-        "conv1d_mlp_fwd",
-        "conv1d_mlp_bwd",
-        "lora_linear_fwd",
-        "lora_linear_bwd",
-        "merge_lora",
-    ):
-        want = list(inspect.signature(getattr(R, name)).parameters)
-        got = list(inspect.signature(getattr(rkcuda, name)).parameters)
-        assert got == want, f"{name}: {got} != reference {want}"
+    # one launcher module per op family, as recon_kernels.triton
+    families = {
+        "attention": ("attention_fwd", "attention_bwd"),
+        "mlp": ("conv1d_mlp_fwd", "conv1d_mlp_bwd"),
+        "lora": ("lora_linear_fwd", "lora_linear_bwd", "merge_lora"),
+    }
+    for fam, names in families.items():
+        mod = _dispatch.impl("cuda", fam)
+        assert mod.__name__ == f"recon_kernels.cuda.{fam}"
+        for name in names:
+            want = list(inspect.signature(getattr(R, name)).parameters)
+            got = list(inspect.signature(getattr(mod, name)).parameters)
+            assert got == want, f"{name}: {got} != reference {want}"
+            assert getattr(rkcuda, name) is getattr(mod, name)
 
 
 def test_unbuilt_extension_says_why(monkeypatch):
     def no_ext(name):
         raise ImportError(f"No module named {name!r}")
 
-    monkeypatch.setattr(rkcuda.importlib, "import_module", no_ext)
-    monkeypatch.setattr(rkcuda.shutil, "which", lambda _: None)
-    mod, why = rkcuda._load.__wrapped__()
+    monkeypatch.setattr(cuda_loader.importlib, "import_module", no_ext)
+    monkeypatch.setattr(cuda_loader.shutil, "which", lambda _: None)
+    mod, why = cuda_loader._load.__wrapped__()
     assert mod is None and "not built" in why and "no nvcc" in why
-    monkeypatch.setattr(rkcuda.shutil, "which", lambda _: "/usr/bin/nvcc")
-    mod, why = rkcuda._load.__wrapped__()
+    monkeypatch.setattr(cuda_loader.shutil, "which", lambda _: "/usr/bin/nvcc")
+    mod, why = cuda_loader._load.__wrapped__()
     assert "RECON_BUILD_CUDA=1" in why and "No module named" in why
 
 
@@ -277,3 +278,24 @@ def test_build_emits_no_warnings(cuda_build):
 def test_atol_table_covers_kernel_dtypes():
     # the emulation tests use conftest's tolerance rule for every dtype they run
     assert all(d in ATOL for d in DTYPES)
+
+
+def test_csrc_codes_match_the_shared_table():
+    """csrc/common.cuh declares the codes of recon_kernels/codes.py, value for value."""
+    from recon_kernels import codes
+
+    src = open(os.path.join(ROOT, "csrc", "common.cuh")).read()
+
+    def enum(name):
+        body = re.search(r"enum " + name + r" : int \{([^}]*)\}", src).group(1)
+        return {k.strip(): int(v) for k, v in (e.split("=") for e in body.split(","))}
+
+    names = {torch.float32: "kFloat32", torch.float16: "kFloat16", torch.bfloat16: "kBFloat16"}
+    assert enum("DTypeCode") == {names[d]: c for d, c in codes.DTYPE_CODES.items()}
+    acts = {"none": "kActNone", "gelu": "kGelu", "gelu_tanh": "kGeluTanh", "relu": "kRelu"}
+    assert enum("ActCode") == {acts[a]: c for a, c in codes.ACT_CODES.items()}
+    assert enum("EpiCode") == {
+        "kEpiNone": codes.EPI_NONE,
+        "kEpiDact": codes.EPI_DACT,
+        "kEpiAdd": codes.EPI_ADD,
+    }

@@ -6,7 +6,7 @@ Every implementation module exposes the same function names with the same signat
 
 * eager  -> ``recon_kernels.reference``
 * triton -> ``recon_kernels.triton.<family>``
-* cuda   -> ``recon_kernels.cuda`` (Python launchers of the compiled extension)
+* cuda   -> ``recon_kernels.cuda.<family>`` (Python launchers of the compiled extension)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def impl(backend: str, family: str) -> ModuleType:
     if backend == "triton":
         return importlib.import_module(f"recon_kernels.triton.{family}")
     if backend == "cuda":
-        return importlib.import_module("recon_kernels.cuda")
+        return importlib.import_module(f"recon_kernels.cuda.{family}")
     raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
 
 

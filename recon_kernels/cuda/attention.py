@@ -1,0 +1,196 @@
+"""Launchers of the attention kernels (csrc/attention_fwd.cu, attention_bwd.cu): forward with
+logsumexp, backward (delta, dK/dV, dQ), masks through their broadcast strides, dropout."""
+
+from __future__ import annotations
+
+import torch
+
+from ..codes import DTYPE_CODES
+from ..reference import dropout_params
+from ._common import (
+    aligned,
+    check,
+    check_device,
+    launch,
+    put,
+    strides,
+    unit_last,
+)
+from ._loader import ext as extension_module
+
+
+def _attn_operand(args, prefix: str, t: torch.Tensor, ptr_field: str | None = None) -> None:
+    sb, sh, sm, _ = strides(t)
+    fields = {f"{prefix}_sb": sb, f"{prefix}_sh": sh, f"{prefix}_sm": sm}
+    put(args, **{ptr_field or prefix: t.data_ptr()}, **fields)
+
+
+def _attn_common(args, q, k, mask, key_padding_mask, scale, causal) -> list[torch.Tensor]:
+    """Sizes, flags and masks; returns the mask tensors that must outlive the launch."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    keep = []
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+        check_device("mask", mask)
+        m = mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        try:
+            m = m.expand(B, H, NQ, NK)  # a view: broadcast dims get stride 0
+        except RuntimeError as e:
+            raise ValueError(
+                f"mask: expected a shape broadcastable to (B, H, Nq, Nk) = ({B}, {H}, {NQ}, "
+                f"{NK}), got {tuple(mask.shape)}"
+            ) from e
+        m = m.view(torch.uint8)
+        sb, sh, sm, sn = strides(m)
+        put(args, mask=m.data_ptr(), m_sb=sb, m_sh=sh, m_sm=sm, m_sn=sn)
+        keep.append(m)
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, NK):
+            raise ValueError(
+                f"key_padding_mask: expected a bool tensor of shape (B, Nk) = ({B}, {NK}), got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        check_device("key_padding_mask", key_padding_mask)
+        kp = key_padding_mask.view(torch.uint8)
+        sb, sn = strides(kp)
+        put(args, kpm=kp.data_ptr(), kpm_sb=sb, kpm_sn=sn)
+        keep.append(kp)
+    put(
+        args,
+        b=B,
+        h=H,
+        nq=NQ,
+        nk=NK,
+        d=D,
+        scale=float(scale),
+        causal=bool(causal),
+        dtype=DTYPE_CODES[q.dtype],
+    )
+    return keep
+
+
+def _attn_dropout(dropout_p: float, seed: int) -> dict[str, int | float]:
+    """AttnArgs dropout fields: the uint32 seed, the 24-bit threshold (0: off) and
+    1 / (1 - p); the kernels draw the keep mask of ``reference.dropout_keep`` from them."""
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}") from e
+    drop_seed, drop_threshold, drop_scale = dropout_params(p, seed)
+    return {"drop_threshold": drop_threshold, "drop_seed": drop_seed, "drop_scale": drop_scale}
+
+
+def _check_attn(q, k, v) -> None:
+    check("q", q, ndim=4)
+    check("k", k, q, ndim=4)
+    check("v", v, q, ndim=4)
+    B, H, NQ, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D or v.shape != k.shape:
+        raise ValueError(
+            f"k/v: expected shape ({B}, {H}, Nk, {D}) matching q {tuple(q.shape)}, got "
+            f"k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if min(B, H, NQ, k.shape[2], D) < 1 or D > 256:
+        raise ValueError(
+            f"q/k: expected B, H, Nq, Nk >= 1 and 1 <= D <= 256, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
+        )
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Nq, D), k/v (B, H, Nk, D) -> (out (B, H, Nq, D) in q.dtype, stored
+    (B, Nq, H, D)-contiguous like every backend's (ops.attention.new_output), lse (B, H, Nq)
+    float32: natural log-sum-exp, +inf on rows with no allowed key). dropout_p > 0 drops
+    the probabilities of ``reference.dropout_keep(seed, ...)`` (lse stays the undropped one)."""
+    drop = _attn_dropout(dropout_p, seed)
+    _check_attn(q, k, v)
+    ext = extension_module()
+    args = ext.AttnArgs()
+    put(args, **drop)
+    B, H, NQ, D = q.shape
+    q_, k_, v_ = aligned(q), aligned(k), aligned(v)
+    # the kernel writes through strides: (B, Nq, H, D) storage seen as (B, H, Nq, D)
+    out = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    for prefix, t in (("q", q_), ("k", k_), ("v", v_), ("o", out)):
+        _attn_operand(args, prefix, t)
+    sb, sh, sm = strides(lse)
+    put(args, lse=lse.data_ptr(), lse_sb=sb, lse_sh=sh, lse_sm=sm)
+    keep = _attn_common(args, q, k, mask, key_padding_mask, scale, causal)
+    launch(q, ext.attention_fwd, args)
+    del keep
+    return out, lse
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward;
+    dropout_p and seed: the forward's (the same keep mask is drawn again)."""
+    drop = _attn_dropout(dropout_p, seed)
+    _check_attn(q, k, v)
+    check("dout", dout, q, ndim=4)
+    check("out", out, q, ndim=4)
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    if tuple(dout.shape) != (B, H, NQ, D) or tuple(out.shape) != (B, H, NQ, D):
+        raise ValueError(
+            f"dout/out: expected shape {tuple(q.shape)}, got {tuple(dout.shape)} and "
+            f"{tuple(out.shape)}"
+        )
+    check_device("lse", lse)
+    if tuple(lse.shape) != (B, H, NQ):
+        raise ValueError(f"lse: expected shape ({B}, {H}, {NQ}), got {tuple(lse.shape)}")
+    ext = extension_module()
+    args = ext.AttnArgs()
+    put(args, **drop)
+    lse = lse.float()
+    q_, k_, v_, do_ = aligned(q), aligned(k), aligned(v), aligned(dout)
+    out_ = unit_last(out)
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=q.device)
+    for prefix, t in (
+        ("q", q_),
+        ("k", k_),
+        ("v", v_),
+        ("o", out_),
+        ("dq", dq),
+        ("dk", dk),
+        ("dv", dv),
+    ):
+        _attn_operand(args, prefix, t)
+    _attn_operand(args, "do", do_, ptr_field="dout")
+    put(args, delta=delta.data_ptr())
+    sb, sh, sm = strides(lse)
+    put(args, lse=lse.data_ptr(), lse_sb=sb, lse_sh=sh, lse_sm=sm)
+    keep = _attn_common(args, q, k, mask, key_padding_mask, scale, causal)
+    launch(q, ext.attention_bwd, args)
+    del keep
+    return dq, dk, dv
