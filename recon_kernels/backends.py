@@ -7,8 +7,14 @@ manager ``use_backend(name)``, or the ``RECON_BACKEND`` environment variable; el
 eager      ``reference.py``; any device; float64 capable
 triton     CUDA tensors; CPU tensors only with ``TRITON_INTERPRET=1``
 cuda       CUDA tensors when the compiled extension ``recon_kernels._cuda`` is built
-auto       CUDA tensor: ``cuda`` if built, else ``triton``; CPU tensor: ``eager``
+auto       CUDA tensor: the first available backend of ``AUTO_TABLE[op][arch]``;
+           CPU tensor: ``eager``
 =========  =========================================================================
+
+``AUTO_TABLE`` is the one place that says which kernel backend ``auto`` runs for an op
+family on a GPU architecture, with the evidence behind each choice (``AUTO_EVIDENCE``):
+committed benchmark results once a GPU run exists, the static SASS metrics until then.
+``recon info`` prints the choice for the visible GPU and why.
 """
 
 from __future__ import annotations
@@ -137,13 +143,87 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
-def resolve(name: str | None, device: torch.device) -> str:
-    """Concrete backend for a call on ``device``; raises RuntimeError saying why if unavailable."""
+# --------------------------------------------------------------------------- auto
+
+FAMILIES = ("attention", "mlp", "lora")
+
+# op family -> GPU architecture class -> backends in order of preference (auto takes the
+# first one available). Filled from static metrics (no GPU benchmark committed yet):
+_STATIC_SM90 = (
+    "static (sm_90a SASS): the Triton kernels compile to wgmma (HGMMA) on Hopper, the "
+    "csrc kernels are mma.sync (HMMA) only, the FlashAttention-2 design that published "
+    "numbers put near 35% of H100 peak against ~75% for wgmma kernels; no GPU benchmark "
+    "committed yet"
+)
+_STATIC_SM80 = (
+    "static (sm_80 SASS): both backends use mma.sync (HMMA); the hand-written CUDA kernels "
+    "are kept first until a benchmark run says otherwise; no GPU benchmark committed yet"
+)
+_STATIC_OTHER = (
+    "the CUDA extension is built for sm_80 and sm_90a only (RECON_CUDA_ARCHS); Triton "
+    "compiles for the GPU it runs on"
+)
+AUTO_TABLE: dict[str, dict[str, tuple[str, ...]]] = {
+    fam: {"sm90": ("triton", "cuda"), "sm80": ("cuda", "triton"), "other": ("triton", "cuda")}
+    for fam in FAMILIES
+}
+AUTO_EVIDENCE: dict[str, dict[str, str]] = {
+    fam: {"sm90": _STATIC_SM90, "sm80": _STATIC_SM80, "other": _STATIC_OTHER} for fam in FAMILIES
+}
+
+
+@torch.compiler.assume_constant_result
+def arch_class(index: int) -> str:
+    """The AUTO_TABLE column of CUDA device ``index``: sm90 (Hopper), sm80 (Ampere / Ada:
+    compute capability 8.x) or other."""
+    major, _ = torch.cuda.get_device_capability(index)
+    return {9: "sm90", 8: "sm80"}.get(major, "other")
+
+
+def auto_backend(family: str, device: torch.device) -> str:
+    """What ``auto`` runs for op ``family`` on tensors of ``device``."""
+    if device.type != "cuda":
+        return "eager"
+    if family not in AUTO_TABLE:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    order = AUTO_TABLE[family][arch_class(index)]
+    for name in order:
+        if why_unavailable(name, device) is None:
+            return name
+    return order[0]  # unavailable: resolve's caller gets the reason from the op
+
+
+def explain_auto(device: torch.device | str | None = None) -> list[str]:
+    """One line per op family: what auto runs on ``device`` (default: the current GPU) and
+    the evidence for it."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return ["auto: no GPU visible, so CPU tensors run eager (the reference)"]
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [f"auto: tensors on {device.type} run eager (the reference)"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    arch = arch_class(index)
+    lines = [f"auto on {torch.cuda.get_device_name(index)} ({arch}):"]
+    for fam in FAMILIES:
+        lines.append(
+            f"  {fam:9s} -> {auto_backend(fam, device)} "
+            f"(order {', '.join(AUTO_TABLE[fam][arch])}; {AUTO_EVIDENCE[fam][arch]})"
+        )
+    return lines
+
+
+def resolve(name: str | None, device: torch.device, family: str = "attention") -> str:
+    """Concrete backend for a call of op ``family`` on ``device``; raises RuntimeError saying
+    why if unavailable."""
     name = _check_name(get_backend() if name is None else name)
     if name == "auto":
         if device.type == "cuda":
-            return "cuda" if why_unavailable("cuda", device) is None else "triton"
-        return "eager"
+            name = auto_backend(family, device)
+        else:
+            return "eager"
     why = why_unavailable(name, device)
     if why is not None:
         raise RuntimeError(f"backend={name!r} is unavailable for tensors on {device}: {why}")
@@ -168,4 +248,5 @@ def explain() -> str:
     for b in BACKENDS:
         why = why_unavailable(b)
         lines.append(f"  {b:7s} {'available' if why is None else 'unavailable: ' + why}")
+    lines += explain_auto()
     return "\n".join(lines)

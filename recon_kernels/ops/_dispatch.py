@@ -50,12 +50,15 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """Concrete backend for a call; float64 only runs on eager (auto picks it, others raise)."""
+def resolve(
+    backend: str | None, device: torch.device, dtype: torch.dtype, family: str = "attention"
+) -> str:
+    """Concrete backend for a call of op ``family``; float64 only runs on eager (auto picks
+    it, others raise); auto on a GPU follows backends.AUTO_TABLE."""
     requested = backends.get_backend() if backend is None else backend
     if isinstance(requested, str) and requested.lower() == "auto" and dtype == torch.float64:
         return "eager"
-    name = backends.resolve(requested, device)
+    name = backends.resolve(requested, device, family)
     if dtype == torch.float64 and name != "eager":
         raise ValueError(
             f"dtype: backend {name!r} supports float32, float16 and bfloat16, got torch.float64 "

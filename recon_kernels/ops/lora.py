@@ -213,7 +213,7 @@ def lora_linear(
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {shape_str(bias)}")
     scale = check_scale("scale", scale)
-    name = _dispatch.resolve(backend, x.device, x.dtype)
+    name = _dispatch.resolve(backend, x.device, x.dtype, "lora")
     lead = x.shape[:-1]
     y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, name)
     return y.reshape(*lead, weight.shape[0])
@@ -232,7 +232,7 @@ def merge_lora(
     weight: (out, in); lora_a: (r, in); lora_b: (out, r)."""
     _validate_lora(None, None, weight, lora_a, lora_b)
     scale = check_scale("scale", scale)
-    name = _dispatch.resolve(backend, weight.device, weight.dtype)
+    name = _dispatch.resolve(backend, weight.device, weight.dtype, "lora")
     return merge_lora_op(weight, lora_a, lora_b, scale, name)
 
 
@@ -252,7 +252,7 @@ def merge_lora_(
     weight: (out, in); lora_a: (r, in); lora_b: (out, r)."""
     _validate_lora(None, None, weight, lora_a, lora_b)
     scale = check_scale("scale", scale)
-    name = _dispatch.resolve(backend, weight.device, weight.dtype)
+    name = _dispatch.resolve(backend, weight.device, weight.dtype, "lora")
     merge_lora_inplace_op(weight, lora_a, lora_b, scale, name)
     return weight
 

@@ -161,7 +161,7 @@ def conv1d_mlp(
     if isinstance(x, torch.Tensor):
         x, w1, b1, w2, b2 = _dispatch.autocast(x, w1, b1, w2, b2)
     _validate(x, w1, b1, w2, b2, activation)
-    name = _dispatch.resolve(backend, x.device, x.dtype)
+    name = _dispatch.resolve(backend, x.device, x.dtype, "mlp")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = conv1d_mlp_fwd(x2, w1, b1, w2, b2, activation, name)
