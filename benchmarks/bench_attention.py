@@ -41,7 +41,6 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
         return [
             # crossing one Triton interpreter tile (32 x 16), kept small: the interpreter is slow
             dict(name="bert-pad25", N=33, D=16, H=1, B=2, causal=False, pad=0.25),
-            dict(name="gpt", N=20, D=16, H=1, B=1, causal=True, pad=0.0),
             dict(name="gpt-drop10", N=20, D=16, H=1, B=1, causal=True, pad=0.0, drop=0.1),
         ]
 

@@ -1,0 +1,178 @@
+"""benchmarks/: the deadline-driven device script and the benches' CPU smoke mode.
+
+No GPU needed. The device script's deadline, ordering, skipped-for-time records and
+``--part 2`` are tested with stub steps (RECON_DEVICE_STUB: each step a short sleep), so
+the timing asserts are deterministic; ``--dry-run`` then runs the real step commands in
+their CPU smoke form (the benches' ``--smoke``) under a tiny deadline.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
+ORDER = [
+    "build", "check", "bench_attn", "bench_mlp", "bench_lora", "tests", "bench_train",
+    "sanitize", "tests_e2e", "bench_hf", "static",
+]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None,
+    reason="device_check.sh needs bash and coreutils' timeout",
+)
+
+
+def _run(tmp_path, *args, **env):
+    e = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "RECON_DEVICE_WORK": str(tmp_path / "work"),
+        "RECON_DEVICE_STATE": str(tmp_path / "state.tsv"),
+        **env,
+    }
+    t0 = time.monotonic()
+    p = subprocess.run(
+        ["bash", SCRIPT, *args], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300
+    )
+    return p, time.monotonic() - t0
+
+
+def _steps(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_plan_lists_the_steps_in_priority_order():
+    p = subprocess.run(["bash", SCRIPT, "--plan"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    names = [ln.split()[0] for ln in p.stdout.splitlines()[1:]]
+    assert names == ORDER
+    caps = {ln.split()[0]: int(ln.split()[2].rstrip("s")) for ln in p.stdout.splitlines()[1:]}
+    # one call at the 540 s default fits build, check and the three kernel benches at their caps
+    assert sum(caps[n] for n in ORDER[:5]) <= 540 - 20
+
+
+def test_bad_arguments_name_what_was_expected(tmp_path):
+    p, _ = _run(tmp_path, "--part", "3", str(tmp_path / "out"))
+    assert p.returncode == 2 and "--part: expected 1 or 2, got '3'" in p.stderr
+    p, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_DEADLINE="soon")
+    assert p.returncode == 2 and "expected whole seconds, got 'soon'" in p.stderr
+    p, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_STEPS="bench_everything")
+    assert p.returncode == 2 and "unknown step 'bench_everything'" in p.stderr
+
+
+def test_deadline_order_timeouts_and_skipped_for_time(tmp_path):
+    """Each stub step sleeps 1 s; 'tests' sleeps 30 s under a 2 s cap. With a 14 s deadline
+    and 4 s reserve the call ends on time, every step is recorded in order, 'tests' is
+    cut by its timeout and the steps that no longer fit are skipped-for-time."""
+    out = tmp_path / "out"
+    stub = 'case $STEP in tests) sleep 30 ;; *) sleep 1 ;; esac; echo "stub $STEP"'
+    p, wall = _run(
+        tmp_path,
+        str(out),
+        RECON_DEVICE_STUB=stub,
+        RECON_DEVICE_DEADLINE="14",
+        RECON_DEVICE_RESERVE="4",
+        RECON_DEVICE_MIN_STEP="2",
+        RECON_DEVICE_CAPS="tests=2",
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert wall <= 14 + 1, f"the call took {wall:.1f} s, over its 14 s deadline"
+    steps = _steps(out / "steps.csv")
+    assert [s["step"] for s in steps] == ORDER
+    status = {s["step"]: s["status"] for s in steps}
+    for n in ORDER[:5]:
+        assert status[n] == "ok", steps
+    assert status["tests"] == "TIMEOUT(2s)"
+    assert int(next(s for s in steps if s["step"] == "tests")["granted_s"]) == 2
+    skipped = [n for n in ORDER if status[n].startswith("skipped-for-time")]
+    assert skipped and skipped == ORDER[len(ORDER) - len(skipped) :], status  # a suffix
+    assert "static" in skipped
+    # the files the device tool brings back (it returns at most 8)
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8 and {"steps.csv", "results.md", "summary.txt", "logs.tar.gz"} <= set(
+        files
+    ), files
+    # the summary comes last and names what did not run
+    last = p.stdout.strip().splitlines()[-2:]
+    assert "NOT RUN (skipped for time)" in last[0] and "static" in last[0], last
+    assert "--part 2" in last[1]
+
+
+def test_part2_runs_only_what_part1_skipped(tmp_path):
+    ran = tmp_path / "ran.txt"
+    stub = f'echo "$STEP" >> {ran}; sleep 1'
+    env = dict(RECON_DEVICE_STUB=stub, RECON_DEVICE_RESERVE="3", RECON_DEVICE_MIN_STEP="2")
+    p1, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_DEADLINE="10", **env)
+    assert p1.returncode == 0, p1.stdout + p1.stderr
+    part1 = {s["step"]: s["status"] for s in _steps(tmp_path / "out" / "steps.csv")}
+    done = [n for n in ORDER if part1[n] == "ok"]
+    rest = [n for n in ORDER if part1[n].startswith("skipped-for-time")]
+    assert done and rest and done + rest == ORDER, part1
+    assert ran.read_text().split() == done
+    ran.unlink()
+    p2, _ = _run(tmp_path, "--part", "2", str(tmp_path / "out"), RECON_DEVICE_DEADLINE="60", **env)
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    assert ran.read_text().split() == rest  # in the same order, nothing twice
+    part2 = {s["step"]: s["status"] for s in _steps(tmp_path / "out" / "steps_part2.csv")}
+    for n in done:
+        assert part2[n] == "part 1: ok"
+    for n in rest:
+        assert part2[n] == "ok"
+    assert "every selected step was started" in p2.stdout
+
+
+def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
+    """The real step commands in CPU smoke form: the benches write their csv/markdown in the
+    common schema, the call ends within its deadline, and what did not fit is recorded."""
+    out = tmp_path / "out"
+    deadline = 100
+    p, wall = _run(
+        tmp_path,
+        "--dry-run",
+        str(out),
+        RECON_DEVICE_DEADLINE=str(deadline),
+        RECON_DEVICE_RESERVE="10",
+        RECON_DEVICE_STEPS="build,bench_attn,bench_mlp,bench_lora,static",
+        RECON_DEVICE_CAPS="static=1",  # under the minimum grant: skipped-for-time
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert wall <= deadline + 1
+    status = {s["step"]: s["status"] for s in _steps(out / "steps.csv")}
+    for n in ("build", "bench_attn", "bench_mlp", "bench_lora"):
+        assert status[n] == "ok", (status, open(tmp_path / "work" / f"{n}.log").read()[-2000:])
+    assert status["check"] == "not selected"
+    assert status["static"].startswith("skipped-for-time")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    by_bench = {}
+    for r in rows:
+        by_bench.setdefault(r["bench"], []).append(r)
+    assert set(by_bench) == {"bench_attention", "bench_mlp", "bench_lora"}
+    for name, rs in by_bench.items():
+        for r in rs:
+            assert r["gpu"].startswith("CPU smoke") and r["torch"] and r["triton"]
+            assert r["status"] == "ok" or r["status"].startswith(("unavailable: ", "skipped: "))
+        ok = [r for r in rs if r["status"] == "ok"]
+        # ours and a peer, timed, with a spread, in the same run
+        assert any(r["provider"] == "recon-triton" for r in ok), name
+        assert any(not r["provider"].startswith("recon-") for r in ok), name
+        for r in ok:
+            assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
+    att = {r["provider"] for r in by_bench["bench_attention"]}
+    assert {"recon-triton", "recon-cuda", "sdpa", "flex", "eager", "compiled-eager"} <= att
+    mlp = {r["provider"] for r in by_bench["bench_mlp"]}
+    assert {"eager", "torch.compile", "cublaslt-addmm-gelu"} <= mlp
+    # a peer that cannot run here is a row that says why, not a crash
+    flex = [r for r in by_bench["bench_attention"] if r["provider"] == "flex"]
+    assert flex and all(r["status"].startswith("unavailable: ") for r in flex)
+    md = (out / "results.md").read_text()
+    assert "## steps" in md and "| bench_attn | ok |" in md and "x best peer" in md
