@@ -93,6 +93,12 @@ def setup(args: argparse.Namespace) -> str:
         autotune = "off" if (args.quick or args.smoke) else "on"
     os.environ["RECON_TRITON_AUTOTUNE"] = "1" if autotune == "on" else "0"
     args.autotune = autotune
+    # one torch.compile'd function per provider recompiles for every case (dynamic=False);
+    # past dynamo's default limit (8) it would silently run uncompiled under its label
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
     return "cpu" if args.smoke else "cuda"
 
 
@@ -144,13 +150,19 @@ def time_ms(
     if device == "cuda":
         import triton.testing
 
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once_ms = (time.perf_counter() - t) * 1e3
         warmup = warmup_ms if warmup_ms is not None else 10 if quick else 25
         rep = rep_ms if rep_ms is not None else 50 if quick else 200
+        # at least ~10 (quick) / 25 timed calls, so that p20 / p80 mean something
+        warmup, rep = max(warmup, 2 * once_ms), max(rep, (10 if quick else 25) * once_ms)
         ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return tuple(float(m) for m in ms)  # type: ignore[return-value]
     times: list[float] = []  # wall clock: a smoke test of the script, never a measurement
     t_end = time.perf_counter() + 0.2
-    while len(times) < 2 or (len(times) < 20 and time.perf_counter() < t_end):
+    while not times or (len(times) < 20 and time.perf_counter() < t_end):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
@@ -248,6 +260,11 @@ def short_error(e: BaseException, n: int = 120) -> str:
 
 def unavailable(why: BaseException | str) -> str:
     return "unavailable: " + (why if isinstance(why, str) else short_error(why))
+
+
+def skipped(why: str) -> str:
+    """A provider left out on purpose (time), not one that cannot run."""
+    return "skipped: " + why
 
 
 def is_ok(r: dict) -> bool:

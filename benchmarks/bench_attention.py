@@ -11,7 +11,8 @@ time budget cuts the least important.
 Providers: recon-triton, recon-cuda (when built); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
 flex_attention with a block mask; no dropout), eager (the float reference as written) and
-compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096).
+compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096);
+--quick compiles it for the first bert and the first gpt case only.
 A peer that cannot run here or rejects a case is a row "unavailable: why", never a crash.
 
 Forward and forward+backward; TFLOP/s on useful FLOPs (4·B·H·Nq·Nk_real·D forward, halved
@@ -79,8 +80,10 @@ def _lengths(B: int, N: int, pad: float, device: str) -> torch.Tensor:
     return torch.randint(lo, N + 1, (B,), generator=g).to(device)
 
 
-def providers(case: dict, device: str, kpm, bool_mask) -> dict[str, Callable | str]:
-    """name -> fn(q, k, v) returning (B, H, N, D), or "unavailable: why"."""
+def providers(
+    case: dict, device: str, kpm, bool_mask, compile_peer: bool = True
+) -> dict[str, Callable | str]:
+    """name -> fn(q, k, v) returning (B, H, N, D), or "unavailable: why" / "skipped: why"."""
     import recon_kernels as rk
     from recon_kernels import reference as R
 
@@ -162,13 +165,16 @@ def providers(case: dict, device: str, kpm, bool_mask) -> dict[str, Callable | s
 
     if case["N"] <= 4096 or device != "cuda":
         out["eager"] = eager
+        if not compile_peer:
+            out["compiled-eager"] = C.skipped("--quick: compiled on the first bert and gpt cases")
+            return out
         # --smoke: dynamo's trace without inductor's C++ build (the script path, in seconds)
         out["compiled-eager"] = torch.compile(
             eager, dynamic=False, backend="inductor" if device == "cuda" else "eager"
         )
     else:
         why = f"N={case['N']} > 4096: the N x N scores do not fit the time budget"
-        out["eager"] = out["compiled-eager"] = C.unavailable(why)
+        out["eager"] = out["compiled-eager"] = C.skipped(why)
     return out
 
 
@@ -189,7 +195,9 @@ def _make_step(fn, q, k, v, do):
     return step
 
 
-def bench_case(case: dict, device: str, dtype: torch.dtype, quick: bool) -> list[dict]:
+def bench_case(
+    case: dict, device: str, dtype: torch.dtype, quick: bool, compile_peer: bool = True
+) -> list[dict]:
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v, do = (
@@ -210,7 +218,7 @@ def bench_case(case: dict, device: str, dtype: torch.dtype, quick: bool) -> list
         del qf, kf, vf
     real_rows = kpm[:, None, :, None].expand_as(ref)
     rows = []
-    for name, fn in providers(case, device, kpm, bool_mask).items():
+    for name, fn in providers(case, device, kpm, bool_mask, compile_peer).items():
         for mode in ("fwd", "fwd+bwd"):
             row = dict(case=case["name"], mode=mode, provider=name, B=B, H=H, N=N, D=D)
             if isinstance(fn, str):
@@ -260,14 +268,18 @@ def main(argv=None) -> int:
         ],
     )
     rows: list[dict] = []
+    families: set[str] = set()
     for case in shapes(args.quick, args.smoke):
+        family = case["name"].split("-")[0]
+        compile_peer = not args.quick or family not in families  # first bert, first gpt
+        families.add(family)
         if budget.expired():
             rows.append(
                 dict(case=case["name"], mode="-", provider="-", status=budget.skip_status())
             )
             continue
         C.progress(f"{NAME}: {case['name']} ...")
-        rows += bench_case(case, device, dtype, args.quick)
+        rows += bench_case(case, device, dtype, args.quick, compile_peer)
         C.add_peer_ratios(rows, lambda p: not p.startswith("recon-"))
         C.write(args.out, NAME, head + C.table(rows), rows, info, quiet=True)
     C.write(args.out, NAME, head + C.table(rows), rows, info)

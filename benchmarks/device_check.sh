@@ -74,16 +74,21 @@ run_step() {
       [ "$name" = tests_e2e ] && files=(tests/test_models_blocks.py tests/test_models_gpt.py
         tests/test_models_bert.py tests/test_integrations_sdpa.py tests/test_integrations_peft.py)
       if [ "$DRY" = 1 ]; then exec "$PY" -m pytest -q --co -p no:cacheprovider "${files[@]}"; fi
-      # -v: one line per test, so a run cut by its timeout still says what passed
-      RECON_TRITON_AUTOTUNE=0 exec "$PY" -m pytest -v --maxfail=10 -p no:cacheprovider \
-        "${files[@]}" -k cuda --durations=10
+      # -v: one line per test, so a run cut by its timeout still says what passed; with
+      # pytest-xdist (in the image) 8 workers share the GPU and compile kernels in parallel
+      local par=()
+      "$PY" -c "import xdist" >/dev/null 2>&1 && par=(-n 8)
+      RECON_TRITON_AUTOTUNE=0 exec "$PY" -m pytest -v "${par[@]}" --maxfail=10 \
+        -p no:cacheprovider "${files[@]}" -k cuda --durations=10
       ;;
     bench_train)
       local dev=(--quick)
       [ "$DRY" = 1 ] && dev=(--quick --device cpu --models gpt)
       exec "$PY" benchmarks/bench_train.py --out "$WORK" "${dev[@]}" --time-budget "$STEP_BUDGET"
       ;;
-    sanitize) PYTHON=$PY exec bash benchmarks/sanitize_cuda.sh "$WORK/sanitize" ;;
+    sanitize)
+      RECON_SANITIZE_BUDGET=$STEP_BUDGET PYTHON=$PY exec bash benchmarks/sanitize_cuda.sh "$WORK/sanitize"
+      ;;
     bench_hf) exec "$PY" benchmarks/bench_hf.py --out "$WORK" --quick ;; # no GPU: says so, exits 0
     static)
       local lim=()

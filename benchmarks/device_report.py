@@ -89,8 +89,10 @@ def test_lines(work: str, name: str) -> list[str]:
     if not os.path.exists(path):
         return []
     text = open(path, errors="replace").read()
+    # "path::test PASSED" (-v) or "[gw0] [ 5%] PASSED path::test" (-v under xdist)
+    per_test = [ln for ln in text.splitlines() if "::" in ln and not ln.startswith("FAILED ")]
     counts = {
-        k: len(re.findall(rf"^\S+::\S+ {k}\b", text, re.M))
+        k: sum(1 for ln in per_test if re.search(rf"(^|\s){k}(\s|$)", ln))
         for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")
     }
     final = [

@@ -176,3 +176,31 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
     assert flex and all(r["status"].startswith("unavailable: ") for r in flex)
     md = (out / "results.md").read_text()
     assert "## steps" in md and "| bench_attn | ok |" in md and "x best peer" in md
+
+
+def test_report_counts_tests_under_xdist_and_plain_v(tmp_path):
+    """device_report.py reads pytest -v logs in both layouts (a run cut by its timeout has
+    no final line, so the per-test lines are what counts)."""
+    work, out = tmp_path / "w", tmp_path / "o"
+    work.mkdir()
+    (work / "tests.log").write_text(
+        "tests/test_attention.py::test_a[cuda-cuda] PASSED          [  1%]\n"
+        "[gw0] [  2%] PASSED tests/test_attention.py::test_b[triton-cuda] \n"
+        "[gw1] [  3%] FAILED tests/test_attention.py::test_c[triton-cuda] \n"
+        "tests/test_mlp.py::test_d[cuda] SKIPPED (no)               [  4%]\n"
+        "FAILED tests/test_attention.py::test_c[triton-cuda] - AssertionError\n"
+    )
+    (work / "steps.tsv").write_text(
+        "step\tstatus\tcap_s\tgranted_s\tused_s\tpart\n"
+        "tests\tTIMEOUT(150s)\t150\t150\t155\t1\nsanitize\tskipped-for-time(left 3s)\t120\t0\t0\t1\n"
+    )
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "device_report.py"),
+         "--work", str(work), "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "tests: 2 passed, 1 failed, 1 skipped" in p.stdout
+    assert "FAILED tests/test_attention.py::test_c[triton-cuda]" in p.stdout
+    assert p.stdout.strip().splitlines()[-2].startswith("-- NOT RUN (skipped for time): sanitize")
+    assert (out / "summary.txt").read_text().strip() == p.stdout.strip()
