@@ -29,8 +29,14 @@
 #
 # --dry-run: the same deadline machinery with CPU smoke commands (tiny --smoke benches,
 # pytest collection, `recon check` on eager): tests the script without a GPU.
-# --plan: print the steps, caps and commands and exit.
+# --plan: print the steps and their caps and exit.
 # (Tests only: RECON_DEVICE_STUB='shell code' replaces every step's command; $STEP names it.)
+#
+# On the lent H200 (15 min of device time in all, 10 per call, 1-2 to start):
+#   call 1: bash benchmarks/device_check.sh $OUT                           (timeout_s 600)
+#   call 2, at once while the machine is warm (its runs/ keeps part 1's record and build):
+#           RECON_DEVICE_DEADLINE=180 bash benchmarks/device_check.sh --part 2 $OUT
+#                                         (180: about what 900 s - start - call 1 leaves)
 set -u -o pipefail
 
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
@@ -113,7 +119,7 @@ while [ $# -gt 0 ]; do
     --part=*) PART=${1#*=}; shift ;;
     --dry-run) DRY=1; shift ;;
     --plan) PLAN=1; shift ;;
-    -h | --help) sed -n '2,36p' "$SELF"; exit 0 ;;
+    -h | --help) sed -n '2,/^set -u/p' "$SELF" | sed '$d'; exit 0 ;;
     -*) die "unknown option '$1' (expected --part 1|2, --dry-run, --plan, OUTDIR)" ;;
     *) [ -z "$OUT" ] || die "expected one OUTDIR, got '$OUT' and '$1'"; OUT=$1; shift ;;
   esac
@@ -192,7 +198,8 @@ else
     [ $on = 1 ] && TODO[$n]=1
   done
 fi
-if [ "$PART" = 2 ] && [ -z "${TODO[build]:-}" ] && [ "$DRY" = 0 ] && [ -z "${RECON_DEVICE_STUB:-}" ]; then
+if [ "$PART" = 2 ] && [ ${#TODO[@]} -gt 0 ] && [ -z "${TODO[build]:-}" ] && [ "$DRY" = 0 ] &&
+  [ -z "${RECON_DEVICE_STUB:-}" ]; then
   # a fresh machine has no extension (the build is not carried): rebuild before the rest
   "$PY" -c "import recon_kernels._cuda" >/dev/null 2>&1 || TODO[build]=1
 fi
@@ -247,6 +254,6 @@ if [ "$PART" = 1 ]; then mkdir -p "$(dirname "$STATE")" && cp "$STEPS_TSV" "$STA
 timeout $((RESERVE > 12 ? RESERVE - 8 : 4)) "$PY" "$ROOT/benchmarks/device_report.py" --work "$WORK" --out "$OUT" --tag "$TAG" \
   --part "$PART" --deadline "$DEADLINE" --elapsed "$SECONDS" >"$WORK/report.log" 2>&1 ||
   { echo "device_report.py failed:"; tail -20 "$WORK/report.log"; cp "$STEPS_TSV" "$OUT/steps$TAG.tsv"; }
-tar -czf "$OUT/logs$TAG.tar.gz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
+timeout 10 tar -czf "$OUT/logs$TAG.tar.gz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
 cat "$WORK/report.log"
 exit 0
