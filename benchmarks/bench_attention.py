@@ -102,45 +102,34 @@ def providers(
             out[f"recon-{b}"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
                 q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b
             )
-    if device == "cuda":
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            sdpa = [
-                ("sdpa-flash", "FLASH_ATTENTION"),
-                ("sdpa-efficient", "EFFICIENT_ATTENTION"),
-                ("sdpa-cudnn", "CUDNN_ATTENTION"),
-            ]
-            for label, be_name in sdpa:
-                be = getattr(SDPBackend, be_name, None)
-                if be is None:
-                    out[label] = C.unavailable(
-                        f"torch {torch.__version__} has no SDPBackend.{be_name}"
-                    )
-                    continue
-
-                def f(q, k, v, be=be):
-                    with sdpa_kernel([be]):
-                        if causal:
-                            return F.scaled_dot_product_attention(
-                                q, k, v, is_causal=True, dropout_p=p
-                            )
-                        return F.scaled_dot_product_attention(
-                            q, k, v, attn_mask=bool_mask, dropout_p=p
-                        )
-
-                out[label] = f
-        except ImportError as e:
-            out["sdpa"] = C.unavailable(e)
+    # the same peers on every device: on the CPU (--smoke) the SDPA backends that do not
+    # exist there and flex's compiled kernel exercise the "unavailable: why" path
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:
+        out["sdpa"] = C.unavailable(e)
     else:
-        out["sdpa"] = lambda q, k, v: (
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-            if causal
-            else F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=p)
-        )
+        sdpa = [
+            ("sdpa-flash", "FLASH_ATTENTION"),
+            ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+            ("sdpa-cudnn", "CUDNN_ATTENTION"),
+        ]
+        for label, be_name in sdpa:
+            be = getattr(SDPBackend, be_name, None)
+            if be is None:
+                out[label] = C.unavailable(f"torch {torch.__version__} has no SDPBackend.{be_name}")
+                continue
+
+            def f(q, k, v, be=be):
+                with sdpa_kernel([be]):
+                    if causal:
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=p)
+
+            out[label] = f
     if p:
         out["flex"] = C.unavailable("flex_attention has no dropout")
-    elif device == "cuda":
+    else:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -151,12 +140,13 @@ def providers(
                 kp = kpm
                 mm = lambda b, h, qi, kj: kp[b, kj]  # noqa: E731
             bm = create_block_mask(mm, B, None, N, N, device=device)
-            flex = torch.compile(flex_attention, dynamic=False)
+            # compiled on the GPU (its real kernel); --smoke: the eager path, no C++ build
+            flex = (
+                torch.compile(flex_attention, dynamic=False) if device == "cuda" else flex_attention
+            )
             out["flex"] = lambda q, k, v: flex(q, k, v, block_mask=bm)
         except Exception as e:  # noqa: BLE001  (absent or unsupported here: a row that says so)
             out["flex"] = C.unavailable(e)
-    else:
-        out["flex"] = C.unavailable("flex_attention needs a CUDA GPU (not timed in --smoke)")
 
     def eager(q, k, v):
         return R.attention(
