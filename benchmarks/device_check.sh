@@ -8,7 +8,7 @@
 #   bash benchmarks/device_check.sh [--part 1|2] [--dry-run] [--plan] OUTDIR
 #
 # Deadline: the whole call ends within RECON_DEVICE_DEADLINE seconds (default 540, so one
-# 600 s device call always returns). The end time is fixed at start; each step, in priority
+# 600 s device call always returns; 180 for --part 2). The end time is fixed at start; each step, in priority
 # order, gets min(its cap, time left - RECON_DEVICE_RESERVE (default 20 s, kept for the
 # report)) through `timeout`. A step whose grant is under RECON_DEVICE_MIN_STEP (default
 # 20 s) is not started and is recorded as "skipped-for-time"; the benchmarks also get the
@@ -25,7 +25,8 @@
 # OUTDIR gets at most 6 files (the device tool returns 8): results.md (environment, step
 # table, every table), results.csv (every benchmark row with GPU and versions), steps.csv,
 # env.txt, logs.tar.gz (every log and per-bench csv/md), summary.txt; part 2 names them
-# *_part2.*. The summary is printed last (the tool returns the output's tail).
+# *_part2.*. They are rewritten after every step, so a call killed from outside still
+# brings back what ran. The summary is printed last (the tool returns the output's tail).
 #
 # --dry-run: the same deadline machinery with CPU smoke commands (tiny --smoke benches,
 # pytest collection, `recon check` on eager): tests the script without a GPU.
@@ -126,7 +127,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || [ "$PLAN" = 1 ] || die "usage: benchmarks/device_check.sh [--part 1|2] [--dry-run] [--plan] OUTDIR"
 case $PART in 1 | 2) ;; *) die "--part: expected 1 or 2, got '$PART'" ;; esac
-DEADLINE=${RECON_DEVICE_DEADLINE:-540}
+# part 2 default: about what 900 s of device time leaves after a start and a 540 s part 1
+DEADLINE=${RECON_DEVICE_DEADLINE:-$([ "$PART" = 2 ] && echo 180 || echo 540)}
 RESERVE=${RECON_DEVICE_RESERVE:-20}
 MIN_STEP=${RECON_DEVICE_MIN_STEP:-20}
 for v in DEADLINE RESERVE MIN_STEP; do
@@ -232,6 +234,15 @@ step() { # NAME: run under min(cap, left - reserve), or record why not
     status="FAILED(rc=$rc)"
   fi
   record "$name" "$status" "$cap" "$grant" $((SECONDS - t0))
+  partial_report
+}
+
+partial_report() { # OUT files after every step: a call killed from outside still returns them
+  timeout 10 "$PY" "$ROOT/benchmarks/device_report.py" --work "$WORK" --out "$OUT" --tag "$TAG" \
+    --part "$PART" --deadline "$DEADLINE" --elapsed "$SECONDS (still running)" --quiet \
+    >/dev/null 2>&1
+  timeout 10 tar -czf "$OUT/logs$TAG.tar.gz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
+  return 0
 }
 
 echo "== device_check part $PART$([ "$DRY" = 1 ] && echo ' (dry run)'): deadline ${DEADLINE}s, reserve ${RESERVE}s, $(date -u +%FT%TZ)"

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", default="1")
     ap.add_argument("--deadline", default="?")
     ap.add_argument("--elapsed", default="?")
+    ap.add_argument("--quiet", action="store_true", help="write the files, print nothing")
     args = ap.parse_args(argv)
     W, O, tag = args.work, args.out, args.tag
     os.makedirs(O, exist_ok=True)
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         text = text[: MAX_SUMMARY_CHARS // 2] + "\n[...]\n" + text[-MAX_SUMMARY_CHARS // 2 :]
     with open(os.path.join(O, f"summary{tag}.txt"), "w") as f:
         f.write(text + "\n")
-    print(text)
+    if not args.quiet:
+        print(text)
     return 0
 
 
