@@ -55,6 +55,7 @@ is_int() { case $1 in '' | *[!0-9]*) return 1 ;; esac }
 # (re-invoked under `timeout` as: device_check.sh --_step NAME; environment from the parent)
 run_step() {
   local name=$1
+  : "${WORK:?--_step is internal: run benchmarks/device_check.sh OUTDIR}"
   cd "$ROOT" || exit 2
   if [ -n "${RECON_DEVICE_STUB:-}" ]; then
     STEP=$name exec bash -c "$RECON_DEVICE_STUB"
@@ -103,7 +104,7 @@ run_step() {
       exec env -u TRITON_INTERPRET "$PY" benchmarks/triton_static.py --out "$WORK" \
         --filter "bf16 D=128" "${lim[@]}"
       ;;
-    *) die "--_step: unknown step '$name' (expected one of: ${STEPS//:[0-9]*/})" ;;
+    *) die "--_step: unknown step '$name' (expected one of: $(for s in $STEPS; do printf '%s ' "${s%%:*}"; done))" ;;
   esac
 }
 
@@ -163,6 +164,9 @@ TAG=$([ "$PART" = 2 ] && echo _part2 || true)
 # runs/ is git-ignored: on a warm machine it survives between calls (part 2 reads part 1's)
 WORK=${RECON_DEVICE_WORK:-$ROOT/runs/device/part$PART}
 STATE=${RECON_DEVICE_STATE:-$ROOT/runs/device/state.tsv}
+if [ -d "$WORK" ] && [ ! -f "$WORK/steps.tsv" ] && [ -n "$(ls -A "$WORK")" ]; then
+  die "RECON_DEVICE_WORK: expected an empty or earlier device_check folder, got '$WORK' (not cleared)"
+fi
 rm -rf "$WORK"
 mkdir -p "$WORK" || die "cannot create the work folder '$WORK'"
 STEPS_TSV=$WORK/steps.tsv
@@ -171,6 +175,8 @@ printf 'step\tstatus\tcap_s\tgranted_s\tused_s\tpart\n' >"$STEPS_TSV"
 PY=${PYTHON:-$(command -v python3 || command -v python)} # the image's python3 holds torch
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_DEFAULT_FP_FUSION=1
+# nothing outside the machine can be reached: never let a library try (and wait on) the network
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1
 unset TRITON_INTERPRET
 export PY WORK DRY ROOT
 
