@@ -71,40 +71,44 @@ def test_bad_arguments_name_what_was_expected(tmp_path):
 
 
 def test_deadline_order_timeouts_and_skipped_for_time(tmp_path):
-    """Each stub step sleeps 1 s; 'tests' sleeps 30 s under a 2 s cap. With a 16 s deadline
-    and 4 s reserve the call ends on time, every step is recorded in order, 'tests' is
-    cut by its timeout and the steps that no longer fit are skipped-for-time."""
+    """Stub steps sleep 1 s, except 'tests' (30 s under a 2 s cap: cut at its cap) and
+    'sanitize' (60 s under its 120 s cap: granted only what is left before the reserve, and
+    cut there). The call still ends within its 24 s deadline, every step is recorded in
+    priority order, and the three after 'sanitize' are skipped-for-time."""
     out = tmp_path / "out"
-    stub = 'case $STEP in tests) sleep 30 ;; *) sleep 1 ;; esac; echo "stub $STEP"'
+    stub = "case $STEP in tests) sleep 30 ;; sanitize) sleep 60 ;; *) sleep 1 ;; esac"
+    deadline, reserve = 24, 4
     p, wall = _run(
         tmp_path,
         str(out),
         RECON_DEVICE_STUB=stub,
-        RECON_DEVICE_DEADLINE="16",
-        RECON_DEVICE_RESERVE="4",
+        RECON_DEVICE_DEADLINE=str(deadline),
+        RECON_DEVICE_RESERVE=str(reserve),
         RECON_DEVICE_MIN_STEP="2",
         RECON_DEVICE_CAPS="tests=2",
     )
     assert p.returncode == 0, p.stdout + p.stderr
-    assert wall <= 16 + 1, f"the call took {wall:.1f} s, over its 16 s deadline"
+    assert wall <= deadline + 1, f"the call took {wall:.1f} s, over its {deadline} s deadline"
     steps = _steps(out / "steps.csv")
     assert [s["step"] for s in steps] == ORDER
     status = {s["step"]: s["status"] for s in steps}
-    for n in ORDER[:5]:
+    for n in ORDER[:5] + ["bench_train"]:
         assert status[n] == "ok", steps
     assert status["tests"] == "TIMEOUT(2s)"
-    assert int(next(s for s in steps if s["step"] == "tests")["granted_s"]) == 2
-    skipped = [n for n in ORDER if status[n].startswith("skipped-for-time")]
-    assert skipped and skipped == ORDER[len(ORDER) - len(skipped) :], status  # a suffix
-    assert "static" in skipped
+    san = next(s for s in steps if s["step"] == "sanitize")
+    granted = int(san["granted_s"])
+    assert status["sanitize"] == f"TIMEOUT({granted}s)" and 2 <= granted < 120, san
+    # granted = what was left minus the reserve: it ends where the reserve begins
+    assert int(san["used_s"]) <= granted + 1
+    for n in ("tests_e2e", "bench_hf", "static"):
+        assert status[n].startswith("skipped-for-time(left "), status
     # the files the device tool brings back (it returns at most 8)
     files = sorted(os.listdir(out))
-    assert len(files) <= 8 and {"steps.csv", "results.md", "summary.txt", "logs.tar.gz"} <= set(
-        files
-    ), files
+    assert len(files) <= 8, files
+    assert {"steps.csv", "results.md", "summary.txt", "logs.tar.gz", "env.txt"} <= set(files)
     # the summary comes last and names what did not run
     last = p.stdout.strip().splitlines()[-2:]
-    assert "NOT RUN (skipped for time)" in last[0] and "static" in last[0], last
+    assert last[0] == "-- NOT RUN (skipped for time): tests_e2e, bench_hf, static", last
     assert "--part 2" in last[1]
 
 
