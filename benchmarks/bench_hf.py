@@ -35,6 +35,7 @@ import sys
 import time
 import traceback
 
+import _common as C
 import torch
 import torch.nn.functional as F
 from _common import write
@@ -149,7 +150,6 @@ def first_loss(model, batch) -> float:
 
 
 def bench_variant(name, variant, cfg, shape, device, quick) -> dict:
-    import triton.testing
 
     collect = _Collect()
     logging.getLogger("recon_kernels").addHandler(collect)
@@ -167,11 +167,8 @@ def bench_variant(name, variant, cfg, shape, device, quick) -> dict:
             step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()  # before do_bench adds its L2-flush buffer
-        ms = triton.testing.do_bench(
-            step,
-            warmup=100 if quick else 300,
-            rep=400 if quick else 2000,
-            quantiles=[0.5, 0.2, 0.8],
+        ms = C.time_ms(
+            step, "cuda", quick, warmup_ms=100 if quick else 300, rep_ms=400 if quick else 2000
         )
         tokens = shape[0] * shape[1]
         row.update(
@@ -198,9 +195,7 @@ def bench_variant(name, variant, cfg, shape, device, quick) -> dict:
 
 
 def _bench_ms(fn, quick) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100 if quick else 400)
+    return C.time_ms(fn, "cuda", quick, warmup_ms=25, rep_ms=100 if quick else 400)[0]
 
 
 def op_table(name, cfg, shape, device, quick) -> list[dict]:

@@ -38,12 +38,12 @@ import contextlib
 import gc
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Iterator
 
+import _common as C
 import torch
 import torch.nn.functional as F
 from _common import write
@@ -94,27 +94,49 @@ class TorchOps:
         return weight + scale * (lora_b @ lora_a)
 
 
+class _StockRK:
+    """``rk`` as the model modules see it, with the ops swapped for TorchOps; every other
+    attribute (rk.nn, rk.set_backend, ...) is recon_kernels' own."""
+
+    def __getattr__(self, name: str):
+        import recon_kernels
+
+        return getattr(TorchOps, name, None) or getattr(recon_kernels, name)
+
+
 @contextlib.contextmanager
 def stock_ops() -> Iterator[None]:
-    """Route the model blocks through TorchOps (the 'eager' / 'torch.compile' baselines):
-    the MLP's ops (python_models.models.blocks) and the attention ops that
-    recon_kernels.nn.MultiheadAttention calls."""
+    """Route the python_models through TorchOps (the 'eager' / 'torch.compile' baselines):
+    every python_models module that calls ``rk.<op>`` (found by looking, so this does not
+    depend on how the package is laid out) sees the stock ops while the context is open, and
+    so does recon_kernels.nn.MultiheadAttention (the blocks' attention)."""
+    import python_models  # noqa: F401  (imports the model modules)
+    import recon_kernels
     import recon_kernels.nn as rk_nn
-    from python_models.models import blocks
 
-    patched = [
-        (blocks, "rk", TorchOps),
-        (rk_nn, "causal_attention", TorchOps.causal_attention),
-        (rk_nn, "masked_softmax_attention", TorchOps.masked_softmax_attention),
+    mods = [
+        m
+        for n, m in list(sys.modules.items())
+        if n.split(".")[0] == "python_models" and getattr(m, "rk", None) is recon_kernels
     ]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
-    for mod, name, new in patched:
-        setattr(mod, name, new)
+    if not mods:
+        raise RuntimeError(
+            "bench_train: expected python_models modules that call recon_kernels as `rk`, "
+            "found none (the eager baseline would time the kernels)"
+        )
+    attn = {n: getattr(rk_nn, n) for n in ("causal_attention", "masked_softmax_attention")}
+    stock = _StockRK()
+    for m in mods:
+        m.rk = stock
+    for n in attn:
+        setattr(rk_nn, n, getattr(TorchOps, n))
     try:
         yield
     finally:
-        for mod, name, old in saved:
-            setattr(mod, name, old)
+        for m in mods:
+            m.rk = recon_kernels
+        for n, f in attn.items():
+            setattr(rk_nn, n, f)
 
 
 # --------------------------------------------------------------------------- models
@@ -228,8 +250,7 @@ def run_variant(
             if device.type == "cuda"
             else float("nan")
         )
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    med = statistics.median(times)
+    med, p20, p80 = C.quantiles(times)
     return dict(
         model=name,
         preset=preset,
@@ -237,8 +258,8 @@ def run_variant(
         batch=batch,
         tokens_per_step=tokens,
         median_ms=med,
-        p20_ms=q[1],
-        p80_ms=q[7],
+        p20_ms=p20,
+        p80_ms=p80,
         tokens_per_s=tokens / (med / 1e3),
         peak_mem_mb=peak,
         first_loss=first_loss,

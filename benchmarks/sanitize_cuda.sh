@@ -9,6 +9,10 @@
 # without a GPU.
 #
 #   benchmarks/sanitize_cuda.sh OUTDIR        (PYTHON=... to pick the interpreter)
+#
+# RECON_SANITIZE_BUDGET=S (device_check.sh sets it): the three tools share S seconds, each
+# under `timeout` (memcheck half, racecheck and synccheck a quarter each), so one slow tool
+# cannot take the others' time and the summary is always written.
 set -u -o pipefail
 OUT=${1:?usage: benchmarks/sanitize_cuda.sh OUTDIR}
 mkdir -p "$OUT"
@@ -38,13 +42,21 @@ echo "compute-sanitizer: $CS ($("$CS" --version | tail -1))" | tee -a "$SUMMARY"
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
 rc=0
-run_tool() {  # tool, smoke args...
-  local tool=$1
-  shift
-  local t0=$SECONDS
-  "$CS" --tool "$tool" --error-exitcode 86 --log-file "$OUT/$tool.log" \
+BUDGET=${RECON_SANITIZE_BUDGET:-0}
+case $BUDGET in '' | *[!0-9]*) echo "RECON_SANITIZE_BUDGET: expected whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+run_tool() {  # tool, share of the budget (1/N), smoke args...
+  local tool=$1 share=$2
+  shift 2
+  local t0=$SECONDS lim=()
+  [ "$BUDGET" -gt 0 ] && lim=(timeout -k 5 $((BUDGET / share > 5 ? BUDGET / share : 5)))
+  "${lim[@]}" "$CS" --tool "$tool" --error-exitcode 86 --log-file "$OUT/$tool.log" \
     "$PY" benchmarks/cuda_smoke.py "$@" >"$OUT/$tool.out" 2>&1
   local status=$?
+  if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "$tool: TIMEOUT (its share of RECON_SANITIZE_BUDGET=${BUDGET}s), $((SECONDS - t0)) s" | tee -a "$SUMMARY"
+    rc=1
+    return
+  fi
   local errors
   errors=$(grep -aEo "(ERROR|RACECHECK) SUMMARY: .*" "$OUT/$tool.log" | tail -1)
   if [ "$status" -eq 0 ]; then
@@ -59,7 +71,7 @@ run_tool() {  # tool, smoke args...
   fi
 }
 
-run_tool memcheck
-run_tool racecheck --quick
-run_tool synccheck --quick
+run_tool memcheck 2
+run_tool racecheck 4 --quick
+run_tool synccheck 4 --quick
 exit $rc

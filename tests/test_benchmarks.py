@@ -1,0 +1,248 @@
+"""benchmarks/: the deadline-driven device script and the benches' CPU smoke mode.
+
+No GPU needed. The device script's deadline, ordering, skipped-for-time records and
+``--part 2`` are tested with stub steps (RECON_DEVICE_STUB: each step a short sleep), so
+the timing asserts are deterministic; ``--dry-run`` then runs the real step commands in
+their CPU smoke form (the benches' ``--smoke``) under a tiny deadline.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
+ORDER = [
+    "build", "check", "bench_attn", "bench_mlp", "bench_lora", "tests", "bench_train",
+    "sanitize", "tests_e2e", "bench_hf", "static",
+]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None,
+    reason="device_check.sh needs bash and coreutils' timeout",
+)
+
+
+def _run(tmp_path, *args, **env):
+    e = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "RECON_DEVICE_WORK": str(tmp_path / "work"),
+        "RECON_DEVICE_STATE": str(tmp_path / "state.tsv"),
+        **env,
+    }
+    t0 = time.monotonic()
+    p = subprocess.run(
+        ["bash", SCRIPT, *args], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300
+    )
+    return p, time.monotonic() - t0
+
+
+def _steps(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_plan_lists_the_steps_in_priority_order():
+    p = subprocess.run(["bash", SCRIPT, "--plan"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    names = [ln.split()[0] for ln in p.stdout.splitlines()[1:]]
+    assert names == ORDER
+    caps = {ln.split()[0]: int(ln.split()[2].rstrip("s")) for ln in p.stdout.splitlines()[1:]}
+    # one call at the 540 s default fits build, check and the three kernel benches at their caps
+    assert sum(caps[n] for n in ORDER[:5]) <= 540 - 20
+
+
+def test_bad_arguments_name_what_was_expected(tmp_path):
+    p, _ = _run(tmp_path, "--part", "3", str(tmp_path / "out"))
+    assert p.returncode == 2 and "--part: expected 1 or 2, got '3'" in p.stderr
+    p, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_DEADLINE="soon")
+    assert p.returncode == 2 and "expected whole seconds, got 'soon'" in p.stderr
+    p, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_STEPS="bench_everything")
+    assert p.returncode == 2 and "unknown step 'bench_everything'" in p.stderr
+
+
+def test_deadline_order_timeouts_and_skipped_for_time(tmp_path):
+    """Stub steps sleep 1 s, except 'tests' (30 s under a 2 s cap: cut at its cap) and
+    'sanitize' (60 s under its 120 s cap: granted only what is left before the reserve, and
+    cut there). The call still ends within its 24 s deadline, every step is recorded in
+    priority order, and the three after 'sanitize' are skipped-for-time."""
+    out = tmp_path / "out"
+    stub = "case $STEP in tests) sleep 30 ;; sanitize) sleep 60 ;; *) sleep 1 ;; esac"
+    deadline, reserve = 24, 4
+    p, wall = _run(
+        tmp_path,
+        str(out),
+        RECON_DEVICE_STUB=stub,
+        RECON_DEVICE_DEADLINE=str(deadline),
+        RECON_DEVICE_RESERVE=str(reserve),
+        RECON_DEVICE_MIN_STEP="2",
+        RECON_DEVICE_CAPS="tests=2",
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert wall <= deadline + 1, f"the call took {wall:.1f} s, over its {deadline} s deadline"
+    steps = _steps(out / "steps.csv")
+    assert [s["step"] for s in steps] == ORDER
+    status = {s["step"]: s["status"] for s in steps}
+    for n in ORDER[:5] + ["bench_train"]:
+        assert status[n] == "ok", steps
+    assert status["tests"] == "TIMEOUT(2s)"
+    san = next(s for s in steps if s["step"] == "sanitize")
+    granted = int(san["granted_s"])
+    assert status["sanitize"] == f"TIMEOUT({granted}s)" and 2 <= granted < 120, san
+    # granted = what was left minus the reserve: it ends where the reserve begins
+    assert int(san["used_s"]) <= granted + 1
+    for n in ("tests_e2e", "bench_hf", "static"):
+        assert status[n].startswith("skipped-for-time(left "), status
+    # the files the device tool brings back (it returns at most 8)
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8, files
+    assert {"steps.csv", "results.md", "summary.txt", "logs.tar.gz", "env.txt"} <= set(files)
+    # the summary comes last and names what did not run
+    last = p.stdout.strip().splitlines()[-2:]
+    assert last[0] == "-- NOT RUN (skipped for time): tests_e2e, bench_hf, static", last
+    assert "--part 2" in last[1]
+
+
+def test_part2_runs_only_what_part1_skipped(tmp_path):
+    ran = tmp_path / "ran.txt"
+    stub = f'echo "$STEP" >> {ran}; sleep 1'
+    env = dict(RECON_DEVICE_STUB=stub, RECON_DEVICE_RESERVE="3", RECON_DEVICE_MIN_STEP="2")
+    p1, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_DEADLINE="10", **env)
+    assert p1.returncode == 0, p1.stdout + p1.stderr
+    part1 = {s["step"]: s["status"] for s in _steps(tmp_path / "out" / "steps.csv")}
+    done = [n for n in ORDER if not part1[n].startswith("skipped-for-time")]  # ok (or cut)
+    rest = [n for n in ORDER if part1[n].startswith("skipped-for-time")]
+    assert done and rest and done + rest == ORDER, part1
+    assert ran.read_text().split() == done
+    ran.unlink()
+    p2, _ = _run(tmp_path, "--part", "2", str(tmp_path / "out"), RECON_DEVICE_DEADLINE="60", **env)
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    assert ran.read_text().split() == rest  # in the same order, nothing twice
+    part2 = {s["step"]: s["status"] for s in _steps(tmp_path / "out" / "steps_part2.csv")}
+    for n in done:
+        assert part2[n] == "part 1: " + part1[n]
+    for n in rest:
+        assert part2[n] == "ok"
+    assert "every selected step was started" in p2.stdout
+
+
+def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
+    """The real step commands in CPU smoke form: the benches write their csv/markdown in the
+    common schema, the call ends within its deadline, and what did not fit is recorded."""
+    out = tmp_path / "out"
+    deadline = 100
+    p, wall = _run(
+        tmp_path,
+        "--dry-run",
+        str(out),
+        RECON_DEVICE_DEADLINE=str(deadline),
+        RECON_DEVICE_RESERVE="10",
+        RECON_DEVICE_STEPS="build,bench_attn,bench_mlp,bench_lora,static",
+        RECON_DEVICE_CAPS="static=1",  # under the minimum grant: skipped-for-time
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert wall <= deadline + 1
+    status = {s["step"]: s["status"] for s in _steps(out / "steps.csv")}
+    for n in ("build", "bench_attn", "bench_mlp", "bench_lora"):
+        assert status[n] == "ok", (status, open(tmp_path / "work" / f"{n}.log").read()[-2000:])
+    assert status["check"] == "not selected"
+    assert status["static"].startswith("skipped-for-time")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    by_bench = {}
+    for r in rows:
+        by_bench.setdefault(r["bench"], []).append(r)
+    assert set(by_bench) == {"bench_attention", "bench_mlp", "bench_lora"}
+    for name, rs in by_bench.items():
+        for r in rs:
+            assert r["gpu"].startswith("CPU smoke") and r["torch"] and r["triton"]
+            assert r["status"] == "ok" or r["status"].startswith(("unavailable: ", "skipped: "))
+        ok = [r for r in rs if r["status"] == "ok"]
+        # ours and a peer, timed, with a spread, in the same run
+        assert any(r["provider"] == "recon-triton" for r in ok), name
+        assert any(not r["provider"].startswith("recon-") for r in ok), name
+        for r in ok:
+            assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
+    att = {r["provider"] for r in by_bench["bench_attention"]}
+    assert att == {
+        "recon-triton", "recon-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
+        "eager", "compiled-eager",
+    }  # fmt: skip
+    mlp = {r["provider"] for r in by_bench["bench_mlp"]}
+    assert {"eager", "torch.compile", "cublaslt-addmm-gelu"} <= mlp
+    # a peer that cannot run here is a row that says why, not a crash (SDPA's CUDA-only
+    # backends on the CPU; flex_attention without dropout support)
+    st = {(r["case"], r["mode"], r["provider"]): r["status"] for r in by_bench["bench_attention"]}
+    assert st[("bert-pad25", "fwd", "sdpa-efficient")].startswith("unavailable: RuntimeError")
+    assert st[("gpt-drop10", "fwd", "flex")] == "unavailable: flex_attention has no dropout"
+    assert st[("bert-pad25", "fwd", "sdpa-flash")] == "ok"
+    md = (out / "results.md").read_text()
+    assert "## steps" in md and "| bench_attn | ok |" in md and "x best peer" in md
+
+
+def test_report_counts_tests_under_xdist_and_plain_v(tmp_path):
+    """device_report.py reads pytest -v logs in both layouts (a run cut by its timeout has
+    no final line, so the per-test lines are what counts)."""
+    work, out = tmp_path / "w", tmp_path / "o"
+    work.mkdir()
+    (work / "tests.log").write_text(
+        "tests/test_attention.py::test_a[cuda-cuda] PASSED          [  1%]\n"
+        "[gw0] [  2%] PASSED tests/test_attention.py::test_b[triton-cuda] \n"
+        "[gw1] [  3%] FAILED tests/test_attention.py::test_c[triton-cuda] \n"
+        "tests/test_mlp.py::test_d[cuda] SKIPPED (no)               [  4%]\n"
+        "FAILED tests/test_attention.py::test_c[triton-cuda] - AssertionError\n"
+    )
+    (work / "steps.tsv").write_text(
+        "step\tstatus\tcap_s\tgranted_s\tused_s\tpart\n"
+        "tests\tTIMEOUT(150s)\t150\t150\t155\t1\nsanitize\tskipped-for-time(left 3s)\t120\t0\t0\t1\n"
+    )
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "device_report.py"),
+         "--work", str(work), "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "tests: 2 passed, 1 failed, 1 skipped" in p.stdout
+    assert "FAILED tests/test_attention.py::test_c[triton-cuda]" in p.stdout
+    assert p.stdout.strip().splitlines()[-2].startswith("-- NOT RUN (skipped for time): sanitize")
+    assert (out / "summary.txt").read_text().strip() == p.stdout.strip()
+
+
+def test_a_call_killed_from_outside_still_leaves_its_results(tmp_path):
+    """The device tool kills a command at its timeout_s: the OUT files are rewritten after
+    every step, so what ran comes back anyway."""
+    import signal
+
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "RECON_DEVICE_WORK": str(tmp_path / "work"),
+        "RECON_DEVICE_STATE": str(tmp_path / "state.tsv"),
+        "RECON_DEVICE_STUB": "sleep 1",
+        "RECON_DEVICE_MIN_STEP": "2",
+    }
+    p = subprocess.Popen(
+        ["bash", SCRIPT, str(out)], env=env, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        t_end = time.monotonic() + 60
+        while time.monotonic() < t_end and not (out / "steps.csv").exists():
+            time.sleep(0.2)
+        time.sleep(1.5)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    steps = _steps(out / "steps.csv")
+    assert steps and steps[0]["step"] == "build" and steps[0]["status"] == "ok", steps
+    assert len(steps) < len(ORDER)  # cut before the end
+    assert (out / "logs.tar.gz").exists() and (out / "summary.txt").exists()
