@@ -753,6 +753,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--family", choices=("all", "attention", "gemm"), default="all")
     ap.add_argument("--first-only", action="store_true", help="only each kernel's first choice")
+    ap.add_argument(
+        "--gemm-all", action="store_true", help="every GEMM tile even with --first-only"
+    )
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument(
         "--all-configs-for", default="bf16", help="dtypes whose every pruned config is compiled"
@@ -802,7 +805,9 @@ def main(argv=None) -> int:
     if args.family in ("all", "attention"):
         cases += attention_cases(dtypes, allc)
     if args.family in ("all", "gemm"):
-        cases += gemm_cases(dtypes, allc)
+        cases += gemm_cases(
+            dtypes, tuple(args.all_configs_for.split(",")) if args.gemm_all else allc
+        )
     cases = select(cases, args.filter)
     if args.limit:
         cases = cases[: args.limit]

@@ -256,3 +256,28 @@ def test_gemm_chunk_all_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("RECON_GEMM_CHUNK_ALL", "yes")
     with pytest.raises(ValueError, match="RECON_GEMM_CHUNK_ALL: expected 0 or 1, got 'yes'"):
         G.chunk_all()
+
+
+@pytest.mark.parametrize("mode", ["none", "causal", "kpm", "mask"])
+@pytest.mark.parametrize("shape", [(1, 2, 17, 100, 64), (2, 1, 100, 17, 40)], ids=["pow2", "odd"])
+def test_attention_legacy_forward_switch_matches_reference(mode, shape, monkeypatch):
+    """RECON_ATTN_FWD=legacy (the non-default forward loop) in the interpreter: output and
+    every gradient against the float64 reference, power-of-two and odd head dims."""
+    import torch
+
+    from recon_kernels.triton import attention as A
+
+    if not A.INTERPRET:
+        pytest.skip("interpreter test (TRITON_INTERPRET=1)")
+    from test_attention import _check_kernel
+
+    monkeypatch.setenv("RECON_ATTN_FWD", "legacy")
+    _check_kernel("triton", "cpu", torch.bfloat16, shape, mode)
+
+
+def test_attention_fwd_switch_rejects_bad_value(monkeypatch):
+    from recon_kernels.triton import attention as A
+
+    monkeypatch.setenv("RECON_ATTN_FWD", "turbo")
+    with pytest.raises(ValueError, match="RECON_ATTN_FWD: expected one of"):
+        A.fwd_mode()

@@ -230,9 +230,24 @@ def _pruner(kind: str):
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
 
 
+FWD_MODES = ("fast", "legacy")
+
+
+def fwd_mode() -> str:
+    """RECON_ATTN_FWD: "fast" (default) the forward loop of _fwd_inner_fast, "legacy" the
+    previous one (for a GPU A/B run; benchmarks/sass_report.py measures both)."""
+    mode = os.environ.get("RECON_ATTN_FWD", "fast")
+    if mode not in FWD_MODES:
+        raise ValueError(f"RECON_ATTN_FWD: expected one of {FWD_MODES}, got {mode!r}")
+    return mode
+
+
 def static_constexprs(kind: str) -> dict:
     """Constexpr arguments the launchers pass besides the tile and the mask flags, for the
-    current switches (benchmarks/sass_report.py compiles what a launch would run)."""
+    current switches (benchmarks/sass_report.py compiles what a launch would run, for a
+    power-of-two head dim)."""
+    if kind == "fwd":
+        return {"FAST": fwd_mode() == "fast", "EVEN_D": True}
     return {}
 
 
@@ -361,19 +376,135 @@ def _fwd_inner(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
+    if FAST:
+        acc, l_i, m_i = _fwd_inner_fast(
+            acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
+            smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key,
+            drop_thresh, lo, hi, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, BOUNDS, DROPOUT,
+            PRECISION, UPCAST, EVEN_D,
+        )  # fmt: skip
+    else:
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NK
+            kt = tl.load(
+                K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            s = s * qk_scale
+            if HAS_MASK or HAS_KPM or BOUNDS:
+                ok = _allowed(
+                    offs_m,
+                    offs_n,
+                    b,
+                    h,
+                    MASK,
+                    KPM,
+                    smb,
+                    smh,
+                    smm,
+                    smn,
+                    skpb,
+                    skpn,
+                    NQ,
+                    NK,
+                    HAS_MASK,
+                    HAS_KPM,
+                    CAUSAL and BOUNDS,
+                    BOUNDS,
+                    False,
+                )
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing allowed so far keeps m = -inf: shift by 0 instead (exp2(-inf) = 0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
+            if DROPOUT:
+                p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
+            v = tl.load(
+                V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc = mma(cast_rne(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_inner_fast(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    MASK,
+    KPM,
+    offs_m,
+    offs_d,
+    b,
+    h,
+    skn,
+    skd,
+    svn,
+    svd,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    qk_scale,
+    drop_key,
+    drop_thresh,
+    lo,
+    hi,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    """_fwd_inner with fewer instructions per score element (RECON_ATTN_FWD=fast):
+
+    * the row max is taken on the raw scores and m_i is kept scaled, so the exponent
+      s·scale − m is one FFMA (scale > 0 commutes with max);
+    * full blocks (not BOUNDS) load K/V without masks when the head dim is a power of two
+      (EVEN_D), through pointers advanced by BLOCK_N rows instead of recomputed;
+    * rows of a full block without masks always have a finite max: no -inf guard."""
+    offs_j = tl.arange(0, BLOCK_N)
+    # 32-bit offsets inside the tile, loop-invariant; the scalar bases advance
+    k_off = offs_j[None, :] * skn + offs_d[:, None] * skd
+    v_off = offs_j[:, None] * svn + offs_d[None, :] * svd
+    kt_ptrs = K + lo * skn
+    v_ptrs = V + lo * svn
     d_ok = offs_d < HEAD_DIM
+    GUARD: tl.constexpr = HAS_MASK or HAS_KPM or BOUNDS
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt = tl.load(
-            K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        offs_n = start_n + offs_j
+        if BOUNDS or not EVEN_D:
+            n_ok = offs_n < NK
+            kt = tl.load(kt_ptrs + k_off, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs + k_off)
         s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-        s = s * qk_scale
-        if HAS_MASK or HAS_KPM or BOUNDS:
+        if GUARD:
             ok = _allowed(
                 offs_m,
                 offs_n,
@@ -396,21 +527,25 @@ def _fwd_inner(
                 False,
             )
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing allowed so far keeps m = -inf: shift by 0 instead (exp2(-inf) = 0)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if GUARD:
+            # a row with nothing allowed so far keeps m = -inf: shift by 0 (exp2(-inf) = 0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
         if DROPOUT:
             p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
-        v = tl.load(
-            V + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        if BOUNDS or not EVEN_D:
+            v = tl.load(v_ptrs + v_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs + v_off)
         acc = mma(cast_rne(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
+        kt_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
     return acc, l_i, m_i
 
 
@@ -471,6 +606,8 @@ def _attn_fwd_kernel(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FAST: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False,
 ):
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid = tl.program_id(0)
@@ -549,6 +686,8 @@ def _attn_fwd_kernel(
         DROPOUT,
         PRECISION,
         UPCAST,
+        FAST,
+        EVEN_D,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -589,6 +728,8 @@ def _attn_fwd_kernel(
         DROPOUT,
         PRECISION,
         UPCAST,
+        FAST,
+        EVEN_D,
     )
 
     empty = l_i == 0.0
@@ -1040,6 +1181,8 @@ def attention_fwd(
         DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(q.dtype),
         UPCAST=INTERPRET,
+        FAST=fwd_mode() == "fast",
+        EVEN_D=D == _block_d(D),
     )
     return out, lse
 
