@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-import subprocess
-import tempfile
 
 import torch
 import triton
@@ -445,6 +442,7 @@ def _gemm_kernel(
     STORE_C2: tl.constexpr,
     HAS_CSUM: tl.constexpr,
     EPI_CHUNK: tl.constexpr,
+    CHUNK_ALL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -506,9 +504,12 @@ def _gemm_kernel(
             b2_ptrs += BLOCK_R * sb2r
 
     # Heavy epilogues (activation math, an extra tile load) on wide tiles run in column
-    # chunks of EPI_CHUNK: fewer live temporaries, no register spills (see compile_static).
+    # chunks of EPI_CHUNK: fewer live temporaries, no register spills. CHUNK_ALL chunks the
+    # light ones of the widest tiles too: triton 3.6 then keeps a wgmma group in flight in
+    # the K loop of a 128 x 256 tile (wait depth 1) instead of waiting after every one
+    # (benchmarks/sass_report.py).
     HEAVY: tl.constexpr = EPI == 1 or (STORE_C2 and ACT != 0)
-    if HEAVY and BLOCK_N >= 4 * EPI_CHUNK:
+    if (HEAVY or CHUNK_ALL) and BLOCK_N >= 4 * EPI_CHUNK:
         acc_lo, acc_hi = _halves(acc, BLOCK_M, BLOCK_N)
         _epilogue_halves(
             acc_lo,
@@ -641,6 +642,21 @@ def _gemm_kernel(
 _gemm_tuned = triton.autotune(
     configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}
 )(_gemm_kernel)
+
+
+def chunk_all() -> bool:
+    """RECON_GEMM_CHUNK_ALL=1 (default): chunk every epilogue of the widest tiles (keeps
+    the K loop pipelined under triton 3.6); 0: only the heavy ones, as before (A/B)."""
+    v = os.environ.get("RECON_GEMM_CHUNK_ALL", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"RECON_GEMM_CHUNK_ALL: expected 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def static_constexprs() -> dict:
+    """Constexpr arguments the launcher passes besides tiles and variant flags, for the
+    current switches (benchmarks/sass_report.py compiles what a launch would run)."""
+    return {"CHUNK_ALL": chunk_all()}
 
 
 # --------------------------------------------------------------------------- host side
@@ -784,6 +800,7 @@ def gemm(
         STORE_C2=c2 is not None,
         HAS_CSUM=colsum,
         EPI_CHUNK=_EPI_CHUNK,
+        CHUNK_ALL=chunk_all(),
         PRECISION=dot_precision(a.dtype),
         UPCAST=INTERPRET,
     )
@@ -808,107 +825,22 @@ def gemm(
 # --------------------------------------------------------------------------- static checks
 
 
-def _tl_type(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+def compile_static(dtype: torch.dtype = torch.bfloat16, **kwargs) -> dict:
+    """Compatibility entry for tests/test_mlp.py and tests/test_lora.py: the static
+    compile lives in benchmarks/sass_report.py (``gemm_compile_static``), a source-tree
+    tool; see there for the arguments and the report."""
+    import importlib.util
 
-
-def compile_static(
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    arch: int = 90,
-    block: tuple[int, int, int, int, int] = _GPU_CONFIGS[0],
-    contiguous_k: tuple[bool, bool] = (True, False),
-    **flags,
-) -> dict:
-    """Compile the GEMM kernel for ``sm_<arch>`` without a GPU (what the JIT would build for
-    row-major operands whose sizes/strides are multiples of 16) and report on it.
-
-    flags: the constexpr variant (ACT, PRO_ACT, HAS_AB2, HAS_BIAS, EPI, STORE_C2, HAS_CSUM).
-    contiguous_k: whether A / B have unit stride along K (A row-major is (True, ...);
-    B = Wᵀ of an nn.Linear weight is K-contiguous, B = x in a dW GEMM is not).
-    Returns {"mma": sorted tensor-core instructions in the PTX, "regs", "spill_bytes",
-    "shared", "ptx"}. Needs the real compiler: not available under TRITON_INTERPRET=1.
-    """
-    if INTERPRET:
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "benchmarks",
+        "sass_report.py",
+    )
+    if not os.path.exists(path):
         raise RuntimeError(
-            "compile_static needs TRITON_INTERPRET unset (the JIT, not the interpreter)"
+            f"compile_static: needs the source tree's benchmarks/sass_report.py, not found at {path}"
         )
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = _gemm_kernel
-    bm, bn, bk, warps, stages = block
-    defaults = dict(
-        ACT=0, PRO_ACT=False, HAS_AB2=False, HAS_BIAS=False, EPI=0, STORE_C2=False, HAS_CSUM=False
-    )
-    defaults.update(flags)
-    constexprs = dict(
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        BLOCK_R=16,
-        EPI_CHUNK=64,
-        PRECISION="ieee",
-        UPCAST=False,
-        SPLIT_K=1,
-        **defaults,
-    )
-    # unit strides are specialised to constants by the JIT: mirror row-major operands
-    unit = {
-        "sak" if contiguous_k[0] else "sam": 1,
-        "sbk" if contiguous_k[1] else "sbn": 1,
-        "scn": 1,
-        "sa2r": 1,
-        "sb2n": 1,
-        "szn": 1,
-        "sc2n": 1,
-    }
-    constexprs.update(unit)
-    ptr = "*" + _tl_type(dtype)
-    ptr_types = dict(A=ptr, B=ptr, C=ptr, A2=ptr, B2=ptr, BIAS=ptr, Z=ptr, C2=ptr, CSUM="*fp32")
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ptr_types:
-            signature[name] = ptr_types[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("alpha", "alpha2"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    target = GPUTarget("cuda", arch, 32)
-    ck = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-    ptx = ck.asm["ptx"]
-    mma_ops = sorted(set(re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)))
-    report = {
-        "mma": mma_ops,
-        "shared": ck.metadata.shared,
-        "ptx": ptx,
-        "regs": None,
-        "spill_bytes": None,
-    }
-    report.update(_resource_usage(ck.asm["cubin"]))
-    return report
-
-
-def _resource_usage(cubin: bytes) -> dict:
-    """Registers and local-memory (spill) bytes from cuobjdump, shipped in the triton wheel."""
-    import triton.backends.nvidia as nv
-
-    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run(
-            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
-        )
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res.stdout)
-    if not m:
-        return {}
-    return {"regs": int(m.group(1)), "spill_bytes": int(m.group(2)) + int(m.group(4))}
+    spec = importlib.util.spec_from_file_location("_recon_sass_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.gemm_compile_static(dtype, **kwargs)

@@ -17,6 +17,8 @@ of two (>= 16) inside the kernel and masked. Scores use exp2 with scale·log2(e)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,15 +32,24 @@ LN2 = 0.6931471805599453
 # --------------------------------------------------------------------------- configs
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages); _pruner drops those that spill,
-    overflow shared memory or exceed the sequence, so autotuning compiles only a few."""
-    if INTERPRET:
-        # Unequal M/N blocks catch transposition bugs; small enough to exercise many tiles.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # most preferred first: with RECON_TRITON_AUTOTUNE=0 the first that fits is used
-    if kind == "fwd":
-        tiles = [
+# RECON_ATTN_TILES: "split" (default) prefers tiles whose rows split evenly over the
+# warpgroups (64 rows each), so no warpgroup recomputes another's scores; "legacy" is the
+# previous list and pruner (for a GPU A/B run). benchmarks/sass_report.py measures both.
+TILE_MODES = ("split", "legacy")
+
+
+def tile_mode() -> str:
+    mode = os.environ.get("RECON_ATTN_TILES", "split")
+    if mode not in TILE_MODES:
+        raise ValueError(f"RECON_ATTN_TILES: expected one of {TILE_MODES}, got {mode!r}")
+    return mode
+
+
+# (BLOCK_M, BLOCK_N, warps, stages), most preferred first: with RECON_TRITON_AUTOTUNE=0 the
+# first that fits is used. BLOCK_M tiles queries, BLOCK_N keys in every kernel.
+_TILES = {
+    "legacy": {
+        "fwd": [
             (128, 64, 8, 3),
             (128, 128, 8, 2),
             (128, 64, 8, 2),
@@ -49,9 +60,8 @@ def _configs(kind: str) -> list[triton.Config]:
             (64, 32, 4, 3),
             (64, 32, 8, 2),
             (32, 32, 8, 2),
-        ]
-    else:
-        tiles = [
+        ],
+        "bwd": [
             (64, 128, 8, 2),
             (64, 64, 8, 2),
             (128, 64, 8, 2),
@@ -62,7 +72,60 @@ def _configs(kind: str) -> list[triton.Config]:
             (32, 64, 4, 2),
             (32, 32, 4, 2),
             (32, 32, 8, 1),
-        ]
+        ],
+    },
+    # sm_90 static sweep (benchmarks/results/static-sm90): the first choices below give the
+    # ideal HGMMA count, 1.0 EX2 per score element and 0 spills under triton 3.6 and 3.9
+    "split": {
+        "fwd": [
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 64, 8, 2),
+            (64, 64, 4, 3),
+            (128, 32, 8, 3),
+            (64, 128, 4, 2),
+            (64, 64, 4, 2),
+            (64, 32, 4, 3),
+            (32, 32, 4, 2),
+        ],
+        # dK/dV: the MMA rows are the BLOCK_N keys (128 over two warpgroups)
+        "dkdv": [
+            (64, 128, 8, 2),
+            (32, 128, 8, 2),
+            (32, 128, 8, 3),
+            (64, 64, 4, 2),
+            (32, 64, 4, 2),
+            (32, 32, 4, 2),
+            (16, 32, 4, 2),
+        ],
+        # dQ: the MMA rows are the BLOCK_M queries
+        "dq": [
+            (128, 64, 8, 2),
+            (128, 128, 8, 2),
+            (128, 32, 8, 2),
+            (64, 64, 4, 3),
+            (64, 64, 4, 2),
+            (64, 32, 4, 2),
+            (32, 64, 4, 2),
+            (32, 32, 4, 2),
+        ],
+    },
+}
+
+
+def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
+    """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages); _pruner drops those that spill,
+    overflow shared memory, replicate work or exceed the sequence, so autotuning compiles
+    only a few. ``interpret=False`` gives the GPU list in the interpreter (tests)."""
+    if interpret:
+        # Unequal M/N blocks catch transposition bugs; small enough to exercise many tiles.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    mode = tile_mode()
+    tiles = _TILES[mode].get(kind) or _TILES[mode]["bwd"]
+    if mode == "split":
+        # the legacy tiles after them: D = 256 falls back to those (see _pruner)
+        legacy = _TILES["legacy"].get(kind) or _TILES["legacy"]["bwd"]
+        tiles = tiles + [t for t in legacy if t not in tiles]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in tiles
@@ -82,12 +145,53 @@ def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int) -> tuple[int, 
     return bm * bd + 2 * bm * bn, stages * bn * bd * 4 + bm * bd * 4
 
 
+def splits_rows(kind: str, bm: int, bn: int, warps: int) -> bool:
+    """Whether the warps split the MMA rows (BLOCK_N keys for dK/dV, BLOCK_M queries
+    otherwise) without recomputing each other's: wgmma tiles (>= 64 rows) need 64 rows per
+    warpgroup; mma.sync tiles (< 64 rows) spread over 4 warps, 8 duplicate rows."""
+    rows = bn if kind == "dkdv" else bm
+    if rows >= 64:
+        return rows >= 64 * max(1, warps // 4)
+    return warps <= 4
+
+
+def _budget(kind: str, flag, split: bool) -> int:
+    """fp32 accumulator elements per thread a tile may keep live without spilling on sm_90
+    (ptxas, triton 3.6 and 3.9; benchmarks/sass_report.py). The general mask's (M, N)
+    pointer tile and dropout's hash tiles need registers too."""
+    if split:
+        if kind == "dkdv":  # 2 x 128 x (128 + 32) / 256 = 160 spills nowhere, 192 under 3.6
+            return 160
+        if kind == "dq":  # 128 x 64 / 8 warps, D = 128: 128, no spill with mask or dropout
+            return 128
+    if flag("HAS_MASK"):
+        budget = 88
+    elif flag("HAS_KPM"):
+        budget = 112
+    else:
+        budget = 128
+    if flag("DROPOUT"):
+        # configs above 80 spill with dropout (96 do in some kernels, 80 in none)
+        budget = min(budget, 80)
+    return budget
+
+
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
-        """Drop configs that would spill or not fit (checked statically for sm_90 by
-        benchmarks/triton_static.py) or whose tiles exceed the sequence lengths."""
+        """Drop configs that would spill, not fit or replicate work across warpgroups
+        (checked statically for sm_90 by benchmarks/sass_report.py) or whose tiles exceed
+        the sequence lengths."""
+
+        def flag(name):
+            return bool(named_args.get(name, kwargs.get(name)))
+
         bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         nq, nk = named_args["NQ"], named_args["NK"]
+        # D = 256: no tile splits its rows over two warpgroups and fits the registers (the
+        # dK, dV or O accumulators alone take 128+ per thread), nor runs on 4 warps without
+        # spilling its operand fragments: the legacy rules (8 warps, some rows replicated)
+        split = tile_mode() == "split" and bd < 256
+        budget = _budget(kind, flag, split)
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -95,25 +199,15 @@ def _pruner(kind: str):
             if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
                 continue
             acc, smem = _footprint(kind, bm, bn, bd, c.num_stages)
-            # <= 128 fp32 accumulator registers per thread leaves room for the rest (96
-            # with a general mask, whose (M, N) pointer tile needs registers too): configs
-            # above these bounds spill on sm_90 (ptxas), those below do not.
-            if named_args.get("HAS_MASK", kwargs.get("HAS_MASK")):
-                budget = 88
-            elif named_args.get("HAS_KPM", kwargs.get("HAS_KPM")):
-                budget = 112
-            else:
-                budget = 128
-            if named_args.get("DROPOUT", kwargs.get("DROPOUT")):
-                # the hash and keep-mask tiles: configs above 80 spill with dropout (96 do
-                # in some kernels, 80 in none; benchmarks/triton_static.py, drop=1 rows)
-                budget = min(budget, 80)
             if acc > budget * 32 * c.num_warps or smem > 200 * 1024:
                 continue
-            # the transposed (N, M) tiles of dK/dV with M = 128 spill whatever the budget;
-            # D = 256 keeps the Q/dO operand fragments in registers too: needs 8 warps
-            if (kind == "dkdv" and bm > 64) or (bd >= 256 and c.num_warps < 8):
+            if split and not splits_rows(kind, bm, bn, c.num_warps):
                 continue
+            if not split:
+                # the transposed (N, M) tiles of dK/dV with M = 128 spill whatever the
+                # budget; D = 256 keeps the Q/dO operand fragments in registers too
+                if (kind == "dkdv" and bm > 64) or (bd >= 256 and c.num_warps < 8):
+                    continue
             kept.append(c)
         if kept and not autotune_enabled():
             kept = kept[:1]
@@ -134,6 +228,27 @@ def _pruner(kind: str):
 
 
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
+
+
+FWD_MODES = ("fast", "legacy")
+
+
+def fwd_mode() -> str:
+    """RECON_ATTN_FWD: "fast" (default) the forward loop of _fwd_inner_fast, "legacy" the
+    previous one (for a GPU A/B run; benchmarks/sass_report.py measures both)."""
+    mode = os.environ.get("RECON_ATTN_FWD", "fast")
+    if mode not in FWD_MODES:
+        raise ValueError(f"RECON_ATTN_FWD: expected one of {FWD_MODES}, got {mode!r}")
+    return mode
+
+
+def static_constexprs(kind: str) -> dict:
+    """Constexpr arguments the launchers pass besides the tile and the mask flags, for the
+    current switches (benchmarks/sass_report.py compiles what a launch would run, for a
+    power-of-two head dim)."""
+    if kind == "fwd":
+        return {"FAST": fwd_mode() == "fast", "EVEN_D": True}
+    return {}
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -261,19 +376,135 @@ def _fwd_inner(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
+    if FAST:
+        acc, l_i, m_i = _fwd_inner_fast(
+            acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
+            smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key,
+            drop_thresh, lo, hi, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, BOUNDS, DROPOUT,
+            PRECISION, UPCAST, EVEN_D,
+        )  # fmt: skip
+    else:
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NK
+            kt = tl.load(
+                K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            s = s * qk_scale
+            if HAS_MASK or HAS_KPM or BOUNDS:
+                ok = _allowed(
+                    offs_m,
+                    offs_n,
+                    b,
+                    h,
+                    MASK,
+                    KPM,
+                    smb,
+                    smh,
+                    smm,
+                    smn,
+                    skpb,
+                    skpn,
+                    NQ,
+                    NK,
+                    HAS_MASK,
+                    HAS_KPM,
+                    CAUSAL and BOUNDS,
+                    BOUNDS,
+                    False,
+                )
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing allowed so far keeps m = -inf: shift by 0 instead (exp2(-inf) = 0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
+            if DROPOUT:
+                p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
+            v = tl.load(
+                V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc = mma(cast_rne(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_inner_fast(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    MASK,
+    KPM,
+    offs_m,
+    offs_d,
+    b,
+    h,
+    skn,
+    skd,
+    svn,
+    svd,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    qk_scale,
+    drop_key,
+    drop_thresh,
+    lo,
+    hi,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    """_fwd_inner with fewer instructions per score element (RECON_ATTN_FWD=fast):
+
+    * the row max is taken on the raw scores and m_i is kept scaled, so the exponent
+      s·scale − m is one FFMA (scale > 0 commutes with max);
+    * full blocks (not BOUNDS) load K/V without masks when the head dim is a power of two
+      (EVEN_D), through pointers advanced by BLOCK_N rows instead of recomputed;
+    * rows of a full block without masks always have a finite max: no -inf guard."""
+    offs_j = tl.arange(0, BLOCK_N)
+    # 32-bit offsets inside the tile, loop-invariant; the scalar bases advance
+    k_off = offs_j[None, :] * skn + offs_d[:, None] * skd
+    v_off = offs_j[:, None] * svn + offs_d[None, :] * svd
+    kt_ptrs = K + lo * skn
+    v_ptrs = V + lo * svn
     d_ok = offs_d < HEAD_DIM
+    GUARD: tl.constexpr = HAS_MASK or HAS_KPM or BOUNDS
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt = tl.load(
-            K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        offs_n = start_n + offs_j
+        if BOUNDS or not EVEN_D:
+            n_ok = offs_n < NK
+            kt = tl.load(kt_ptrs + k_off, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs + k_off)
         s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-        s = s * qk_scale
-        if HAS_MASK or HAS_KPM or BOUNDS:
+        if GUARD:
             ok = _allowed(
                 offs_m,
                 offs_n,
@@ -296,21 +527,25 @@ def _fwd_inner(
                 False,
             )
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing allowed so far keeps m = -inf: shift by 0 instead (exp2(-inf) = 0)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if GUARD:
+            # a row with nothing allowed so far keeps m = -inf: shift by 0 (exp2(-inf) = 0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
         if DROPOUT:
             p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
-        v = tl.load(
-            V + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        if BOUNDS or not EVEN_D:
+            v = tl.load(v_ptrs + v_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs + v_off)
         acc = mma(cast_rne(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
+        kt_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
     return acc, l_i, m_i
 
 
@@ -371,6 +606,8 @@ def _attn_fwd_kernel(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FAST: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False,
 ):
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid = tl.program_id(0)
@@ -449,6 +686,8 @@ def _attn_fwd_kernel(
         DROPOUT,
         PRECISION,
         UPCAST,
+        FAST,
+        EVEN_D,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -489,6 +728,8 @@ def _attn_fwd_kernel(
         DROPOUT,
         PRECISION,
         UPCAST,
+        FAST,
+        EVEN_D,
     )
 
     empty = l_i == 0.0
@@ -940,6 +1181,8 @@ def attention_fwd(
         DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(q.dtype),
         UPCAST=INTERPRET,
+        FAST=fwd_mode() == "fast",
+        EVEN_D=D == _block_d(D),
     )
     return out, lse
 
