@@ -437,9 +437,11 @@ def static_jobs(variants: dict) -> list[dict]:
     return jobs
 
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 _STATIC_SCRIPT = r"""
 import json, sys, torch
-from recon_kernels.triton._gemm import compile_static
+sys.path.insert(0, sys.argv[2])  # benchmarks/: the static-compile tool
+from sass_report import gemm_compile_static as compile_static
 out = []
 for job in json.loads(sys.argv[1]):
     flags = dict(job["flags"])
@@ -457,7 +459,7 @@ def compile_report(variants: dict) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run(
-        [sys.executable, "-c", _STATIC_SCRIPT, json.dumps(static_jobs(variants))],
+        [sys.executable, "-c", _STATIC_SCRIPT, json.dumps(static_jobs(variants)), BENCHMARKS],
         capture_output=True,
         text=True,
         env=env,

@@ -35,11 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codes import ACT_CODES as ACT_IDS  # the codes both backends share (csrc too)
+from ..codes import EPI_ADD, EPI_DACT, EPI_NONE  # noqa: F401  (mlp.py / lora.py use them)
 from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
-
-ACT_IDS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-EPI_NONE, EPI_DACT, EPI_ADD = 0, 1, 2
-
 
 # --------------------------------------------------------------------------- activations
 
@@ -111,7 +109,7 @@ def _configs() -> list[triton.Config]:
 def _arch_tile(bm: int, bn: int, bk: int, arch: int, pro_act: bool, ab2: bool = False):
     """(bm, bn, bk) adjusted for sm_<arch>, or None if unusable. Before Hopper the activation
     prologue keeps the A tile in registers beside the mma.sync accumulator: tiles above
-    128 x 128 or BLOCK_K 64 spill there (see compile_static), so cap them. The LoRA rank-r
+    128 x 128 or BLOCK_K 64 spill there (see benchmarks/sass_report.py), so cap them. The LoRA rank-r
     K-loop (ab2) sits at 255 registers with a 128 x 256 tile on sm_80 (triton 3.6 spills
     8 bytes there), so it is capped at 128 x 128 too."""
     if arch < 90 and (pro_act or ab2) and bm * bn > 128 * 128:
@@ -820,27 +818,3 @@ def gemm(
     if split_k > 1:
         out.copy_(target.sum(0))
     return csum.sum(0) if csum is not None else None
-
-
-# --------------------------------------------------------------------------- static checks
-
-
-def compile_static(dtype: torch.dtype = torch.bfloat16, **kwargs) -> dict:
-    """Compatibility entry for tests/test_mlp.py and tests/test_lora.py: the static
-    compile lives in benchmarks/sass_report.py (``gemm_compile_static``), a source-tree
-    tool; see there for the arguments and the report."""
-    import importlib.util
-
-    path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        "benchmarks",
-        "sass_report.py",
-    )
-    if not os.path.exists(path):
-        raise RuntimeError(
-            f"compile_static: needs the source tree's benchmarks/sass_report.py, not found at {path}"
-        )
-    spec = importlib.util.spec_from_file_location("_recon_sass_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.gemm_compile_static(dtype, **kwargs)
