@@ -1181,7 +1181,9 @@ def attention_fwd(
         DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(q.dtype),
         UPCAST=INTERPRET,
-        FAST=fwd_mode() == "fast",
+        # the fast loop takes the row max of the raw scores (max(s) * scale): right only for
+        # scale > 0; a negative scale (allowed, as in torch) runs the legacy loop
+        FAST=fwd_mode() == "fast" and scale > 0,
         EVEN_D=D == _block_d(D),
     )
     return out, lse
