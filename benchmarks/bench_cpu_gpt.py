@@ -127,7 +127,7 @@ def nanogpt_model(path: Path, vocab: int, a) -> nn.Module:
         n_head=a.n_head,
         n_embd=a.n_embd,
         dropout=0.0,
-        bias=False,
+        bias=a.nanogpt_bias,
     )
     m = ng.GPT(cfg)
     m.loss_fn = lambda idx, y: m(idx, y)[1]
@@ -221,6 +221,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=10, help="steps per model per turn")
     ap.add_argument("--full", type=int, default=0, help="train N steps each, then val loss")
     ap.add_argument("--eval-iters", type=int, default=200)
+    ap.add_argument(
+        "--nanogpt-bias", action="store_true", help="nanoGPT with biases (as our GPT has)"
+    )
     ap.add_argument("--no-reference", action="store_true", help="skip ours_reference")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     ap.add_argument("--seed", type=int, default=1337)
