@@ -9,7 +9,8 @@ rather than speed. Two kinds of functions live here:
   baseline of the 2x-error tolerance rule).
 * ``*_fwd`` / ``*_bwd``: the ``eager`` backend of the custom ops. Same math with explicit
   backward formulas (the ones the kernels implement), accumulating in float32 for
-  half-precision inputs like the kernels do.
+  half-precision inputs like the kernels do. ``ops/eager.py`` (what the ops dispatch to)
+  calls these, except where torch's fused CPU kernels compute the same thing.
 """
 
 from __future__ import annotations

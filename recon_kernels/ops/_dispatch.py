@@ -4,7 +4,7 @@ Every implementation module exposes the same function names with the same signat
 (``attention_fwd``/``attention_bwd``, ``conv1d_mlp_fwd``/``conv1d_mlp_bwd``,
 ``lora_linear_fwd``/``lora_linear_bwd``, ``merge_lora``):
 
-* eager  -> ``recon_kernels.reference``
+* eager  -> ``recon_kernels.ops.eager`` (``reference``'s formulas + torch CPU fast paths)
 * triton -> ``recon_kernels.triton.<family>``
 * cuda   -> ``recon_kernels.cuda.<family>`` (Python launchers of the compiled extension)
 """
@@ -25,7 +25,7 @@ LIB = torch.library.Library("recon", "FRAGMENT")
 
 def impl(backend: str, family: str) -> ModuleType:
     if backend == "eager":
-        return importlib.import_module("recon_kernels.reference")
+        return importlib.import_module("recon_kernels.ops.eager")
     if backend == "triton":
         return importlib.import_module(f"recon_kernels.triton.{family}")
     if backend == "cuda":
