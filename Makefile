@@ -6,6 +6,9 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.recon-installed
+# triton 3.6 (the GPU image's version) beside the installed one, for the static SASS tests
+TRITON36 := .venv-triton36
+TRITON36_STAMP := $(TRITON36)/.recon-ok
 
 .PHONY: install run test check lint clean
 
@@ -18,6 +21,13 @@ $(STAMP): pyproject.toml setup.py build_cuda.py $(wildcard csrc/*)
 
 install: $(STAMP)
 
+# best effort: without it (no PyPI), the triton-3.6 static tests skip and say why
+$(TRITON36_STAMP):
+	@($(PYTHON) -m venv $(TRITON36) && \
+	  $(TRITON36)/bin/python -m pip install -q --disable-pip-version-check \
+	    "torch==$(TORCH_VERSION)" triton==3.6.0 && touch $(TRITON36_STAMP)) \
+	  || echo "triton 3.6 venv not made: the static tests under triton 3.6 will skip"
+
 # The main job: environment report, every op x backend vs the eager reference, then the
 # model-layer job when present.
 run: install
@@ -28,9 +38,10 @@ run: install
 	$(PY) -m python_models compare --quick --out runs/compare
 
 # CPU: Triton kernels run in the interpreter. pytest exit 5 (no tests collected) is a failure.
-test: install
+test: install $(TRITON36_STAMP)
 	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		interp=0; else interp=1; fi; \
+	if [ -f $(TRITON36_STAMP) ]; then export RECON_TRITON_VENV=$(abspath $(TRITON36)); fi; \
 	TRITON_INTERPRET=$$interp $(PY) -m pytest -q -n 2 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as failure"; exit 1; fi; \
 	exit $$rc
@@ -39,4 +50,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info recon_kernels/_cuda*.so
+	rm -rf $(VENV) $(TRITON36) build *.egg-info recon_kernels/_cuda*.so
