@@ -33,9 +33,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..data import load_images
 from .claims import LABELS, PROTOCOLS
 from .config import CompareConfig, TrainConfig

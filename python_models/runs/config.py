@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 import argparse
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from .claims import METHODS

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from .claims import BASELINES, LABELS, METHODS, PROTOCOL_LABELS, PROTOCOLS
 from .config import CompareConfig
@@ -133,15 +134,20 @@ def plot_results(results: Results, cfg: CompareConfig, out: str) -> list[str]:
     return files
 
 
-def build_report(results, cfg, data, tests, verdict_rows, encoder_cfgs, throughput, device, elapsed):
-    import recon_kernels as rk
+def build_report(
+    results, cfg, data, tests, verdict_rows, encoder_cfgs, throughput, device, elapsed
+):
+    from recon_kernels import backends
 
     enc = next(iter(encoder_cfgs.values()), {})
     enc_txt = ", ".join(f"{k}={v}" for k, v in enc.items() if k != "pool")
     backend = cfg.backend or "auto"
-    resolved = "eager" if device.type == "cpu" and backend == "auto" else backend
-    if device.type == "cuda" and backend == "auto":
-        resolved = "cuda" if rk.why_unavailable("cuda", device) is None else "triton"
+    resolved = backend
+    if backend == "auto":  # what auto ran per op family (backends.AUTO_TABLE)
+        picks = {f: backends.auto_backend(f, device) for f in backends.FAMILIES}
+        resolved = ", ".join(f"{f} {b}" for f, b in picks.items())
+        if len(set(picks.values())) == 1:
+            resolved = picks["attention"]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [
         "# Few-shot comparison of pretraining objectives",

@@ -48,8 +48,8 @@ from ..data import ImageData, TextData, load_tokenizer
 from ..models.common import ReconModel
 from .checkpoint import (
     OPTIMIZER_NAME,
-    atomic_write_text,
     TOKENIZER_NAME,
+    atomic_write_text,
     latest_checkpoint,
     load_checkpoint_model,
     load_optimizer,
