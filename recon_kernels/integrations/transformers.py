@@ -237,15 +237,17 @@ def recon_attention_forward(
                 f"{tuple(attention_mask.shape)}"
             )
         kpm = None if attention_mask is None else attention_mask.to(torch.bool)
-        q, k, v = query, key, value  # the ops follow torch.autocast themselves
-        if causal and L > 1:
-            out = causal_attention(
-                q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
-            )
-        else:
-            out = masked_softmax_attention(
-                q, k, v, key_padding_mask=kpm, scale=scaling, dropout_p=dropout, backend=backend
-            )
+        # the ops follow torch.autocast themselves (inputs cast like nn.Linear / SDPA)
+        attend = causal_attention if causal and L > 1 else masked_softmax_attention
+        out = attend(
+            query,
+            key,
+            value,
+            key_padding_mask=kpm,
+            scale=scaling,
+            dropout_p=dropout,
+            backend=backend,
+        )
     return out.transpose(1, 2).contiguous(), None  # (B, L, H, D)
 
 
@@ -302,11 +304,6 @@ def activation_name(act: object) -> str | None:
     return None
 
 
-def fused_mlp(x, w1, b1, w2, b2, activation, backend):
-    """conv1d_mlp (which follows torch.autocast's policy for linear layers itself)."""
-    return conv1d_mlp(x, w1, b1, w2, b2, activation=activation, backend=backend)
-
-
 def _stock_if_changed(method: str):
     """Wrap a fused method: if the module's submodules are no longer the stock ones (e.g. peft
     wrapped c_fc in a LoRA layer after patching), run the stock method instead of silently
@@ -328,40 +325,40 @@ def _stock_if_changed(method: str):
 
 def _gpt2_mlp_forward(self, hidden_states):
     # Conv1D weights are (in, out): the transposes are the nn.Linear layout, as views
-    y = fused_mlp(
+    y = conv1d_mlp(
         hidden_states,
         self.c_fc.weight.t(),
         self.c_fc.bias,
         self.c_proj.weight.t(),
         self.c_proj.bias,
-        self._recon_activation,
-        self._recon_backend,
+        activation=self._recon_activation,
+        backend=self._recon_backend,
     )
     return self.dropout(y)
 
 
 def _fc_mlp_forward(self, hidden_states):
-    return fused_mlp(
+    return conv1d_mlp(
         hidden_states,
         self.fc1.weight,
         self.fc1.bias,
         self.fc2.weight,
         self.fc2.bias,
-        self._recon_activation,
-        self._recon_backend,
+        activation=self._recon_activation,
+        backend=self._recon_backend,
     )
 
 
 def _bert_feed_forward_chunk(self, attention_output):
     inter, out = self.intermediate, self.output
-    h = fused_mlp(
+    h = conv1d_mlp(
         attention_output,
         inter.dense.weight,
         inter.dense.bias,
         out.dense.weight,
         out.dense.bias,
-        self._recon_activation,
-        self._recon_backend,
+        activation=self._recon_activation,
+        backend=self._recon_backend,
     )
     return out.LayerNorm(out.dropout(h) + attention_output)
 
