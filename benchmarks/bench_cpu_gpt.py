@@ -12,7 +12,9 @@ data loading is the same ``get_batch`` for all and is timed too). Reported: ms/i
 and [p20, p80] per model, the ratio of medians, and (``--full N``: N steps each from the
 same init seed and data stream, then nanoGPT's estimate: 200 random val batches) val loss.
 
-Models: ``ours`` (eager backend with its CPU fast paths), ``ours_reference`` (the eager
+Models: ``ours`` (python_models.GPT on the eager backend with its CPU fast paths, built
+with the peer's architecture: exact GELU and ``bias`` as the peer's; ``--gpt2-arch`` keeps
+our GPT-2 defaults, tanh GELU and biases), ``ours_reference`` (the eager
 backend forced onto reference.py's plain formulas: what it was before the fast paths; skip
 with ``--no-reference``), and ``nanogpt`` (its model.py from ``--nanogpt``, bias=False as its
 train.py) or, without a checkout, ``plain_torch``: the same architecture in plain PyTorch
@@ -224,6 +226,11 @@ def main() -> None:
     ap.add_argument(
         "--nanogpt-bias", action="store_true", help="nanoGPT with biases (as our GPT has)"
     )
+    ap.add_argument(
+        "--gpt2-arch",
+        action="store_true",
+        help="ours with GPT-2 defaults (gelu_tanh, biases) instead of the peer's architecture",
+    )
     ap.add_argument("--no-reference", action="store_true", help="skip ours_reference")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     ap.add_argument("--seed", type=int, default=1337)
@@ -236,6 +243,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     data = CharData(a.data, a.block, a.batch)
 
+    # the peer's architecture: nanoGPT's nn.GELU() is the exact erf GELU, and its
+    # shakespeare_char config has bias=False; --gpt2-arch keeps our GPT-2 defaults instead
+    arch = {} if a.gpt2_arch else {"activation": "gelu", "bias": a.nanogpt_bias}
     runners = []
     torch.manual_seed(a.seed)
     ours = GPT(
@@ -245,6 +255,7 @@ def main() -> None:
             n_layer=a.n_layer,
             n_head=a.n_head,
             n_embd=a.n_embd,
+            **arch,
         ),
         backend="eager",
     )
@@ -259,6 +270,7 @@ def main() -> None:
                 n_layer=a.n_layer,
                 n_head=a.n_head,
                 n_embd=a.n_embd,
+                **arch,
             ),
             backend="eager",
         )
@@ -306,6 +318,7 @@ def main() -> None:
         "wall_s": round(wall, 1),
         "torch": torch.__version__,
         "peer": peer,
+        "ours_arch": arch or "gpt2 (gelu_tanh, bias=True)",
         "models": {},
     }
     for r in runners:

@@ -140,3 +140,44 @@ def test_eager_mlp_backward_fast_path(act, has_b, reference_calls):
             assert a is None
             continue
         assert_rule(name, a, b, c, torch.float32)
+
+
+def _fills(fn) -> list[list[int]]:
+    """Shapes of every aten::zeros / aten::fill_ that ``fn`` runs (torch profiler)."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        fn()
+    return [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
+
+
+@pytest.mark.parametrize("op", ["mlp", "lora", "attention"])
+def test_backward_does_not_fill_zeros_for_the_saved_output(op):
+    """The ops' second outputs (the MLP pre-activation h, LoRA's x A^T, attention's lse) are
+    non-differentiable: autograd must not materialise a zeros gradient for them on every
+    backward (for the MLP that was an (M, hidden) fill per layer, ~10% of a CPU GPT step)."""
+    g = torch.Generator().manual_seed(0)
+    if op == "mlp":
+        M, C, Hd = 96, 16, 80
+        x = torch.randn(M, C, generator=g, requires_grad=True)
+        w1 = torch.randn(Hd, C, generator=g, requires_grad=True)
+        w2 = torch.randn(C, Hd, generator=g, requires_grad=True)
+        y = rk.conv1d_mlp(x, w1, None, w2, None, activation="relu", backend="eager")
+        shape = [M, Hd]
+    elif op == "lora":
+        M, C, R_ = 96, 16, 7
+        x = torch.randn(M, C, generator=g, requires_grad=True)
+        w = torch.randn(24, C, generator=g)
+        a = torch.randn(R_, C, generator=g, requires_grad=True)
+        b = torch.randn(24, R_, generator=g, requires_grad=True)
+        y = rk.lora_linear(x, w, None, a, b, scale=0.5, backend="eager")
+        shape = [M, R_]
+    else:
+        q, k, v = (torch.randn(2, 3, 33, 8, generator=g, requires_grad=True) for _ in range(3))
+        y = rk.masked_softmax_attention(q, k, v, backend="eager")
+        shape = [2, 3, 33]
+    dy = torch.randn(y.shape, generator=g)
+    fills = _fills(lambda: y.backward(dy))
+    assert shape not in fills, fills
+    # and the gradients are still there
+    assert x.grad is not None if op != "attention" else q.grad is not None

@@ -208,3 +208,47 @@ def test_compile_gpt_kernel_path(backend, device):
             pytest.skip(f"{e.name} is not in the tree yet")
         raise
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-4, atol=0)
+
+
+def _plain_gpt_loss(model: pm.GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """nanoGPT's forward (bias=False, exact GELU) in plain torch, on ``model``'s parameters."""
+    c = model.config
+    B, T = idx.shape
+    x = model.wte.weight[idx] + model.wpe.weight[:T]
+    hd = c.n_embd // c.n_head
+    for blk in model.blocks:
+        h = F.layer_norm(x, (c.n_embd,), blk.ln_1.weight, None, c.norm_eps)
+        q, k, v = (h @ blk.attn.qkv.weight.t()).split(c.n_embd, dim=2)
+        q, k, v = (t.view(B, T, c.n_head, hd).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + y.transpose(1, 2).reshape(B, T, c.n_embd) @ blk.attn.proj.weight.t()
+        h = F.layer_norm(x, (c.n_embd,), blk.ln_2.weight, None, c.norm_eps)
+        x = x + F.gelu(h @ blk.mlp.fc1.weight.t()) @ blk.mlp.fc2.weight.t()
+    x = F.layer_norm(x, (c.n_embd,), model.ln_f.weight, None, c.norm_eps)
+    logits = x @ model.wte.weight.t()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def test_bias_false_is_nanogpt_architecture():
+    """bias=False drops every bias (as nanoGPT's bias=False); with activation="gelu" the
+    model is nanoGPT's, checked in float64 against a plain-torch forward: loss and every
+    parameter gradient."""
+    model = tiny_gpt(bias=False, activation="gelu").double()
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if n.endswith("bias")], names
+    biased = tiny_gpt()
+    assert sum(p.numel() for p in biased.parameters()) > sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 61, (2, 17), generator=g)
+    targets = torch.randint(0, 61, (2, 17), generator=g)
+    # the biases that init would zero must not hide a difference: perturb every weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    loss = model(idx, targets).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = _plain_gpt_loss(model, idx, targets)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for n, a, b in zip(names, grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m, n=n: f"{n}: {m}")

@@ -87,6 +87,9 @@ class Block(nn.Module):
 
     pre_norm=True (GPT-2/ViT):  x = x + drop(attn(ln_1(x)));  x = x + drop(mlp(ln_2(x)))
     pre_norm=False (BERT):      x = ln_1(x + drop(attn(x)));  x = ln_2(x + drop(mlp(x)))
+
+    ``bias=False`` drops every bias (LayerNorms, projections, MLP), as nanoGPT's ``bias``;
+    ``qkv_bias`` overrides it for the qkv projection alone (None: follow ``bias``).
     """
 
     def __init__(
@@ -101,19 +104,26 @@ class Block(nn.Module):
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
-        qkv_bias: bool = True,
+        qkv_bias: bool | None = None,
+        bias: bool = True,
         backend: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= attn_dropout < 1.0:
             raise ValueError(f"attn_dropout: expected a probability in [0, 1), got {attn_dropout}")
         self.pre_norm = pre_norm
-        self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.ln_1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.attn = MultiheadAttention(
-            dim, n_heads, qkv_bias=qkv_bias, causal=causal, dropout=attn_dropout, backend=backend
+            dim,
+            n_heads,
+            bias=bias,
+            qkv_bias=qkv_bias,
+            causal=causal,
+            dropout=attn_dropout,
+            backend=backend,
         )
-        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLP(dim, mlp_hidden, activation=activation, backend=backend)
+        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
+        self.mlp = MLP(dim, mlp_hidden, activation=activation, bias=bias, backend=backend)
         self.drop = nn.Dropout(dropout)
 
     def forward(
@@ -158,7 +168,8 @@ def init_weights(module: nn.Module, std: float = 0.02, linear: str = "normal") -
             nn.init.normal_(m.weight, std=std)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def scale_residual_init(blocks: nn.ModuleList, std: float = 0.02) -> None:

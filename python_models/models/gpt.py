@@ -37,6 +37,7 @@ class GPTConfig(ModelConfig):
     norm_eps: float = 1e-5  # LayerNorm epsilon
     dropout: float = 0.0  # embedding and residual dropout
     attn_dropout: float = 0.0  # on the attention probabilities (training only)
+    bias: bool = True  # biases in Linears and LayerNorms (GPT-2: True; nanoGPT's bias=False)
 
     presets = {
         "tiny": dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32),
@@ -77,9 +78,10 @@ class GPT(ReconModel):
             norm_eps=c.norm_eps,
             dropout=c.dropout,
             attn_dropout=c.attn_dropout,
+            bias=c.bias,
             backend=backend,
         )
-        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         init_weights(self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -23,14 +24,23 @@ from .. import backends
 LIB = torch.library.Library("recon", "FRAGMENT")
 
 
+_IMPLS: dict[tuple[str, str], ModuleType] = {}
+
+
 def impl(backend: str, family: str) -> ModuleType:
+    mod = _IMPLS.get((backend, family))
+    if mod is not None:
+        return mod
     if backend == "eager":
-        return importlib.import_module("recon_kernels.ops.eager")
-    if backend == "triton":
-        return importlib.import_module(f"recon_kernels.triton.{family}")
-    if backend == "cuda":
-        return importlib.import_module(f"recon_kernels.cuda.{family}")
-    raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+        mod = importlib.import_module("recon_kernels.ops.eager")
+    elif backend == "triton":
+        mod = importlib.import_module(f"recon_kernels.triton.{family}")
+    elif backend == "cuda":
+        mod = importlib.import_module(f"recon_kernels.cuda.{family}")
+    else:
+        raise ValueError(f"backend: expected one of {backends.BACKENDS}, got {backend!r}")
+    _IMPLS[(backend, family)] = mod
+    return mod
 
 
 def run(backend: str, family: str, fn: str, *args, **kwargs):
@@ -41,6 +51,25 @@ def run(backend: str, family: str, fn: str, *args, **kwargs):
     ref = next(a for a in args if isinstance(a, torch.Tensor))
     with no_autocast(ref.device):
         return getattr(impl(backend, family), fn)(*args, **kwargs)
+
+
+# The light path: in plain eager mode the public ops run their forward/backward through a
+# torch.autograd.Function that calls the same backend functions as the custom ops, without
+# torch.library's per-call machinery (schema default filling, redispatch, the dynamo-disable
+# wrapper: ~0.1 ms per op call on CPU, as much as a small kernel). Anything that traces or
+# transforms (torch.compile, export, fake/proxy/functional dispatch modes, torch.func,
+# tensor subclasses) takes the custom ops. RECON_LIGHT_DISPATCH=0 turns the light path off.
+LIGHT = os.environ.get("RECON_LIGHT_DISPATCH", "1") != "0"
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def light(*tensors: torch.Tensor | None) -> bool:
+    """Whether a public op may take the light path (see LIGHT) for these inputs."""
+    if not LIGHT or torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:

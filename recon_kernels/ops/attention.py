@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch
 from ._validate import check_device, check_scale, check_tensor, shape_str
@@ -137,13 +138,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, mask, kpm, seed)
     ctx.scale, ctx.causal, ctx.backend, ctx.dropout_p = scale, causal, backend, dropout_p
     ctx.mark_non_differentiable(lse)
+    # autograd would otherwise fill a zeros tensor the size of the non-differentiable
+    # output as its gradient on every backward; an unused output then arrives as None
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=attention_bwd):
     q, k, v, out, lse, mask, kpm, seed = ctx.saved_tensors
     if dout is None:
         return (None,) * 10
-    dq, dk, dv = attention_bwd(
+    dq, dk, dv = bwd(
         dout,
         q,
         k,
@@ -162,6 +166,55 @@ def _backward(ctx, dout, dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bwd_light(dout, q, k, v, out, lse, mask, kpm, scale, causal, backend, dropout_p, seed):
+    return _dispatch.run(
+        backend,
+        "attention",
+        "attention_bwd",
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        kpm,
+        scale,
+        causal,
+        **_dropout_args(dropout_p, seed),
+    )
+
+
+class _LightAttention(torch.autograd.Function):
+    """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
+
+    # forward(ctx, ...), not a separate setup_context: apply() would bind the arguments with
+    # inspect.signature on every call (~80 us)
+    @staticmethod
+    def forward(ctx, *inputs):
+        q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed = inputs
+        out = _dispatch.run(
+            backend,
+            "attention",
+            "attention_fwd",
+            q,
+            k,
+            v,
+            mask,
+            kpm,
+            scale,
+            causal,
+            **_dropout_args(dropout_p, seed),
+        )
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, _bwd_light)
 
 
 # --------------------------------------------------------------------------- validation
@@ -236,7 +289,10 @@ def _attention(q, k, v, mask, key_padding_mask, scale, causal, dropout_p, backen
     if dropout_p > 0:
         # from torch's CPU generator: torch.manual_seed makes a run repeatable
         seed = torch.randint(0, 2**32, (1,), dtype=torch.int64)
-    out, _ = attention_fwd(q, k, v, mask, key_padding_mask, scale, causal, name, dropout_p, seed)
+    fwd = (
+        _LightAttention.apply if _dispatch.light(q, k, v, mask, key_padding_mask) else attention_fwd
+    )
+    out, _ = fwd(q, k, v, mask, key_padding_mask, scale, causal, name, dropout_p, seed)
     return out
 
 

@@ -11,6 +11,7 @@ merge/unmerge use it: no (out, in) temporary).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch
 from ._validate import check_like, check_scale, check_tensor, shape_str
@@ -91,19 +92,60 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.backend = scale, backend
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(xa)
+    # autograd would otherwise fill a zeros tensor the size of the non-differentiable
+    # output as its gradient on every backward; an unused output then arrives as None
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, dxa):
+def _backward(ctx, dy, dxa, bwd=lora_linear_bwd):
     x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 7
     needs_dw = bool(ctx.needs_input_grad[1])
     needs_dbias = ctx.has_bias and bool(ctx.needs_input_grad[2])
-    dx, dw, dbias, da, db = lora_linear_bwd(
+    dx, dw, dbias, da, db = bwd(
         dy, x, weight, lora_a, lora_b, xa, ctx.scale, needs_dw, needs_dbias, ctx.backend
     )
     return dx, dw if needs_dw else None, dbias if needs_dbias else None, da, db, None, None
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bwd_light(dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias, backend):
+    return _dispatch.run(
+        backend,
+        "lora",
+        "lora_linear_bwd",
+        dy,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        xa,
+        scale,
+        needs_dw,
+        has_bias,
+    )
+
+
+class _LightLoRA(torch.autograd.Function):
+    """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
+
+    # forward(ctx, ...), not a separate setup_context: apply() would bind the arguments with
+    # inspect.signature on every call (~80 us)
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, backend):
+        out = _dispatch.run(
+            backend, "lora", "lora_linear_fwd", x, weight, bias, lora_a, lora_b, scale
+        )
+        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scale, backend), out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dxa):
+        return _backward(ctx, dy, dxa, _bwd_light)
 
 
 @torch.library.custom_op("recon::merge_lora_op", mutates_args=())
@@ -215,7 +257,9 @@ def lora_linear(
     scale = check_scale("scale", scale)
     name = _dispatch.resolve(backend, x.device, x.dtype, "lora")
     lead = x.shape[:-1]
-    y, _ = lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, name)
+    x2 = x.reshape(-1, x.shape[-1])
+    fwd = _LightLoRA.apply if _dispatch.light(x2, weight, bias, lora_a, lora_b) else lora_linear_fwd
+    y, _ = fwd(x2, weight, bias, lora_a, lora_b, scale, name)
     return y.reshape(*lead, weight.shape[0])
 
 

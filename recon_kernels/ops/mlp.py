@@ -8,6 +8,7 @@ x, W1, W2 and the pre-activation h only (act(h) is recomputed in backward). The 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..reference import ACTIVATIONS
 from . import _dispatch
@@ -84,15 +85,20 @@ def _setup_context(ctx, inputs, output):
     ctx.activation, ctx.backend = activation, backend
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
     ctx.mark_non_differentiable(h)
+    # autograd would otherwise fill a zeros tensor the size of the non-differentiable
+    # output as its gradient on every backward; an unused output then arrives as None
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, dh):
+def _backward(ctx, dy, dh, bwd=conv1d_mlp_bwd):
     x, w1, w2, h = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 7
     need = ctx.needs_input_grad
     needs_dw = bool(need[1] or need[3])
     has_b1 = ctx.has_b1 and bool(need[2])
     has_b2 = ctx.has_b2 and bool(need[4])
-    dx, dw1, db1, dw2, db2 = conv1d_mlp_bwd(
+    dx, dw1, db1, dw2, db2 = bwd(
         dy, x, w1, w2, h, ctx.activation, has_b1, has_b2, needs_dw, ctx.backend
     )
     return (
@@ -107,6 +113,29 @@ def _backward(ctx, dy, dh):
 
 
 conv1d_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bwd_light(dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw, backend):
+    return _dispatch.run(
+        backend, "mlp", "conv1d_mlp_bwd", dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
+    )
+
+
+class _LightMLP(torch.autograd.Function):
+    """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
+
+    # forward(ctx, ...), not a separate setup_context: apply() would bind the arguments with
+    # inspect.signature on every call (~80 us)
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, activation, backend):
+        out = _dispatch.run(backend, "mlp", "conv1d_mlp_fwd", x, w1, b1, w2, b2, activation)
+        _setup_context(ctx, (x, w1, b1, w2, b2, activation, backend), out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh):
+        return _backward(ctx, dy, dh, _bwd_light)
 
 
 # --------------------------------------------------------------------------- public API
@@ -164,7 +193,8 @@ def conv1d_mlp(
     name = _dispatch.resolve(backend, x.device, x.dtype, "mlp")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y, _ = conv1d_mlp_fwd(x2, w1, b1, w2, b2, activation, name)
+    fwd = _LightMLP.apply if _dispatch.light(x2, w1, b1, w2, b2) else conv1d_mlp_fwd
+    y, _ = fwd(x2, w1, b1, w2, b2, activation, name)
     return y.reshape(*lead, w2.shape[0])
 
 
