@@ -335,4 +335,14 @@ std::string attention_fwd(const AttnArgs& a, uintptr_t stream) {
   RK_DISPATCH_DTYPE(a.dtype, T, RK_DISPATCH_HEAD_DIM(a.d, kD, return launch_attn_fwd<T, kD>(a, stream);))
 }
 
+std::string attention_fwd_tiles(int dtype, int d, AttnFwdTiles* out) {
+  RK_DISPATCH_DTYPE(dtype, T, RK_DISPATCH_HEAD_DIM(d, kD, {
+    using Cfg = FwdCfg<T, kD>;
+    *out = AttnFwdTiles{kD, Cfg::kBlockM, Cfg::kBlockN, Cfg::kSubN, Cfg::kWarps,
+                        Cfg::kRowsPerWarp, Cfg::kStages, Cfg::kQInRegs ? 1 : 0,
+                        static_cast<int64_t>(Cfg::kSmemBytes)};
+    return "";
+  }))
+}
+
 }  // namespace rk
