@@ -8,16 +8,18 @@
 
 namespace rk {
 
-// Forward (the sm_80 path, also run on sm_90 until the wgmma path covers a case): 4 warps,
-// each owning kMT m16 row tiles, sweep the keys kBlockN at a time with K/V double-buffered
-// (cp.async: tile j+1 loads while tile j computes).
+// Forward (the sm_80 path; sm_90 runs it too where no wgmma path applies): 4 warps, each
+// owning kMT m16 row tiles, sweep the keys kBlockN at a time with K/V double-buffered
+// (cp.async: tile j+1 loads while tile j computes), in online-softmax steps of kSubN keys.
 //  * fp16/bf16, D <= 128: 32 rows per warp (kMT = 2), 128-row Q tiles, Q fragments held in
 //    registers for the whole sweep: every K/V fragment read from shared memory feeds two
-//    m16 tiles, halving the shared-memory bytes per MMA FLOP (see kSmemBytesPerFlop).
-//    Registers per lane at D = 128: Q 64 + O 128 + S kBlockN (= 32) of the 255 available,
-//    hence the 32-key tiles past D = 64.
+//    m16 tiles, so a warp reads 2 * N * D * 2 bytes per 4 * 32 * N * D FLOPs = 0.031 B/FLOP
+//    (was 0.070: 16 rows per warp, Q re-read every tile; tests/test_cuda_static.py).
+//    Registers per lane at D = 128: Q 64 + O 128 + S 2 * kSubN: with 32-key steps ptxas
+//    spills (28 bytes at 255 registers), 16-key steps need 243: 32-key tiles (one barrier
+//    per 32 keys) in two softmax steps. D <= 64: 64-key tiles and steps.
 //  * fp16/bf16, D = 256: the O accumulator alone is 128 registers per 16 rows, so 16 rows
-//    per warp (64-row tiles), Q still in registers, 32-key tiles.
+//    per warp (64-row tiles), Q still in registers, 32-key tiles (0.0625 B/FLOP).
 //  * fp32 (SIMT, full fp32 products): 16 rows per warp, Q read from shared memory; 16-key
 //    tiles at D = 256 keep the double buffers within sm_80's 163 KiB.
 template <class T, int kD>
@@ -31,7 +33,7 @@ struct FwdCfg {
   static constexpr bool kQInRegs = kTC;
   static constexpr int kBlockN =
       kTC ? (kD <= 64 ? 64 : 32) : (kD >= 256 ? 16 : kD >= 128 ? 32 : 64);
-  // keys per online-softmax step: 16 at D = 128 (fp16/bf16) bounds the S registers
+  // keys per online-softmax step (divides kBlockN): 16 at D = 128 (fp16/bf16), see above
   static constexpr int kSubN = (kTC && kD > 64 && kD <= 128) ? 16 : kBlockN;
   static constexpr int kStages = 2;           // K/V buffers
   static constexpr int kLd = kD + kPad<T>;    // shared row stride of the Q/K/V tiles
@@ -39,11 +41,6 @@ struct FwdCfg {
   static constexpr size_t kSmemBytes =
       size_t(kBlockM + 2 * kStages * kBlockN) * kLd * sizeof(T) +
       (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
-  // Shared-memory bytes a warp reads per MMA FLOP at the full head dim (per key tile: the
-  // K and V tiles, plus its Q rows when Q is not in registers; FLOPs 2 * 2 * rows * N * D).
-  static constexpr double kSmemBytesPerFlop =
-      double((kQInRegs ? 0 : kRowsPerWarp * kD) + 2 * kBlockN * kD) * sizeof(T) /
-      (4.0 * kRowsPerWarp * kBlockN * kD);
   static_assert(kTC || kMT == 1, "the SIMT path is single-row-tile");
 };
 

@@ -1,12 +1,15 @@
 // Attention forward: FlashAttention-2 style tiling with an online softmax.
 //
 // One block = kBlockM query rows of one (batch, head); each warp owns kRowsPerWarp of them
-// (FwdCfg: 32 rows, two m16 tiles, for fp16/bf16 up to D = 128). The key/value sequence is
-// swept kBlockN keys at a time: S = Q K^T (tensor cores with Q fragments kept in registers,
-// or SIMT for fp32), masks, running max / sum in the log2 domain (scale * log2(e) folded
-// into the scores), then O += P V with P reused from registers as the A operand. K and V
-// are double-buffered: tiles j+1 are copied (cp.async, one group for K, one for V) while
-// tile j computes; S_j waits for K_j only, P V_j for V_j.
+// (FwdCfg: 32 rows, two m16 tiles, for fp16/bf16 up to D = 128). Q's fragments are loaded
+// into registers once (fp32, SIMT: read from shared memory). The key/value sequence is
+// swept kBlockN keys at a time, K and V double-buffered: the copies of tile j+1 (cp.async,
+// one group) are issued right after the one barrier of tile j and land while it computes.
+// Each tile runs in steps of kSubN keys: the mask / dropout predicates as bits, S = Q K^T,
+// running max / sum in the log2 domain (scale * log2(e) folded into the scores), O rescaled
+// only when some running max moved, then O += P V with P reused from registers as the A
+// operand. A warp skips the steps its rows cannot see (past Nq, or causal past the
+// diagonal of its last row); the block skips the tiles past its last row's diagonal.
 //
 // Saves lse (natural log, float32) for backward; rows with no allowed key get O = 0 and
 // lse = +inf (exp(s - lse) = 0 there in backward: zero gradient, never NaN).
@@ -195,6 +198,8 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
           }
         }
 
+        float alpha[kMT][2];    // O and l rescale factors of this step's rows
+        float rescale = 0.0f;  // 1 when some alpha != 1 (this lane's rows)
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
           float mx[2] = {m_run[mi][0], m_run[mi][1]};
@@ -215,14 +220,10 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
             mx[i] = quad_max(mx[i]);
             // A row with nothing allowed so far keeps max -inf: shift by 0 (exp2(-inf) = 0).
             m_safe[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-            const float alpha = exp2f(m_run[mi][i] - m_safe[i]);
+            alpha[mi][i] = exp2f(m_run[mi][i] - m_safe[i]);
+            if (alpha[mi][i] != 1.0f) rescale = 1.0f;
             m_run[mi][i] = mx[i];
-            l_run[mi][i] *= alpha;
-#pragma unroll
-            for (int di = 0; di < kDT; ++di) {
-              acc_o[mi][di][2 * i] *= alpha;
-              acc_o[mi][di][2 * i + 1] *= alpha;
-            }
+            l_run[mi][i] *= alpha[mi][i];
           }
 #pragma unroll
           for (int ni = 0; ni < kNT; ++ni) {
@@ -247,6 +248,23 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
 #pragma unroll
             for (int kk = 0; kk < kSN / 16; ++kk)
               acc_to_a_frag<T>(pf[mi][kk], s[mi][2 * kk], s[mi][2 * kk + 1]);
+          }
+        }
+        // O *= alpha, skipped when every alpha of the warp is 1 (x * 1 = x: the result is
+        // bit for bit the same), the common case once the running maxima settle: kMT x kDT
+        // x 4 multiplies saved per step. The flag is made warp-uniform (three shuffles: the
+        // lanes of a quad hold the same rows) so the branch never diverges.
+        rescale = fmaxf(rescale, shfl_xor(rescale, 4));
+        rescale = fmaxf(rescale, shfl_xor(rescale, 8));
+        rescale = fmaxf(rescale, shfl_xor(rescale, 16));
+        if (rescale != 0.0f) {
+#pragma unroll
+          for (int mi = 0; mi < kMT; ++mi) {
+#pragma unroll
+            for (int di = 0; di < kDT; ++di) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc_o[mi][di][e] *= alpha[mi][e >> 1];
+            }
           }
         }
       }
