@@ -20,8 +20,9 @@ namespace rk {
 //    per 32 keys) in two softmax steps. D <= 64: 64-key tiles and steps.
 //  * fp16/bf16, D = 256: the O accumulator alone is 128 registers per 16 rows, so 16 rows
 //    per warp (64-row tiles), Q still in registers, 32-key tiles (0.0625 B/FLOP).
-//  * fp32 (SIMT, full fp32 products): 16 rows per warp, Q read from shared memory; 16-key
-//    tiles at D = 256 keep the double buffers within sm_80's 163 KiB.
+//  * fp32 (SIMT, full fp32 products): 16 rows per warp, Q read from shared memory; 32-key
+//    tiles at D = 64, 16-key tiles above keep the double buffers of fp32 within what
+//    the single-buffered 64/32-key tiles used (two blocks per SM up to D = 128).
 template <class T, int kD>
 struct FwdCfg {
   static constexpr bool kTC = TypeInfo<T>::kTensorCore;
@@ -31,8 +32,7 @@ struct FwdCfg {
   static constexpr int kRowsPerWarp = 16 * kMT;
   static constexpr int kBlockM = kRowsPerWarp * kWarps;
   static constexpr bool kQInRegs = kTC;
-  static constexpr int kBlockN =
-      kTC ? (kD <= 64 ? 64 : 32) : (kD >= 256 ? 16 : kD >= 128 ? 32 : 64);
+  static constexpr int kBlockN = kTC ? (kD <= 64 ? 64 : 32) : (kD <= 64 ? 32 : 16);
   // keys per online-softmax step (divides kBlockN): 16 at D = 128 (fp16/bf16), see above
   static constexpr int kSubN = (kTC && kD > 64 && kD <= 128) ? 16 : kBlockN;
   static constexpr int kStages = 2;           // K/V buffers
