@@ -8,19 +8,40 @@
 
 namespace rk {
 
-// Forward: 4 warps x 16 query rows; the key tile shrinks for big head dims so the S tile,
-// the O accumulator and the shared tiles fit (fp32 tiles are twice the bytes).
+// Forward (the sm_80 path; sm_90 runs it too where no wgmma path applies): 4 warps, each
+// owning kMT m16 row tiles, sweep the keys kBlockN at a time with K/V double-buffered
+// (cp.async: tile j+1 loads while tile j computes), in online-softmax steps of kSubN keys.
+//  * fp16/bf16, D <= 128: 32 rows per warp (kMT = 2), 128-row Q tiles, Q fragments held in
+//    registers for the whole sweep: every K/V fragment read from shared memory feeds two
+//    m16 tiles, so a warp reads 2 * N * D * 2 bytes per 4 * 32 * N * D FLOPs = 0.031 B/FLOP
+//    (was 0.070: 16 rows per warp, Q re-read every tile; tests/test_cuda_static.py).
+//    Registers per lane at D = 128: Q 64 + O 128 + S 2 * kSubN: with 32-key steps ptxas
+//    spills (28 bytes at 255 registers), 16-key steps need 243: 32-key tiles (one barrier
+//    per 32 keys) in two softmax steps. D <= 64: 64-key tiles and steps.
+//  * fp16/bf16, D = 256: the O accumulator alone is 128 registers per 16 rows, so 16 rows
+//    per warp (64-row tiles), Q still in registers, 32-key tiles (0.0625 B/FLOP).
+//  * fp32 (SIMT, full fp32 products): 16 rows per warp, Q read from shared memory; 32-key
+//    tiles at D = 64, 16-key tiles above keep the double buffers of fp32 within what
+//    the single-buffered 64/32-key tiles used (two blocks per SM up to D = 128).
 template <class T, int kD>
 struct FwdCfg {
   static constexpr bool kTC = TypeInfo<T>::kTensorCore;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = (kD >= 256 || (!kTC && kD >= 128)) ? 32 : 64;
+  static constexpr int kMT = (kTC && kD <= 128) ? 2 : 1;  // m16 row tiles per warp
+  static constexpr int kRowsPerWarp = 16 * kMT;
+  static constexpr int kBlockM = kRowsPerWarp * kWarps;
+  static constexpr bool kQInRegs = kTC;
+  static constexpr int kBlockN = kTC ? (kD <= 64 ? 64 : 32) : (kD <= 64 ? 32 : 16);
+  // keys per online-softmax step (divides kBlockN): 16 at D = 128 (fp16/bf16), see above
+  static constexpr int kSubN = (kTC && kD > 64 && kD <= 128) ? 16 : kBlockN;
+  static constexpr int kStages = 2;           // K/V buffers
   static constexpr int kLd = kD + kPad<T>;    // shared row stride of the Q/K/V tiles
-  static constexpr int kLdS = kBlockN + 4;    // fp32 staging row stride of P
-  static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kLd * sizeof(T) +
-                                       (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
+  static constexpr int kLdS = kSubN + 4;      // fp32 staging row stride of P
+  static constexpr size_t kSmemBytes =
+      size_t(kBlockM + 2 * kStages * kBlockN) * kLd * sizeof(T) +
+      (kTC ? 0 : size_t(kWarps) * 16 * kLdS * sizeof(float));
+  static_assert(kTC || kMT == 1, "the SIMT path is single-row-tile");
 };
 
 // Backward: a block owns kBlockRows rows (keys for the dK/dV kernel, kKV = true; queries
@@ -110,9 +131,10 @@ struct DropoutView {
   RK_DEVICE bool on() const { return threshold != 0; }  // uniform over the grid
   // i: query row, j: key column (any ints: padding rows/columns hash too, harmlessly)
   RK_DEVICE bool keep(int i, int j) const {
-    return (mix32((static_cast<uint32_t>(i) * nk + static_cast<uint32_t>(j)) ^ key) >> 8) >=
-           threshold;
+    return keep_at(static_cast<uint32_t>(i) * nk + static_cast<uint32_t>(j));
   }
+  // idx = i * Nk + j (mod 2^32): lets a caller step through a tile by additions
+  RK_DEVICE bool keep_at(uint32_t idx) const { return (mix32(idx ^ key) >> 8) >= threshold; }
 };
 
 RK_DEVICE DropoutView make_dropout_view(const AttnArgs& p, int64_t bh) {
@@ -124,12 +146,15 @@ RK_DEVICE DropoutView make_dropout_view(const AttnArgs& p, int64_t bh) {
   return dv;
 }
 
-template <int N>
-RK_DEVICE void zero(float (&acc)[1][N][4]) {
+template <int M, int N>
+RK_DEVICE void zero(float (&acc)[M][N][4]) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
+  for (int m = 0; m < M; ++m) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[0][i][e] = 0.0f;
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][i][e] = 0.0f;
+    }
   }
 }
 

@@ -92,6 +92,24 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
   }
 
   bind_launcher(m, "attention_fwd", &rk::attention_fwd, "out, lse = softmax(q k^T scale) v");
+  m.def(
+      "attention_fwd_tiles",
+      [](int dtype, int d) {
+        rk::AttnFwdTiles t;
+        raise_if(rk::attention_fwd_tiles(dtype, d, &t));
+        py::dict r;
+        r["head_dim_bucket"] = t.head_dim_bucket;
+        r["block_m"] = t.block_m;
+        r["block_n"] = t.block_n;
+        r["sub_n"] = t.sub_n;
+        r["warps"] = t.warps;
+        r["rows_per_warp"] = t.rows_per_warp;
+        r["stages"] = t.stages;
+        r["q_in_regs"] = static_cast<bool>(t.q_in_regs);
+        r["smem_bytes"] = t.smem_bytes;
+        return r;
+      },
+      py::arg("dtype"), py::arg("d"), "the forward's tile configuration for (dtype code, head dim)");
   bind_launcher(m, "attention_bwd", &rk::attention_bwd, "delta, then dq, dk, dv");
   bind_launcher(m, "gemm", &rk::gemm, "the fused-epilogue GEMM");
   bind_launcher(m, "conv1d_mlp_fwd", &rk::conv1d_mlp_fwd, "y, h (and act(h) workspace)");

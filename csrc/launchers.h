@@ -104,6 +104,13 @@ struct LoraArgs {
 };
 
 std::string attention_fwd(const AttnArgs& a, uintptr_t stream);
+// The tile configuration attention_fwd launches for (dtype code, head dim), from FwdCfg (csrc/
+// attention_common.cuh): for tests and reports, instead of parsing the sources.
+struct AttnFwdTiles {
+  int head_dim_bucket, block_m, block_n, sub_n, warps, rows_per_warp, stages, q_in_regs;
+  int64_t smem_bytes;
+};
+std::string attention_fwd_tiles(int dtype, int d, AttnFwdTiles* out);
 std::string attention_bwd(const AttnArgs& a, uintptr_t stream);
 std::string gemm(const GemmArgs& g, uintptr_t stream);
 // The operand part of a GEMM call: C (m x n, row stride ldc) = op(A) op(B), op(X) = X^T when

@@ -70,6 +70,36 @@ ATTN_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_emulated_attention_matches_reference(emu, dtype, case):
+    _check_emulated_attention(emu, dtype, case)
+
+
+# The forward's tiles (FwdCfg): 128 query rows per block (32 per warp) for fp16/bf16 at
+# D <= 128, 64 otherwise; 64 keys per tile at D <= 64, else 32 (16 per softmax step at
+# D = 128), double-buffered. Nq across 127/128/129/255 (a block of one row, warps with
+# no row), Nk 1, 63, 65 (partial and single-key tiles, a second buffer that is half
+# empty), causal with Nq != Nk both ways around the 128-row boundary (warps whose rows see
+# no key of a tile skip it; blocks whose rows see no key at all), every head-dim bucket.
+TILE_CASES = [
+    (1, 1, 127, 65, 40, "none"),
+    (1, 2, 128, 63, 72, "causal"),
+    (2, 1, 129, 1, 128, "kpm"),
+    (1, 1, 255, 129, 128, "causal"),
+    (1, 1, 129, 255, 72, "causal_mask"),
+    (1, 1, 128, 128, 128, "causal"),
+    (2, 1, 129, 65, 256, "mask_kpm"),
+    (2, 1, 127, 255, 40, "causal_kpm"),
+    (1, 1, 255, 63, 256, "causal"),
+    (2, 2, 1, 65, 128, "causal"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_attention_forward_tile_boundaries(emu, dtype, case):
+    _check_emulated_attention(emu, dtype, case)
+
+
+def _check_emulated_attention(emu, dtype, case):
     B, H, NQ, NK, D, mode = case
     q, k, v, do = (
         _rand(*s, seed=i)
@@ -107,6 +137,7 @@ def test_emulated_attention_matches_reference(emu, dtype, case):
 # causal rows with Nq > Nk)
 DROPOUT_CASES = [
     (2, 2, 17, 100, 40, "causal_kpm", 0.1, 7),
+    (1, 1, 129, 65, 128, "causal", 0.2, 13),  # 128-row tiles, 16-key softmax steps
     (2, 2, 17, 100, 72, "mask_kpm", 0.5, 2**32 + 5),
     (2, 1, 70, 33, 24, "causal", 0.5, -3),
     (1, 1, 9, 40, 200, "mask", 0.1, 11),

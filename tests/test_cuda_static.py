@@ -299,3 +299,121 @@ def test_csrc_codes_match_the_shared_table():
         "kEpiDact": codes.EPI_DACT,
         "kEpiAdd": codes.EPI_ADD,
     }
+
+
+# --------------------------------------------------------------------------- sm_80 attention forward
+#
+# Issue #12, item 4: the forward used 16 query rows per warp, re-reading Q and K/V from
+# shared memory for every MMA: 0.070 B of shared memory per FLOP at D = 128 (16 x 128 Q +
+# 2 x 64 x 128 K/V fp16 bytes per 4 x 16 x 64 x 128 FLOPs). Now 32 rows per warp with Q in
+# registers: every K/V fragment feeds two m16 tiles.
+
+SM80_SMEM_LIMIT = 166912  # dynamic shared memory a block may opt into on sm_80 (163 KiB)
+OLD_FWD_SMEM_BYTES_PER_FLOP = (16 * 128 + 2 * 64 * 128) * 2 / (4 * 16 * 64 * 128)
+LDSM_X4_BYTES = 4 * 8 * 16  # four 8 x 8 matrices of 16-bit values per warp
+HMMA_16816_FLOPS = 2 * 16 * 8 * 16
+ELEM_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def _fwd_tiles(mod, dtype, d) -> dict:
+    from recon_kernels.codes import DTYPE_CODES
+
+    return mod.attention_fwd_tiles(DTYPE_CODES[dtype], d)
+
+
+def _fwd_smem_bytes_per_flop(t: dict, dtype, d: int) -> float:
+    """Shared-memory bytes a warp reads per MMA FLOP: per softmax step of sub_n keys, the
+    K and V tiles (and its Q rows unless Q lives in registers) for 2 x 2 x rows x sub_n x d
+    FLOPs."""
+    rows, n = t["rows_per_warp"], t["sub_n"]
+    q = 0 if t["q_in_regs"] else rows * d
+    return (q + 2 * n * d) * ELEM_BYTES[dtype] / (4 * rows * n * d)
+
+
+@needs_nvcc
+def test_sm80_attention_forward_tiles(cuda_build):
+    mod = _import_from(cuda_build, "_cuda")
+    assert OLD_FWD_SMEM_BYTES_PER_FLOP == pytest.approx(0.0703, abs=1e-4)
+    for dtype in DTYPES:
+        for d in (16, 40, 64, 72, 128, 200, 256):
+            t = _fwd_tiles(mod, dtype, d)
+            assert t["head_dim_bucket"] == (64 if d <= 64 else 128 if d <= 128 else 256)
+            assert t["stages"] == 2, f"{dtype} D={d}: K/V must be double-buffered, got {t}"
+            assert t["smem_bytes"] <= SM80_SMEM_LIMIT, f"{dtype} D={d}: {t}"
+            assert t["block_m"] == t["warps"] * t["rows_per_warp"]
+            assert t["block_n"] % t["sub_n"] == 0 and t["sub_n"] % 16 == 0
+            if d <= 128:
+                # two blocks fit one SM's 164 KiB (the register file allows two as well)
+                assert 2 * t["smem_bytes"] <= 164 * 1024, f"{dtype} D={d}: {t}"
+            if dtype in LOW and d <= 128:
+                assert t["rows_per_warp"] == 32 and t["block_m"] == 128 and t["q_in_regs"], t
+    for dtype in LOW:
+        got = _fwd_smem_bytes_per_flop(_fwd_tiles(mod, dtype, 128), dtype, 128)
+        assert got <= OLD_FWD_SMEM_BYTES_PER_FLOP / 2, f"{dtype}: {got:.4f} B/FLOP at D=128"
+    with pytest.raises(RuntimeError, match=r"head dim D: expected 1 <= D <= 256, got 257"):
+        mod.attention_fwd_tiles(1, 257)
+    with pytest.raises(RuntimeError, match="dtype code"):
+        mod.attention_fwd_tiles(7, 64)
+
+
+def _innermost_mma_loop(body: str) -> list[str]:
+    """The instructions of the smallest loop of a SASS function body that contains an HMMA.
+
+    A loop is the address range of a backward branch and its target; a range that some
+    other backward branch enters from outside (ptxas places cold paths, e.g. the mask
+    evaluation, after the loop and branches back into its middle) is not a loop."""
+    ins = []
+    for line in body.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    back = []  # (target, source) of every backward branch
+    for addr, text in ins:
+        m = re.search(r"\bBRA(?:\.\w+)* (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) <= addr:
+            back.append((int(m.group(1), 16), addr))
+    loops = []
+    for lo, hi in back:
+        if any(lo <= src <= hi and not lo <= dst <= hi for dst, src in back):
+            continue
+        loop = [t for a, t in ins if lo <= a <= hi]
+        if any(re.search(r"\bHMMA\.", t) for t in loop):
+            loops.append(loop)
+    assert loops, "no loop with HMMA found"
+    return min(loops, key=len)
+
+
+@needs_nvcc
+def test_sm80_attention_forward_registers_and_sass(cuda_build):
+    """ptxas: every forward instantiation for sm_80 within 255 registers, no spills. SASS of
+    the fp16/bf16 forwards for sm_80: the innermost loop (one softmax step) holds exactly the
+    HMMAs of the tile and only K/V ldmatrix (Q stays in registers), so the shared-memory
+    bytes per FLOP measured on the machine code equal the tile arithmetic (<= half the
+    old 0.070 at D = 128)."""
+    if "80" not in _archs():
+        pytest.skip(f"sm_80 not among RECON_CUDA_ARCHS={_archs()}")
+    reports = _ptxas_reports(os.path.dirname(cuda_build))
+    fwd = {k: v for k, v in reports.items() if _stem(k[0]) == "attn_fwd_kernel" and k[1] == "sm_80"}
+    assert len(fwd) == 9, sorted(fwd)
+    for (name, _), rep in fwd.items():
+        assert rep["regs"] <= 255 and rep["spill_st"] == 0 and rep["spill_ld"] == 0, (name, rep)
+    mod = _import_from(cuda_build, "_cuda")
+    funcs = _sass_functions(cuda_build, "80")
+    mangled = {torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}
+    for dtype in LOW:
+        for d in (64, 128, 256):
+            name = f"_ZN2rk15attn_fwd_kernelI{mangled[dtype]}Li{d}EEEvNS_8AttnArgsE"
+            loop = _innermost_mma_loop(funcs[name])
+            hmma = [t for t in loop if re.search(r"\bHMMA\.16816\.F32", t)]
+            ldsm = [t for t in loop if re.search(r"\bLDSM\.", t)]
+            assert all(re.search(r"LDSM\.16\.MT?88\.4", t) for t in ldsm), ldsm
+            t = _fwd_tiles(mod, dtype, d)
+            rows, n = t["rows_per_warp"], t["sub_n"]
+            # S = Q K^T and O += P V, m16n8k16 each: rows/16 x n/8 x d/16 + rows/16 x d/8 x n/16
+            assert len(hmma) == 2 * (rows // 16) * (n // 8) * (d // 16), (name, len(hmma))
+            # K: n/16 x d/16 ldmatrix.x4, V: the same; none for Q
+            assert len(ldsm) == 2 * (n // 16) * (d // 16), (name, len(ldsm))
+            measured = len(ldsm) * LDSM_X4_BYTES / (len(hmma) * HMMA_16816_FLOPS)
+            assert measured == pytest.approx(_fwd_smem_bytes_per_flop(t, dtype, d))
+            if d == 128:
+                assert measured <= OLD_FWD_SMEM_BYTES_PER_FLOP / 2, (name, measured)
