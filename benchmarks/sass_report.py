@@ -354,6 +354,7 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                         HAS_KPM=kpm,
                         DROPOUT=drop,
                         CAUSAL=causal,
+                        **A.static_constexprs(kname),  # FAST: the forward loop's tiles
                     )
                     configs = A._pruner(kname)(kern.configs, named)
                     if dt not in all_configs_for:

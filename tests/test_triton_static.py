@@ -33,6 +33,9 @@ ATTN_FILTERS = [
     "fwd bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
     "fwd fp16 D=64 causal=1 kpm=0 mask=0 drop=0",
     "fwd bf16 D=256 causal=0 kpm=0 mask=1 drop=0",
+    # RECON_ATTN_FWD_MASKED=wide: 128 x 64 with the general mask or dropout at D = 128
+    "fwd bf16 D=128 causal=0 kpm=0 mask=1 drop=0",
+    "fwd bf16 D=128 causal=0 kpm=1 mask=0 drop=1",
     "dkdv bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
     "dkdv bf16 D=64 causal=1 kpm=0 mask=0 drop=1",
     "dkdv bf16 D=256 causal=0 kpm=1 mask=0 drop=0",
@@ -327,3 +330,44 @@ def test_attention_fwd_switch_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("RECON_ATTN_FWD", "turbo")
     with pytest.raises(ValueError, match="RECON_ATTN_FWD: expected one of"):
         A.fwd_mode()
+
+
+@pytest.mark.parametrize("mode,tile", [("wide", (128, 64)), ("narrow", (128, 32))])
+@pytest.mark.parametrize("mask_mode", ["mask", "dropout"])
+def test_attention_fwd_masked_tiles_switch(mode, tile, mask_mode, monkeypatch):
+    """RECON_ATTN_FWD_MASKED: the fast forward with a general mask or dropout at D = 128
+    takes 128 x 64 ("wide", default) or the previous 128 x 32 ("narrow"); and the GPU's
+    first-choice tile, run in the interpreter, matches the float64 reference (mask and
+    key padding with fully masked rows; dropout with key padding), every gradient."""
+    import torch
+
+    from recon_kernels.triton import attention as A
+
+    monkeypatch.setenv("RECON_ATTN_FWD_MASKED", mode)
+    flag = {"mask": {"HAS_MASK": True}, "dropout": {"DROPOUT": True}}[mask_mode]
+    assert _first("fwd", 128, "split", monkeypatch, FAST=True, **flag)[0][:2] == tile
+    # the slow loop (negative scale, RECON_ATTN_FWD=legacy) keeps the narrow tiles
+    assert _first("fwd", 128, "split", monkeypatch, FAST=False, **flag)[0][:2] == (128, 32)
+    if not A.INTERPRET:
+        return
+    from test_attention import _check_kernel, test_dropout_matches_reference
+
+    kern = A._attn_fwd_kernel
+    monkeypatch.setattr(kern, "configs", A._configs("fwd", interpret=False))
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setenv("RECON_TRITON_AUTOTUNE", "0")
+    shape = (2, 1, 130, 130, 128)  # batch 0 all padding, batch 1 not
+    if mask_mode == "mask":
+        _check_kernel("triton", "cpu", torch.bfloat16, shape, "mask_kpm")
+    else:
+        test_dropout_matches_reference("triton", "cpu", torch.bfloat16, (shape, "causal_kpm", 0.3))
+    used = kern.best_config
+    assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile
+
+
+def test_attention_fwd_masked_switch_rejects_bad_value(monkeypatch):
+    from recon_kernels.triton import attention as A
+
+    monkeypatch.setenv("RECON_ATTN_FWD_MASKED", "huge")
+    with pytest.raises(ValueError, match="RECON_ATTN_FWD_MASKED: expected one of"):
+        A.fwd_masked_mode()

@@ -174,6 +174,19 @@ def splits_rows(kind: str, bm: int, bn: int, warps: int) -> bool:
     return warps <= 4
 
 
+# RECON_ATTN_FWD_MASKED: "wide" (default) lets the fast forward loop (RECON_ATTN_FWD=fast)
+# with a general mask or dropout take 128 x 64 tiles at D = 128 (0 spills under triton 3.6
+# and 3.9, benchmarks/results/static-sm90); "narrow" keeps the previous 128 x 32 (GPU A/B).
+FWD_MASKED_MODES = ("wide", "narrow")
+
+
+def fwd_masked_mode() -> str:
+    mode = os.environ.get("RECON_ATTN_FWD_MASKED", "wide")
+    if mode not in FWD_MASKED_MODES:
+        raise ValueError(f"RECON_ATTN_FWD_MASKED: expected one of {FWD_MASKED_MODES}, got {mode!r}")
+    return mode
+
+
 def _budget(kind: str, flag, split: bool) -> int:
     """fp32 accumulator elements per thread a tile may keep live without spilling on sm_90
     (ptxas, triton 3.6 and 3.9; benchmarks/sass_report.py). The general mask's (M, N)
@@ -215,6 +228,15 @@ def _pruner(kind: str):
         # spilling its operand fragments: the legacy rules (8 warps, some rows replicated)
         split = tile_mode() == "split" and bd < 256
         budget = _budget(kind, flag, split)
+        # RECON_ATTN_FWD_MASKED=wide: the fast loop with a mask or dropout on 8 warps fits
+        # 96 (128 x 64 at D = 128: 0 spills); 4-warp tiles keep the budget (64 x 64 spills)
+        wide = (
+            split
+            and kind == "fwd"
+            and flag("FAST")
+            and (flag("HAS_MASK") or flag("DROPOUT"))
+            and fwd_masked_mode() == "wide"
+        )
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -222,7 +244,8 @@ def _pruner(kind: str):
             if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
                 continue
             acc, smem = _footprint(kind, bm, bn, bd, c.num_stages)
-            if acc > budget * 32 * c.num_warps or smem > 200 * 1024:
+            limit = max(budget, 96) if wide and c.num_warps >= 8 else budget
+            if acc > limit * 32 * c.num_warps or smem > 200 * 1024:
                 continue
             if split and not splits_rows(kind, bm, bn, c.num_warps):
                 continue
