@@ -8,7 +8,8 @@ D=128 (H=16)), and training cases with attention dropout 0.1 (against SDPA's
 flash/efficient dropout; no error column there). Cases run most important first, so a
 time budget cuts the least important.
 
-Providers: recon-triton, recon-cuda (when built); peers sdpa-flash, sdpa-efficient,
+Providers: recon-triton, recon-cuda (when built), recon-triton-det (deterministic=True: the
+two-kernel backward, fwd+bwd only, the A/B of recon-triton's atomic-dQ backward); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
 flex_attention with a block mask; no dropout), eager (the float reference as written) and
 compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096);
@@ -102,6 +103,17 @@ def providers(
             out[f"recon-{b}"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
                 q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b
             )
+    why = rk.why_unavailable("triton", device)
+    if why is not None:
+        out["recon-triton-det"] = C.unavailable(why)
+    elif causal:
+        out["recon-triton-det"] = lambda q, k, v: rk.causal_attention(
+            q, k, v, dropout_p=p, backend="triton", deterministic=True
+        )
+    else:
+        out["recon-triton-det"] = lambda q, k, v: rk.masked_softmax_attention(
+            q, k, v, key_padding_mask=kpm, dropout_p=p, backend="triton", deterministic=True
+        )
     # the same peers on every device: on the CPU (--smoke) the SDPA backends that do not
     # exist there and flex's compiled kernel exercise the "unavailable: why" path
     try:
@@ -214,6 +226,9 @@ def bench_case(
             row = dict(case=case["name"], mode=mode, provider=name, B=B, H=H, N=N, D=D)
             if isinstance(fn, str):
                 rows.append({**row, "status": fn})
+                continue
+            if mode == "fwd" and name == "recon-triton-det":
+                rows.append({**row, "status": "skipped: recon-triton's forward (same kernel)"})
                 continue
             if mode != "fwd" and name in failed:  # do not pay a failing compile twice
                 rows.append({**row, "status": failed[name] + " (as in fwd)"})

@@ -1,7 +1,7 @@
 """Static SASS report of the Triton kernels for Hopper (sm_90a), no GPU needed.
 
-Compiles every configuration the autotuner may pick on sm_90 (attention forward, dK/dV and
-dQ over dtype x head dim x causal / key-padding / general mask / dropout, and every GEMM
+Compiles every configuration the autotuner may pick on sm_90 (attention forward, dK/dV,
+dQ and the fused atomic-dQ backward over dtype x head dim x causal / key-padding / general mask / dropout, and every GEMM
 prologue/epilogue variant of the MLP and LoRA ops over its tiles) with
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and reads the cubin with the
 cuobjdump shipped in the triton wheel. Per kernel it records:
@@ -12,6 +12,7 @@ cuobjdump shipped in the triton wheel. Per kernel it records:
   iteration next to the tile's ideal (each warpgroup owns 64-row slices, full N <= 256),
   the HGMMA work ratio (SASS m*n*k x warpgroups / the tile's m*n*k: 1.0 = nothing is
   computed twice), MUFU.EX2 per score element, SASS instructions per score element;
+* global fp32 atomic adds in that loop (instructions, elements: F32x4 adds 4);
 * the deepest wgmma wait in that loop (``WARPGROUP.DEPBAR.LE gsb0, N``: 0 = every HGMMA
   group is waited for before the next is issued, the tensor cores serialise);
 * TMA (UTMALDG / UBLKCP / UTMASTG) and warp specialisation (USETMAXREG).
@@ -159,6 +160,8 @@ _BRA = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`?\(?\.?L?_?x?_?\d*\)?)
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA = re.compile(r"\bHMMA\.(16)(8)(16|8)\b")  # HMMA.16816 = m16 n8 k16, HMMA.1688
 _WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)")
+# global fp32 atomic adds (the atomic-dQ backward): REDG.E.ADD.F32x4... adds 4 elements
+_RED = re.compile(r"\b(?:REDG?|ATOMG?)\.E\.ADD\.F32(?:x(\d))?")
 
 
 def parse_sass(sass: str) -> list[tuple[int, str]]:
@@ -222,6 +225,8 @@ def sass_metrics(sass: str) -> dict:
                 hmma=hm,
                 mma_work=work,
                 ex2=sum("MUFU.EX2" in t for t in body),
+                red=sum(bool(_RED.search(t)) for t in body),
+                red_elems=sum(int(m.group(1) or 1) for t in body for m in [_RED.search(t)] if m),
                 wait_depth=max(waits) if waits else None,
             )
         )
@@ -259,7 +264,9 @@ def attention_dots(kernel: str, bm: int, bn: int, bd: int) -> list[tuple[int, in
         return [(bm, bn, bd), (bm, bn, bd), (bm, bd, bn)]
     if kernel == "dkdv":
         return [(bn, bm, bd), (bn, bd, bm), (bn, bm, bd), (bn, bd, bm)]
-    raise ValueError(f"kernel: expected fwd, dq or dkdv, got {kernel!r}")
+    if kernel == "atomic":  # dK/dV's four plus dQᵀ = Kᵀ dSᵀ (D, M), K = BLOCK_N
+        return [(bn, bm, bd), (bn, bd, bm), (bn, bm, bd), (bn, bd, bm), (bd, bm, bn)]
+    raise ValueError(f"kernel: expected fwd, dq, dkdv or atomic, got {kernel!r}")
 
 
 def analyse(compiled, num_warps: int, dots, elems: int | None) -> dict:
@@ -293,6 +300,9 @@ def analyse(compiled, num_warps: int, dots, elems: int | None) -> dict:
             else None
         ),
         wait_depth=main.get("wait_depth"),
+        # fp32 atomic-add instructions per thread per iteration, and the elements they add
+        red_per_iter=main.get("red"),
+        red_elems_per_iter=main.get("red_elems"),
     )
     if elems:
         row["ex2_per_elem"] = round(main.get("ex2", 0) * threads / elems, 3) if main else None
@@ -334,6 +344,7 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                     ("fwd", A._attn_fwd_kernel),
                     ("dkdv", A._attn_bwd_dkdv_kernel),
                     ("dq", A._attn_bwd_dq_kernel),
+                    ("atomic", A._attn_bwd_atomic_kernel),
                 ):
                     named = dict(
                         NQ=n,
@@ -343,6 +354,7 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                         HAS_KPM=kpm,
                         DROPOUT=drop,
                         CAUSAL=causal,
+                        **A.static_constexprs(kname),  # FAST: the forward loop's tiles
                     )
                     configs = A._pruner(kname)(kern.configs, named)
                     if dt not in all_configs_for:
@@ -441,11 +453,13 @@ def compile_case(c: dict):
             "fwd": A._attn_fwd_kernel,
             "dkdv": A._attn_bwd_dkdv_kernel,
             "dq": A._attn_bwd_dq_kernel,
+            "atomic": A._attn_bwd_atomic_kernel,
         }[c["kernel"]]
         extra_ptrs = {
             "fwd": {"O": p, "LSE": "*fp32"},
             "dkdv": {"DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DK": p, "DV": p},
             "dq": {"DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DQ": p},
+            "atomic": {"DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DK": p, "DV": p},
         }[c["kernel"]]
         ptrs = {"Q": p, "K": p, "V": p, "MASK": "*u8", "KPM": "*u8", "KVHI": "*i32", **extra_ptrs}
         fn = kern.fn

@@ -72,6 +72,8 @@ class MultiheadAttention(nn.Module):
     ``kv_cache=(cache, layer)``: incremental causal decoding; x holds only the new tokens,
     which attend to the cached ones and themselves (causal=True, no masks).
     ``dropout``: on the attention probabilities, in training only (as nn.MultiheadAttention).
+    ``deterministic``: passed to the attention op (False: the triton backward may add dQ with
+    atomics; True: the bit-reproducible two-kernel backward).
     ``bias`` sets both projections' biases; ``qkv_bias`` / ``proj_bias`` override it per
     projection (GPT-2 and ViT use both, some models only the input one).
     """
@@ -87,6 +89,7 @@ class MultiheadAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         backend: str | None = None,
+        deterministic: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -97,7 +100,12 @@ class MultiheadAttention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
-        self.dropout = dropout
+        if not isinstance(deterministic, bool):
+            raise ValueError(
+                f"deterministic: expected a bool, got {type(deterministic).__name__} "
+                f"{deterministic!r}"
+            )
+        self.dropout, self.deterministic = dropout, deterministic
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.causal, self.backend = causal, backend
@@ -134,11 +142,24 @@ class MultiheadAttention(nn.Module):
             if mask is not None:
                 raise ValueError("mask: must be None when causal=True (use key_padding_mask)")
             y = causal_attention(
-                q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
+                q,
+                k,
+                v,
+                key_padding_mask=key_padding_mask,
+                dropout_p=p,
+                backend=self.backend,
+                deterministic=self.deterministic,
             )
         else:
             y = masked_softmax_attention(
-                q, k, v, mask, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.backend
+                q,
+                k,
+                v,
+                mask,
+                key_padding_mask=key_padding_mask,
+                dropout_p=p,
+                backend=self.backend,
+                deterministic=self.deterministic,
             )
         y = y.transpose(1, 2).reshape(B, N, E)  # (B, N, E)
         return self.proj(y)

@@ -53,12 +53,17 @@ def _run(fn, tensors, do, **kw):
     return out.detach(), [t.grad for t in ts]
 
 
-def _call(q, k, v, mask=None, key_padding_mask=None, causal=False, backend=None):
+def _call(
+    q, k, v, mask=None, key_padding_mask=None, causal=False, backend=None, deterministic=None
+):
+    kw = {} if deterministic is None else {"deterministic": deterministic}
     if causal:
         assert mask is None
-        return rk.causal_attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
+        return rk.causal_attention(
+            q, k, v, key_padding_mask=key_padding_mask, backend=backend, **kw
+        )
     return rk.masked_softmax_attention(
-        q, k, v, mask, key_padding_mask=key_padding_mask, backend=backend
+        q, k, v, mask, key_padding_mask=key_padding_mask, backend=backend, **kw
     )
 
 
@@ -154,7 +159,7 @@ SHAPES = [
 ]
 
 
-def _check_kernel(backend, device, dtype, shape, mode, seed=0):
+def _check_kernel(backend, device, dtype, shape, mode, seed=0, deterministic=None):
     B, H, NQ, NK, D = shape
     q, k, v, do = _inputs(B, H, NQ, NK, D, seed=seed)
     mask, kpm, causal = _masks(mode, B, H, NQ, NK)
@@ -171,7 +176,9 @@ def _check_kernel(backend, device, dtype, shape, mode, seed=0):
     )
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     out, g = _run(
-        lambda q, k, v: _call(q, k, v, dev(mask), dev(kpm), causal, backend=backend),
+        lambda q, k, v: _call(
+            q, k, v, dev(mask), dev(kpm), causal, backend=backend, deterministic=deterministic
+        ),
         [t.to(device=device, dtype=dtype) for t in (q, k, v)],
         do.to(device=device, dtype=dtype),
     )
@@ -627,3 +634,235 @@ def test_dropout_opcheck_and_compile():
     torch.testing.assert_close(z, z.round(), rtol=0, atol=1e-3)
     assert set(z.round().unique().tolist()) <= {0.0, 1.0} and 0 < z.round().mean() < 1
     torch.testing.assert_close(vg.grad, w.transpose(-1, -2) @ do, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- deterministic=
+
+TRITON_CASES = [c for c in kernel_cases() if c.values[0] == "triton"]
+BWD_KERNELS = (
+    "_attn_bwd_atomic_kernel",
+    "_bwd_dq_convert_kernel",
+    "_attn_bwd_dkdv_kernel",
+    "_attn_bwd_dq_kernel",
+)
+
+
+class _Spy:
+    """Wraps a Triton kernel: counts its launches (kernel[grid](...)) in ``counts``."""
+
+    def __init__(self, kernel, name, counts):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.counts[self.name] += 1
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def _spy_backward(monkeypatch) -> dict:
+    from recon_kernels.triton import attention as TA
+
+    counts = dict.fromkeys(BWD_KERNELS, 0)
+    for name in BWD_KERNELS:
+        monkeypatch.setattr(TA, name, _Spy(getattr(TA, name), name, counts))
+    return counts
+
+
+ATOMIC = {"atomic": 1, "convert": 1, "dkdv": 0, "dq": 0}
+TWO_PASS = {"atomic": 0, "convert": 0, "dkdv": 1, "dq": 1}
+
+
+def _launched(counts) -> dict:
+    return dict(zip(("atomic", "convert", "dkdv", "dq"), (counts[n] for n in BWD_KERNELS)))
+
+
+# (B, H, Nq, Nk, D): N in {1, 17, 100}, D in {40, 72}, Nq == Nk, Nq < Nk and Nq > Nk
+DET_SHAPES = [
+    (2, 2, 17, 17, 40),
+    (1, 2, 100, 17, 72),
+    (2, 1, 1, 100, 40),
+    (1, 1, 17, 100, 72),
+]
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DET_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["none", "mask_kpm", "causal", "causal_kpm"])
+def test_both_backwards_match_reference(
+    backend, device, deterministic, dtype, shape, mode, monkeypatch
+):
+    """The fused atomic-dQ backward and the two-kernel one, each asked for explicitly: output
+    and every gradient vs the float64 oracle under the 2x rule (masks with fully masked rows,
+    causal with Nq != Nk), and the kernels launched are the ones the flag names."""
+    counts = _spy_backward(monkeypatch)
+    _check_kernel(backend, device, dtype, shape, mode, deterministic=deterministic)
+    assert _launched(counts) == (TWO_PASS if deterministic else ATOMIC)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("case", DROP_CASES[:2], ids=lambda c: f"{c[1]}-p{c[2]}")
+def test_both_backwards_with_dropout(backend, device, deterministic, dtype, case, monkeypatch):
+    """Dropout: both backwards regenerate the forward's keep mask (2x rule, every gradient)."""
+    (B, H, NQ, NK, D), mode, p = case
+    q, k, v, do = _inputs(B, H, NQ, NK, D, seed=3)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    seed = _seed_after(11)
+
+    def ref_fn(q, k, v):
+        return R.attention(q, k, v, mask, kpm, None, causal, dropout_p=p, seed=seed)
+
+    ref, ref_g = _run(ref_fn, (q, k, v), do)
+    low, low_g = _run(ref_fn, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+
+    def op(q, k, v):
+        torch.manual_seed(11)
+        kw = dict(dropout_p=p, backend=backend, deterministic=deterministic)
+        if causal:
+            return rk.causal_attention(q, k, v, key_padding_mask=dev(kpm), **kw)
+        return rk.masked_softmax_attention(q, k, v, dev(mask), key_padding_mask=dev(kpm), **kw)
+
+    counts = _spy_backward(monkeypatch)
+    out, g = _run(op, [t.to(device=device, dtype=dtype) for t in (q, k, v)], do.to(device, dtype))
+    assert _launched(counts) == (TWO_PASS if deterministic else ATOMIC)
+    assert_rule("out", out.cpu(), ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
+        assert_rule(name, a.cpu(), b, c, dtype)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+def test_default_is_atomic_and_global_switch_is_deterministic(backend, device, monkeypatch):
+    """deterministic defaults to False (FlashAttention's default): the fused kernel runs;
+    torch.use_deterministic_algorithms(True) selects the two-kernel backward whatever the
+    argument."""
+    q, k, v, do = (t.float().to(device) for t in _inputs(1, 2, 17, 23, 16))
+    counts = _spy_backward(monkeypatch)
+    _run(lambda q, k, v: rk.causal_attention(q, k, v, backend=backend), (q, k, v), do)
+    assert _launched(counts) == ATOMIC
+    prev = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    counts.update(dict.fromkeys(counts, 0))
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        _run(
+            lambda q, k, v: rk.causal_attention(q, k, v, backend=backend, deterministic=False),
+            (q, k, v),
+            do,
+        )
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
+    assert _launched(counts) == TWO_PASS
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("mode", ["mask_kpm", "causal"])
+def test_deterministic_backward_is_bit_reproducible(backend, device, mode):
+    """deterministic=True: two runs give bit-identical gradients. The atomic path: dK and dV
+    are bit-identical too (no atomics), dQ equal up to the order of fp32 additions. On a GPU
+    the shape has many key blocks adding into each dQ row concurrently."""
+    B, H, N, D = (2, 4, 1000, 64) if device == "cuda" else (1, 2, 70, 40)
+    q, k, v, do = (t.to(device=device, dtype=torch.bfloat16) for t in _inputs(B, H, N, N, D))
+    mask, kpm, causal = _masks(mode, B, H, N, N, device=device)
+
+    def grads(deterministic):
+        return _run(
+            lambda q, k, v: _call(q, k, v, mask, kpm, causal, backend, deterministic),
+            (q, k, v),
+            do,
+        )[1]
+
+    a, b = grads(True), grads(True)
+    for name, x, y in zip(("dq", "dk", "dv"), a, b):
+        assert torch.equal(x, y), f"{name}: deterministic=True differs between two runs"
+    (dq1, dk1, dv1), (dq2, dk2, dv2) = grads(False), grads(False)
+    assert torch.equal(dk1, dk2) and torch.equal(dv1, dv2)
+    # fp32 sums in another order, rounded to bf16: at most an ulp or two apart
+    torch.testing.assert_close(dq1, dq2, rtol=2**-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", [*kernel_cases(), pytest.param("eager", "cpu")])
+def test_every_backend_accepts_deterministic(backend, device):
+    """eager and cuda have only deterministic backwards: the flag is accepted and changes
+    nothing; triton's two backwards agree under the tolerance rule elsewhere."""
+    q, k, v, do = (t.float().to(device) for t in _inputs(2, 2, 9, 12, 16))
+    kpm = torch.ones(2, 12, dtype=torch.bool, device=device)
+    kpm[1, 7:] = False
+
+    def f(det):
+        return lambda q, k, v: rk.masked_softmax_attention(
+            q, k, v, key_padding_mask=kpm, backend=backend, deterministic=det
+        )
+
+    out1, g1 = _run(f(True), (q, k, v), do)
+    out2, g2 = _run(f(False), (q, k, v), do)
+    assert torch.equal(out1, out2)
+    for a, b in zip(g1, g2):
+        if backend == "triton":
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0, None, 1.0, torch.tensor(True)], ids=repr)
+def test_deterministic_validation(bad):
+    q, k, v, _ = (t.float() for t in _inputs(1, 1, 3, 3, 8))
+    msg = r"^deterministic: expected a bool, got "
+    with pytest.raises(ValueError, match=msg):
+        rk.masked_softmax_attention(q, k, v, deterministic=bad, backend="eager")
+    with pytest.raises(ValueError, match=msg):
+        rk.causal_attention(q, k, v, deterministic=bad, backend="eager")
+    with pytest.raises(ValueError, match=msg):
+        rk.nn.MultiheadAttention(8, 1, deterministic=bad)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+def test_deterministic_under_torch_compile(backend, device, deterministic, monkeypatch):
+    """fullgraph compile: the flag is a constant of the opaque op's schema, and the compiled
+    backward launches the kernels it names; the schema of torch.ops.recon.* carries it."""
+    q, k, v, do = (t.float().to(device) for t in _inputs(1, 2, 9, 9, 16))
+
+    def f(q, k, v):
+        out = rk.causal_attention(q, k, v, backend=backend, deterministic=deterministic)
+        return out * 2.0
+
+    counts = _spy_backward(monkeypatch)
+    out, g = _run(torch.compile(f, fullgraph=True, backend="aot_eager"), (q, k, v), do)
+    assert _launched(counts) == (TWO_PASS if deterministic else ATOMIC)
+    ref, ref_g = _run(f, (q, k, v), do)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b)
+    for op in (torch.ops.recon.masked_softmax_attention, torch.ops.recon.causal_attention):
+        assert "bool deterministic=False" in str(op.default._schema)
+
+
+def test_deterministic_opcheck():
+    q, k, v, do = (t.float() for t in _inputs(2, 2, 5, 7, 8))
+    q.requires_grad_()
+    for det in (False, True):
+        args = (q, k, v, None, None, 0.3, True, "eager", 0.0, None, det)
+        torch.library.opcheck(A.attention_fwd, args)
+        out, lse = A.attention_fwd(*args)
+        bwd = (do, q.detach(), k, v, out.detach(), lse, None, None, 0.3, True, "eager")
+        torch.library.opcheck(A.attention_bwd, (*bwd, 0.0, None, det))
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+def test_multihead_attention_passes_deterministic(backend, device, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 32, device=device)
+    counts = _spy_backward(monkeypatch)
+    for det, want in ((False, ATOMIC), (True, TWO_PASS)):
+        m = rk.nn.MultiheadAttention(32, 2, causal=True, backend=backend, deterministic=det)
+        m.to(device)(x).sum().backward()
+        assert _launched(counts) == want, f"deterministic={det}"
+        counts.update(dict.fromkeys(counts, 0))

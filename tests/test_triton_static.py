@@ -5,7 +5,9 @@ picks first (a subprocess without the interpreter) and these tests fail on a reg
 
 * no spills, tensor-core instructions, shared memory within the sm_90 limit;
 * attention: no work replicated across warpgroups (HGMMA per main-loop iteration equals
-  the tile's ideal, HGMMA work ratio 1.0, MUFU.EX2 <= 1.1 per score element);
+  the tile's ideal, HGMMA work ratio 1.0, MUFU.EX2 <= 1.1 per score element); the fused
+  atomic-dQ backward: the ideal of its 5 GEMMs, each dQ element added once per iteration
+  by vectorised (F32x4) atomics;
 * GEMM: the main loop keeps at least one wgmma group in flight (wait depth >= 1).
 
 Under the installed triton and, where its venv exists ($RECON_TRITON_VENV or
@@ -31,13 +33,22 @@ ATTN_FILTERS = [
     "fwd bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
     "fwd fp16 D=64 causal=1 kpm=0 mask=0 drop=0",
     "fwd bf16 D=256 causal=0 kpm=0 mask=1 drop=0",
+    # RECON_ATTN_FWD_MASKED=wide: 128 x 64 with the general mask or dropout at D = 128
+    "fwd bf16 D=128 causal=0 kpm=0 mask=1 drop=0",
+    "fwd bf16 D=128 causal=0 kpm=1 mask=0 drop=1",
     "dkdv bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
     "dkdv bf16 D=64 causal=1 kpm=0 mask=0 drop=1",
     "dkdv bf16 D=256 causal=0 kpm=1 mask=0 drop=0",
     "dq bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
     "dq bf16 D=64 causal=0 kpm=1 mask=0 drop=1",
     "dq bf16 D=256 causal=1 kpm=0 mask=0 drop=0",
+    # the fused atomic-dQ backward (deterministic=False): 5 GEMMs per tile
+    "atomic bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
+    "atomic bf16 D=64 causal=1 kpm=0 mask=0 drop=1",
+    "atomic fp16 D=64 causal=0 kpm=0 mask=1 drop=0",
+    "atomic bf16 D=256 causal=0 kpm=1 mask=0 drop=1",
 ]
+ATOMIC_FILTERS = [f for f in ATTN_FILTERS if f.startswith("atomic")]
 GEMM_FILTERS = [
     "gemm mlp_fwd_gemm1_bias_gelu_h bf16",  # K-contiguous B: triton 3.6 serialised it
     "gemm mlp_bwd_dh_dact_db1 bf16",
@@ -134,6 +145,44 @@ def test_attention_no_replicated_work(report, filt):
     assert r["ex2_per_elem"] <= 1.1, (
         f"{r['case']}: expected <= 1.1 MUFU.EX2 per score element, got {r['ex2_per_elem']}"
     )
+
+
+@pytest.mark.parametrize("filt", ATOMIC_FILTERS)
+def test_atomic_backward_five_gemms_and_vector_atomics(report, filt):
+    """The fused backward's loop: 5 GEMMs' worth of tensor-core work (the dots of
+    sass_report.attention_dots: S, dP, dV, dK, dQᵀ; the two-kernel path has 7), and the
+    dQᵀ tile (D x BLOCK_M) added once per iteration as REDG.E.ADD.F32x4."""
+    from sass_report import attention_dots
+
+    (r,) = _pick(report, filt)
+    dots = attention_dots("atomic", r["BM"], r["BN"], r["D"])
+    assert len(dots) == 5 and dots[-1] == (r["D"], r["BM"], r["BN"])
+    threads = 32 * r["warps"]
+    assert r["red_elems_per_iter"] * threads == r["D"] * r["BM"], (
+        f"{r['case']}: expected {r['D']} x {r['BM']} dQ elements added per iteration, got "
+        f"{r['red_elems_per_iter']} per thread x {threads} threads"
+    )
+    assert r["red_per_iter"] * 4 == r["red_elems_per_iter"], (
+        f"{r['case']}: expected F32x4 atomics, got {r['red_per_iter']} instructions for "
+        f"{r['red_elems_per_iter']} elements"
+    )
+    if r["D"] < 256:  # (D = 256: mma.sync tiles, checked for spills only)
+        assert r["hgmma_per_iter"] == r["hgmma_ideal"] and r["hmma_per_iter"] == 0
+
+
+def test_atomic_backward_does_five_gemms_of_work(report):
+    """D = 128, the same flags: the tensor-core MACs per score element in the SASS loops are
+    5 D for the fused kernel, 7 D for the two-kernel path (dK/dV 4 D + dQ 3 D)."""
+    from sass_report import attention_dots
+
+    flags = "bf16 D=128 causal=0 kpm=0 mask=0 drop=0"
+    macs = {}
+    for kern in ("atomic", "dkdv", "dq"):
+        (r,) = _pick(report, f"{kern} {flags}")
+        work = sum(m * n * k for m, n, k in attention_dots(kern, r["BM"], r["BN"], r["D"]))
+        macs[kern] = r["mma_work_ratio"] * work / (r["BM"] * r["BN"])
+    assert macs["atomic"] == pytest.approx(5 * 128), macs
+    assert macs["dkdv"] + macs["dq"] == pytest.approx(7 * 128), macs
 
 
 @pytest.mark.parametrize("filt", GEMM_FILTERS)
@@ -281,3 +330,44 @@ def test_attention_fwd_switch_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("RECON_ATTN_FWD", "turbo")
     with pytest.raises(ValueError, match="RECON_ATTN_FWD: expected one of"):
         A.fwd_mode()
+
+
+@pytest.mark.parametrize("mode,tile", [("wide", (128, 64)), ("narrow", (128, 32))])
+@pytest.mark.parametrize("mask_mode", ["mask", "dropout"])
+def test_attention_fwd_masked_tiles_switch(mode, tile, mask_mode, monkeypatch):
+    """RECON_ATTN_FWD_MASKED: the fast forward with a general mask or dropout at D = 128
+    takes 128 x 64 ("wide", default) or the previous 128 x 32 ("narrow"); and the GPU's
+    first-choice tile, run in the interpreter, matches the float64 reference (mask and
+    key padding with fully masked rows; dropout with key padding), every gradient."""
+    import torch
+
+    from recon_kernels.triton import attention as A
+
+    monkeypatch.setenv("RECON_ATTN_FWD_MASKED", mode)
+    flag = {"mask": {"HAS_MASK": True}, "dropout": {"DROPOUT": True}}[mask_mode]
+    assert _first("fwd", 128, "split", monkeypatch, FAST=True, **flag)[0][:2] == tile
+    # the slow loop (negative scale, RECON_ATTN_FWD=legacy) keeps the narrow tiles
+    assert _first("fwd", 128, "split", monkeypatch, FAST=False, **flag)[0][:2] == (128, 32)
+    if not A.INTERPRET:
+        return
+    from test_attention import _check_kernel, test_dropout_matches_reference
+
+    kern = A._attn_fwd_kernel
+    monkeypatch.setattr(kern, "configs", A._configs("fwd", interpret=False))
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setenv("RECON_TRITON_AUTOTUNE", "0")
+    shape = (2, 1, 130, 130, 128)  # batch 0 all padding, batch 1 not
+    if mask_mode == "mask":
+        _check_kernel("triton", "cpu", torch.bfloat16, shape, "mask_kpm")
+    else:
+        test_dropout_matches_reference("triton", "cpu", torch.bfloat16, (shape, "causal_kpm", 0.3))
+    used = kern.best_config
+    assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile
+
+
+def test_attention_fwd_masked_switch_rejects_bad_value(monkeypatch):
+    from recon_kernels.triton import attention as A
+
+    monkeypatch.setenv("RECON_ATTN_FWD_MASKED", "huge")
+    with pytest.raises(ValueError, match="RECON_ATTN_FWD_MASKED: expected one of"):
+        A.fwd_masked_mode()

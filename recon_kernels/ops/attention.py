@@ -5,6 +5,11 @@ Two opaque custom ops carry the work (``recon::attention_fwd`` -> (out, lse) and
 ops ``recon::masked_softmax_attention`` / ``recon::causal_attention`` are composite: they
 validate, resolve the backend and call the forward op, so torch.compile sees one opaque
 node per call and autograd reaches the backward op.
+
+``deterministic`` (a plain bool of both custom ops' schemas, so torch.compile keys on it)
+picks the Triton backward: False (default, as FlashAttention) the fused atomic-dQ kernel,
+True the atomic-free two-kernel one, bit-reproducible run to run. ``eager`` and ``cuda``
+accept it and ignore it: their backwards are deterministic whatever its value.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ def attention_fwd(
     backend: str,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32; float64 for float64 inputs).
-    dropout_p > 0: seed is a CPU int64 tensor of one element (reference.dropout_keep)."""
+    dropout_p > 0: seed is a CPU int64 tensor of one element (reference.dropout_keep).
+    deterministic: not used by the forward, saved for the backward op."""
     return _dispatch.run(
         backend,
         "attention",
@@ -69,8 +76,25 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> dict:
     return {"dropout_p": dropout_p, "seed": int(seed.item())}  # the kernels keep 32 bits
 
 
+def _bwd_args(backend: str, deterministic: bool) -> dict:
+    """Only the triton backward has an atomic variant; eager and cuda are deterministic."""
+    return {"deterministic": deterministic} if backend == "triton" else {}
+
+
 @attention_fwd.register_fake
-def _(q, k, v, mask, key_padding_mask, scale, causal, backend, dropout_p=0.0, seed=None):
+def _(
+    q,
+    k,
+    v,
+    mask,
+    key_padding_mask,
+    scale,
+    causal,
+    backend,
+    dropout_p=0.0,
+    seed=None,
+    deterministic=False,
+):
     B, H, NQ, D = q.shape
     torch._check(k.shape[-1] == D, lambda: f"k: head dim {k.shape[-1]} != q's {D}")
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -92,8 +116,10 @@ def attention_bwd(
     backend: str,
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the input dtypes."""
+    """(dq, dk, dv) in the input dtypes. deterministic=False lets the triton backend sum dQ
+    with atomics (see the module docstring)."""
     return _dispatch.run(
         backend,
         "attention",
@@ -109,6 +135,7 @@ def attention_bwd(
         scale,
         causal,
         **_dropout_args(dropout_p, seed),
+        **_bwd_args(backend, deterministic),
     )
 
 
@@ -127,16 +154,18 @@ def _(
     backend,
     dropout_p=0.0,
     seed=None,
+    deterministic=False,
 ):
     # every backend returns contiguous gradients, whatever the inputs' strides
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed = inputs
+    q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, kpm, seed)
     ctx.scale, ctx.causal, ctx.backend, ctx.dropout_p = scale, causal, backend, dropout_p
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse)
     # autograd would otherwise fill a zeros tensor the size of the non-differentiable
     # output as its gradient on every backward; an unused output then arrives as None
@@ -146,7 +175,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse, bwd=attention_bwd):
     q, k, v, out, lse, mask, kpm, seed = ctx.saved_tensors
     if dout is None:
-        return (None,) * 10
+        return (None,) * 11
     dq, dk, dv = bwd(
         dout,
         q,
@@ -161,14 +190,17 @@ def _backward(ctx, dout, dlse, bwd=attention_bwd):
         ctx.backend,
         ctx.dropout_p,
         seed,
+        ctx.deterministic,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bwd_light(dout, q, k, v, out, lse, mask, kpm, scale, causal, backend, dropout_p, seed):
+def _bwd_light(
+    dout, q, k, v, out, lse, mask, kpm, scale, causal, backend, dropout_p, seed, deterministic
+):
     return _dispatch.run(
         backend,
         "attention",
@@ -184,6 +216,7 @@ def _bwd_light(dout, q, k, v, out, lse, mask, kpm, scale, causal, backend, dropo
         scale,
         causal,
         **_dropout_args(dropout_p, seed),
+        **_bwd_args(backend, deterministic),
     )
 
 
@@ -194,7 +227,7 @@ class _LightAttention(torch.autograd.Function):
     # inspect.signature on every call (~80 us)
     @staticmethod
     def forward(ctx, *inputs):
-        q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed = inputs
+        q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed, _ = inputs
         out = _dispatch.run(
             backend,
             "attention",
@@ -279,11 +312,23 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def _attention(q, k, v, mask, key_padding_mask, scale, causal, dropout_p, backend):
+def _check_deterministic(deterministic) -> bool:
+    if not isinstance(deterministic, bool):
+        raise ValueError(
+            f"deterministic: expected a bool, got {type(deterministic).__name__} {deterministic!r}"
+        )
+    # torch.use_deterministic_algorithms(True) asks every op for its deterministic kernel
+    return deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def _attention(
+    q, k, v, mask, key_padding_mask, scale, causal, dropout_p, backend, deterministic=False
+):
     if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         q, k, v = _dispatch.autocast(q, k, v)
     mask, scale = _validate(q, k, v, mask, key_padding_mask, scale)
     dropout_p = _check_dropout(dropout_p)
+    deterministic = _check_deterministic(deterministic)
     name = _dispatch.resolve(backend, q.device, q.dtype)
     seed = None
     if dropout_p > 0:
@@ -292,7 +337,9 @@ def _attention(q, k, v, mask, key_padding_mask, scale, causal, dropout_p, backen
     fwd = (
         _LightAttention.apply if _dispatch.light(q, k, v, mask, key_padding_mask) else attention_fwd
     )
-    out, _ = fwd(q, k, v, mask, key_padding_mask, scale, causal, name, dropout_p, seed)
+    out, _ = fwd(
+        q, k, v, mask, key_padding_mask, scale, causal, name, dropout_p, seed, deterministic
+    )
     return out
 
 
@@ -309,6 +356,7 @@ def masked_softmax_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ·scale + mask) v, bidirectional.
 
@@ -322,11 +370,17 @@ def masked_softmax_attention(
     The mask is a hash of (seed, batch, head, query, key) (reference.dropout_keep), the
     seed drawn from torch's default CPU generator per call: torch.manual_seed repeats it,
     and backward regenerates the mask instead of storing it. Pass 0 in eval.
+    deterministic: False (default, as FlashAttention) lets the triton backward add dQ with
+    float32 atomics (one fused kernel, 5 GEMMs per tile; dQ's last bits vary run to run);
+    True runs the atomic-free two-kernel backward, bit-reproducible run to run, as does
+    torch.use_deterministic_algorithms(True). eager and cuda are deterministic either way.
     Returns (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)-contiguous so that merging
     the heads afterwards is free. Saves q, k, v, out and the
     log-sum-exp (B, H, Nq) for backward.
     """
-    return _attention(q, k, v, mask, key_padding_mask, scale, False, dropout_p, backend)
+    return _attention(
+        q, k, v, mask, key_padding_mask, scale, False, dropout_p, backend, deterministic
+    )
 
 
 def causal_attention(
@@ -338,23 +392,27 @@ def causal_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Causal attention: query i sees keys j <= i + Nk - Nq (bottom-right aligned, so a
     decode step with Nq=1 sees every key). Shapes and the rest as masked_softmax_attention.
     """
-    return _attention(q, k, v, None, key_padding_mask, scale, True, dropout_p, backend)
+    return _attention(
+        q, k, v, None, key_padding_mask, scale, True, dropout_p, backend, deterministic
+    )
 
 
 _dispatch.LIB.define(
     "masked_softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, *, "
     "Tensor? key_padding_mask=None, float? scale=None, float dropout_p=0.0, "
-    "str? backend=None) -> Tensor"
+    "str? backend=None, bool deterministic=False) -> Tensor"
 )
 _dispatch.LIB.impl(
     "masked_softmax_attention", masked_softmax_attention, "CompositeImplicitAutograd"
 )
 _dispatch.LIB.define(
     "causal_attention(Tensor q, Tensor k, Tensor v, *, Tensor? key_padding_mask=None, "
-    "float? scale=None, float dropout_p=0.0, str? backend=None) -> Tensor"
+    "float? scale=None, float dropout_p=0.0, str? backend=None, bool deterministic=False) "
+    "-> Tensor"
 )
 _dispatch.LIB.impl("causal_attention", causal_attention, "CompositeImplicitAutograd")

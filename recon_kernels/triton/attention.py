@@ -1,7 +1,12 @@
-"""Fused attention in Triton: online-softmax forward (saves log-sum-exp) and an atomic-free
-backward (delta preprocess, a dK/dV pass over key blocks, a dQ pass over query blocks).
+"""Fused attention in Triton: online-softmax forward (saves log-sum-exp) and two backwards
+(``attention_bwd(deterministic=...)``, as in FlashAttention):
 
-One kernel per pass; masking variants are constexpr flags:
+* deterministic=False (the default): one fused pass over key blocks computing dK, dV and
+  adding dQ into a float32 workspace with atomics (5 GEMMs per tile), then a cast;
+* deterministic=True: atomic-free and bit-reproducible: a dK/dV pass over key blocks and a
+  dQ pass over query blocks (7 GEMMs per tile: S and dP are computed twice).
+
+Both start with the delta preprocess. Masking variants are constexpr flags:
 
 * ``HAS_KPM``: key padding mask (B, Nk), read as one byte per key;
 * ``HAS_MASK``: boolean mask broadcastable to (B, H, Nq, Nk), read through its broadcast
@@ -98,6 +103,18 @@ _TILES = {
             (32, 32, 4, 2),
             (16, 32, 4, 2),
         ],
+        # the fused atomic-dQ backward: dK/dV's tiles (MMA rows = the BLOCK_N keys) plus
+        # the (D, M) dQᵀ product
+        "atomic": [
+            (64, 128, 8, 2),
+            (32, 128, 8, 2),
+            (64, 64, 4, 2),
+            (32, 64, 4, 2),
+            (32, 32, 4, 2),
+            (16, 32, 4, 2),
+            # D = 256 (no tile above fits): mma.sync, some rows replicated, 0 spills
+            (32, 32, 8, 1),
+        ],
         # dQ: the MMA rows are the BLOCK_M queries
         "dq": [
             (128, 64, 8, 2),
@@ -122,7 +139,7 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     mode = tile_mode()
     tiles = _TILES[mode].get(kind) or _TILES[mode]["bwd"]
-    if mode == "split":
+    if mode == "split" and kind != "atomic":
         # the legacy tiles after them: D = 256 falls back to those (see _pruner)
         legacy = _TILES["legacy"].get(kind) or _TILES["legacy"]["bwd"]
         tiles = tiles + [t for t in legacy if t not in tiles]
@@ -142,6 +159,8 @@ def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int) -> tuple[int, 
         return bm * bd + bm * bn, stages * bn * bd * 4 + bm * bd * 2
     if kind == "dkdv":
         return 2 * bn * bd + 2 * bn * bm, stages * bm * bd * 4 + bn * bd * 4
+    if kind == "atomic":  # dK/dV's, plus the dQᵀ (D, M) product and dSᵀ in shared memory
+        return 2 * bn * bd + 2 * bn * bm + bd * bm, stages * bm * bd * 4 + bn * bd * 6 + bn * bm * 2
     return bm * bd + 2 * bm * bn, stages * bn * bd * 4 + bm * bd * 4
 
 
@@ -149,10 +168,23 @@ def splits_rows(kind: str, bm: int, bn: int, warps: int) -> bool:
     """Whether the warps split the MMA rows (BLOCK_N keys for dK/dV, BLOCK_M queries
     otherwise) without recomputing each other's: wgmma tiles (>= 64 rows) need 64 rows per
     warpgroup; mma.sync tiles (< 64 rows) spread over 4 warps, 8 duplicate rows."""
-    rows = bn if kind == "dkdv" else bm
+    rows = bn if kind in ("dkdv", "atomic") else bm
     if rows >= 64:
         return rows >= 64 * max(1, warps // 4)
     return warps <= 4
+
+
+# RECON_ATTN_FWD_MASKED: "wide" (default) lets the fast forward loop (RECON_ATTN_FWD=fast)
+# with a general mask or dropout take 128 x 64 tiles at D = 128 (0 spills under triton 3.6
+# and 3.9, benchmarks/results/static-sm90); "narrow" keeps the previous 128 x 32 (GPU A/B).
+FWD_MASKED_MODES = ("wide", "narrow")
+
+
+def fwd_masked_mode() -> str:
+    mode = os.environ.get("RECON_ATTN_FWD_MASKED", "wide")
+    if mode not in FWD_MASKED_MODES:
+        raise ValueError(f"RECON_ATTN_FWD_MASKED: expected one of {FWD_MASKED_MODES}, got {mode!r}")
+    return mode
 
 
 def _budget(kind: str, flag, split: bool) -> int:
@@ -164,6 +196,10 @@ def _budget(kind: str, flag, split: bool) -> int:
             return 160
         if kind == "dq":  # 128 x 64 / 8 warps, D = 128: 128, no spill with mask or dropout
             return 128
+        if kind == "atomic":  # dK/dV's tiles + dQᵀ: 32 x 128, D = 128: 176 spills nowhere;
+            return 176  # 64 x 128, D = 128 (224) spills (dropout: see _pruner)
+    if kind == "atomic":  # D = 256: 32 x 32 on 8 warps (104) spills with no mask or dropout
+        return 104
     if flag("HAS_MASK"):
         budget = 88
     elif flag("HAS_KPM"):
@@ -192,6 +228,15 @@ def _pruner(kind: str):
         # spilling its operand fragments: the legacy rules (8 warps, some rows replicated)
         split = tile_mode() == "split" and bd < 256
         budget = _budget(kind, flag, split)
+        # RECON_ATTN_FWD_MASKED=wide: the fast loop with a mask or dropout on 8 warps fits
+        # 96 (128 x 64 at D = 128: 0 spills); 4-warp tiles keep the budget (64 x 64 spills)
+        wide = (
+            split
+            and kind == "fwd"
+            and flag("FAST")
+            and (flag("HAS_MASK") or flag("DROPOUT"))
+            and fwd_masked_mode() == "wide"
+        )
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -199,14 +244,19 @@ def _pruner(kind: str):
             if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
                 continue
             acc, smem = _footprint(kind, bm, bn, bd, c.num_stages)
-            if acc > budget * 32 * c.num_warps or smem > 200 * 1024:
+            limit = max(budget, 96) if wide and c.num_warps >= 8 else budget
+            if acc > limit * 32 * c.num_warps or smem > 200 * 1024:
                 continue
             if split and not splits_rows(kind, bm, bn, c.num_warps):
+                continue
+            if kind == "atomic" and flag("DROPOUT") and bm * bn > 16 * 32 * c.num_warps:
+                # the keep-mask hash of the (N, M) tile: more than 16 elements per thread
+                # spill beside the five products' operands (64 x 128, D = 64, triton 3.6)
                 continue
             if not split:
                 # the transposed (N, M) tiles of dK/dV with M = 128 spill whatever the
                 # budget; D = 256 keeps the Q/dO operand fragments in registers too
-                if (kind == "dkdv" and bm > 64) or (bd >= 256 and c.num_warps < 8):
+                if (kind in ("dkdv", "atomic") and bm > 64) or (bd >= 256 and c.num_warps < 8):
                     continue
             kept.append(c)
         if kept and not autotune_enabled():
@@ -754,6 +804,7 @@ def _bwd_preprocess_kernel(
     O,
     DO,
     DELTA,
+    DQ_ACC,
     sob,
     soh,
     som,
@@ -767,8 +818,10 @@ def _bwd_preprocess_kernel(
     HEAD_DIM,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d dO * O (float32), stored contiguous (B, H, Nq)."""
+    """delta[b, h, i] = sum_d dO * O (float32), stored contiguous (B, H, Nq). ZERO_DQ: also
+    zero the atomic path's (B, H, D, Nq) float32 dQ accumulator (no separate memset)."""
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
     bh = (tl.program_id(0) // num_m).to(tl.int64)
@@ -785,6 +838,11 @@ def _bwd_preprocess_kernel(
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * NQ + offs_m, delta, mask=offs_m < NQ)
+    if ZERO_DQ:
+        zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        tl.store(
+            DQ_ACC + bh * NQ * HEAD_DIM + offs_d[None, :] * NQ + offs_m[:, None], zero, mask=msk
+        )
 
 
 @triton.autotune(
@@ -1097,6 +1155,211 @@ def _attn_bwd_dq_kernel(
     )
 
 
+@triton.autotune(
+    configs=_configs("atomic"),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _pruner("atomic")},
+    reset_to_zero=["DQ_ACC"],
+)
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_atomic_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DQ_ACC,
+    MASK,
+    KPM,
+    KVHI,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    slb,
+    slh,
+    slm,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    H,
+    NQ,
+    NK,
+    HEAD_DIM,
+    NQ_KEY,
+    NK_KEY,
+    qk_scale,
+    sm_scale,
+    seed,
+    drop_thresh,
+    drop_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The whole backward in one pass over the key blocks (deterministic=False): 5 GEMMs
+    per tile instead of the two-kernel path's 7 (S and dP are not recomputed for dQ).
+
+    One program per key block, as _attn_bwd_dkdv_kernel, plus dQᵀ += Kᵀ dSᵀ per query
+    block added into DQ_ACC with fp32 atomics. DQ_ACC is (B, H, D, Nq) float32, zeroed
+    before the launch, transposed so each thread's accumulator pairs (consecutive queries)
+    land on consecutive addresses; _bwd_dq_convert_kernel scales and casts it. The order
+    of the atomic adds varies run to run: dQ is not bit-reproducible (dK, dV are)."""
+    num_n = tl.cdiv(NK, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    bh = (pid // num_n).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < NK
+    d_ok = offs_d < HEAD_DIM
+    kv_msk = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        mask=kv_msk,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+        mask=kv_msk,
+        other=0.0,
+    )
+    kt = tl.trans(k)  # (D, N): the A operand of dQᵀ
+    Q += b * sqb + h * sqh
+    DO += b * sdob + h * sdoh
+    LSE += b * slb + h * slh
+    DELTA += bh * NQ
+    DQ_ACC += bh * HEAD_DIM * NQ
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    drop_key = _drop_key(seed, bh) if DROPOUT else 0
+    lo = 0
+    if CAUSAL:
+        # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
+        lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
+    q_end = NQ
+    if HAS_KPM:
+        # a key block wholly after the sequence's last real key adds nothing anywhere
+        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + b), NQ, 0)
+    for start_m in range(lo, q_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < NQ
+        qt = tl.load(
+            Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+            mask=m_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
+        ok = _allowed(
+            offs_m,
+            offs_n,
+            b,
+            h,
+            MASK,
+            KPM,
+            smb,
+            smh,
+            smm,
+            smn,
+            skpb,
+            skpn,
+            NQ,
+            NK,
+            HAS_MASK,
+            HAS_KPM,
+            CAUSAL,
+            True,
+            True,
+        )
+        pt = tl.where(ok, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+        do = tl.load(
+            DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
+            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
+            dv = mma(cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        else:
+            dv = mma(cast_rne(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        dpt = mma(
+            v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
+        )
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        dst = cast_rne(pt * (dpt - delta[None, :]), qt.dtype, UPCAST)
+        dk = mma(dst, tl.trans(qt), dk, PRECISION, UPCAST)
+        dqt = mma(kt, dst, tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
+        tl.atomic_add(
+            DQ_ACC + offs_d[:, None] * NQ + offs_m[None, :],
+            dqt,
+            mask=d_ok[:, None] & m_ok[None, :],
+            sem="relaxed",
+        )
+    dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * drop_scale
+    out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
+    tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
+
+
+@triton.jit
+def _bwd_dq_convert_kernel(
+    DQ_ACC,
+    DQ,
+    NQ,
+    HEAD_DIM,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """dq[b, h, i, :] = sm_scale · DQ_ACC[b, h, :, i] in dq's dtype, (B, H, Nq, D) contiguous."""
+    num_m = tl.cdiv(NQ, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    bh = (tl.program_id(0) // num_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    base = bh * NQ * HEAD_DIM
+    acc = tl.load(DQ_ACC + base + offs_d[None, :] * NQ + offs_m[:, None], mask=msk, other=0.0)
+    tl.store(
+        DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        cast_rne(acc * sm_scale, DQ.dtype.element_ty, UPCAST),
+        mask=msk,
+    )
+
+
 # --------------------------------------------------------------------------- host side
 
 
@@ -1202,15 +1465,36 @@ def attention_bwd(
     causal: bool,
     dropout_p=0.0,
     seed=0,
+    deterministic: bool = False,
 ):
-    """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward."""
+    """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward.
+
+    deterministic=True: the atomic-free two-kernel backward (_attn_bwd_dkdv_kernel, then
+    _attn_bwd_dq_kernel; 7 GEMMs per tile, bit-reproducible run to run). False: the fused
+    _attn_bwd_atomic_kernel (5 GEMMs per tile, dQ summed with fp32 atomics in a
+    (B, H, D, Nq) workspace, so dQ's last bits vary between runs; dK, dV do not)."""
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     block_d = _block_d(D)
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    # fp32 dQᵀ accumulator of the atomic path, zeroed by the preprocess kernel
+    dq_acc = (
+        delta if deterministic else torch.empty((B, H, D, NQ), dtype=torch.float32, device=q.device)
+    )
     pre_bm = 64 if not INTERPRET else 32
     _bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm) * B * H,)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, NQ, D, BLOCK_M=pre_bm, BLOCK_D=block_d
+        out,
+        dout,
+        delta,
+        dq_acc,
+        *out.stride(),
+        *dout.stride(),
+        H,
+        NQ,
+        D,
+        BLOCK_M=pre_bm,
+        BLOCK_D=block_d,
+        ZERO_DQ=not deterministic,
     )
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=q.device)
@@ -1237,7 +1521,17 @@ def attention_bwd(
         scale,
         *_drop_args(dropout_p, seed),
     )
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(NK, meta["BLOCK_N"]) * B * H,)](
+    key_grid = lambda meta: (triton.cdiv(NK, meta["BLOCK_N"]) * B * H,)  # noqa: E731
+    if not deterministic:
+        _attn_bwd_atomic_kernel[key_grid](
+            q, k, v, dout, lse, delta, dk, dv, dq_acc, mask_t, kpm_t, kvhi, *strides, *sizes,
+            **common,
+        )  # fmt: skip
+        _bwd_dq_convert_kernel[(triton.cdiv(NQ, pre_bm) * B * H,)](
+            dq_acc, dq, NQ, D, scale, BLOCK_M=pre_bm, BLOCK_D=block_d, UPCAST=INTERPRET
+        )
+        return dq, dk, dv
+    _attn_bwd_dkdv_kernel[key_grid](
         q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)](
