@@ -11,7 +11,10 @@
 // fragment layout); 2: two commit groups D1, D2, then wait_group 1: out = D1, out2 = D2 as
 // read before their wait (the emulator must give NaN); 3: the consumer skips the mbarrier
 // wait (the emulator must give NaN: the copies have not landed); 4 (emulator only):
-// setmaxnreg with a count that is not a multiple of 8 (must raise).
+// setmaxnreg with a count that is not a multiple of 8 (must raise); 5: a two-phase ring:
+// out = D, the consumers arrive on an "empty" mbarrier (count 128), the producer waits on
+// it (parity 0) and reloads A shifted down by 8 rows (TMA zero fill at negative rows), the
+// consumers wait on the full barrier with parity 1: out2 = D of the shifted A.
 #include "hopper.cuh"
 
 #ifndef RECON_EMULATE
@@ -19,8 +22,6 @@
 #endif
 
 namespace rk {
-
-namespace {
 
 struct SelftestParams {
   TmaDesc ta[8], tb[8];
@@ -36,7 +37,8 @@ template <class T, int N>
 __global__ void __launch_bounds__(256, 1) hopper_selftest_kernel(const __grid_constant__ SelftestParams p) {
 #if RK_SM90_DEVICE || defined(RECON_EMULATE)
   unsigned char* smem = smem_base();
-  uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem);  // "full"
+  uint64_t* empty = bar + 1;
   unsigned char* sa = smem + kChunkRegion;
   unsigned char* sb = sa + 64 * 128;
   const int tid = static_cast<int>(threadIdx.x);
@@ -44,16 +46,20 @@ __global__ void __launch_bounds__(256, 1) hopper_selftest_kernel(const __grid_co
   const int chunks = 128 / W;
   if (tid == 0) {
     mbar_init(bar, 1);
+    mbar_init(empty, 128);
     mbar_fence_init();
   }
   __syncthreads();
   if (tid >= 128) {  // producer warpgroup
     setmaxnreg_dec<40>();
     if (tid == 128) {
-      mbar_arrive_expect_tx(bar, (64 + N) * 128);
-      for (int c = 0; c < chunks; ++c) {
-        tma_load_2d(sa + c * 64 * W, &p.ta[c], bar, c * W / 2, 0);
-        tma_load_2d(sb + c * N * W, &p.tb[c], bar, c * W / 2, 0);
+      for (int phase = 0; phase < (p.mode == 5 ? 2 : 1); ++phase) {
+        if (phase == 1) mbar_wait(empty, 0);  // the consumers are done with phase 0
+        mbar_arrive_expect_tx(bar, (64 + N) * 128);
+        for (int c = 0; c < chunks; ++c) {  // phase 1: A shifted down 8 rows (zero fill)
+          tma_load_2d(sa + c * 64 * W, &p.ta[c], bar, c * W / 2, phase == 1 ? -8 : 0);
+          tma_load_2d(sb + c * N * W, &p.tb[c], bar, c * W / 2, 0);
+        }
       }
     }
     return;
@@ -93,18 +99,24 @@ __global__ void __launch_bounds__(256, 1) hopper_selftest_kernel(const __grid_co
   } else {
     wgmma_wait<0>();
   }
+  if (p.mode == 5) {  // second phase of the ring: release the buffers, wait for parity 1
+    mbar_arrive(empty);
+    mbar_wait(bar, 1);
+    wgmma_fence();
+    for (int kk = 0; kk < 4; ++kk) wgmma_ss<T, N>(d2, desc(sa, 64, kk), desc(sb, N, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
   const int r0 = 16 * w + l / 4;
   for (int i = 0; i < N / 2; ++i) {
     const int j = i / 4, e = i % 4;
     const int r = r0 + 8 * (e / 2), c = 8 * j + 2 * (l % 4) + (e % 2);
     p.out[r * N + c] = d[i];
-    if (p.mode == 2) p.out2[r * N + c] = d2[i];
+    if (p.mode == 2 || p.mode == 5) p.out2[r * N + c] = d2[i];
   }
   if (p.mode == 2) wgmma_wait<0>();
 #endif
 }
-
-}  // namespace
 
 std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_t* dims,
                           const int64_t* strides_bytes, const int* box, int swizzle_bytes) {
@@ -167,7 +179,7 @@ std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_
 
 std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a, int rows_a,
                             uint64_t b, int rows_b, uint64_t out, uint64_t out2) {
-  if (mode < 0 || mode > 4) return "mode: expected 0..4, got " + std::to_string(mode);
+  if (mode < 0 || mode > 5) return "mode: expected 0..5, got " + std::to_string(mode);
   if (n != 16 && n != 64) return "n: expected 16 or 64, got " + std::to_string(n);
   if (rows_a < 1 || rows_a > 64) return "rows_a: expected 1..64, got " + std::to_string(rows_a);
   if (rows_b < 1 || rows_b > n)

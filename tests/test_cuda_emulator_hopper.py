@@ -25,8 +25,16 @@ def _run(emu, mode, dtype, n, swizzle, rows_a, rows_b, seed=0):
     out = torch.full((64, n), 12345.0)
     out2 = torch.full((64, n), 12345.0)
     emu.hopper_selftest(
-        mode, CODE[dtype], n, swizzle, al.data_ptr(), rows_a, bl.data_ptr(), rows_b,
-        out.data_ptr(), out2.data_ptr(),
+        mode,
+        CODE[dtype],
+        n,
+        swizzle,
+        al.data_ptr(),
+        rows_a,
+        bl.data_ptr(),
+        rows_b,
+        out.data_ptr(),
+        out2.data_ptr(),
     )
     ref = torch.zeros(64, n, dtype=torch.float64)
     ref[:rows_a, :rows_b] = al.double() @ bl.double().T
@@ -56,6 +64,21 @@ def test_wgmma_result_only_visible_after_covering_wait(emu, dtype):
     assert torch.isnan(out2).all(), "a wgmma result read before its wait_group must be NaN"
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("swizzle", [0, 128])
+def test_mbarrier_ring_two_phases(emu, dtype, swizzle):
+    """full/empty mbarrier ring over two phases (parity 0 then 1); phase 1 reloads A at
+    row -8 (TMA zero fill of negative coordinates)."""
+    out, out2, ref, low = _run(emu, 5, dtype, 64, swizzle, 50, 40, seed=5)
+    assert_rule("D phase 0", out, ref, low, dtype)
+    shifted = torch.zeros_like(ref)
+    shifted[8:] = ref[:-8]
+    shifted_low = torch.zeros_like(low)
+    shifted_low[8:] = low[:-8]
+    assert_rule("D phase 1", out2, shifted, shifted_low, dtype)
+    assert torch.equal(out2[:8], torch.zeros_like(out2[:8]))
+
+
 def test_tma_data_only_visible_after_mbarrier_wait(emu):
     out, _, ref, _ = _run(emu, 3, torch.float16, 16, 64, 64, 16)
     assert not torch.isfinite(out).any(), "smem read without the mbarrier wait must be stale"
@@ -72,7 +95,7 @@ def test_setmaxnreg_count_is_checked(emu):
         (dict(n=32), "n: expected 16 or 64, got 32"),
         (dict(swizzle=48), "swizzle: expected 0, 32, 64 or 128, got 48"),
         (dict(rows_b=17), r"rows_b: expected 1..16, got 17"),
-        (dict(mode=9), "mode: expected 0..4, got 9"),
+        (dict(mode=9), "mode: expected 0..5, got 9"),
     ],
 )
 def test_selftest_rejects_bad_arguments(emu, kw, msg):
