@@ -15,7 +15,9 @@
 // reads stale data), a warp whose lanes reach different collectives or a block whose
 // threads never meet at a barrier is reported as an error, and every ldmatrix / cp.async
 // address is checked for alignment and shared-memory bounds. Launch limits are the
-// smallest of the targeted GPUs (sm_80: 163 KiB of shared memory per block).
+// smallest of the targeted GPUs (sm_80: 163 KiB of shared memory per block). The Hopper
+// primitives (wgmma, TMA, mbarrier, setmaxnreg; warpgroups of 128 threads) are modeled in
+// emulator_hopper.h, included below.
 #pragma once
 
 #ifndef RECON_EMULATE

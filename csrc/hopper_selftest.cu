@@ -14,7 +14,9 @@
 // setmaxnreg with a count that is not a multiple of 8 (must raise); 5: a two-phase ring:
 // out = D, the consumers arrive on an "empty" mbarrier (count 128), the producer waits on
 // it (parity 0) and reloads A shifted down by 8 rows (TMA zero fill at negative rows), the
-// consumers wait on the full barrier with parity 1: out2 = D of the shifted A.
+// consumers wait on the full barrier with parity 1: out2 = D of the shifted A; 6 (emulator
+// only): wgmma.mma_async without a wgmma.fence (must raise); 7: mode 0 with B loaded by 3D
+// TMA (B viewed as (128 / W chunks, rows_b, W / 2 elements), strides W and 128 bytes).
 #include "hopper.cuh"
 
 #ifndef RECON_EMULATE
@@ -24,7 +26,7 @@
 namespace rk {
 
 struct SelftestParams {
-  TmaDesc ta[8], tb[8];
+  TmaDesc ta[8], tb[8], tb3;
   const uint16_t* a;
   float* out;
   float* out2;
@@ -58,7 +60,10 @@ __global__ void __launch_bounds__(256, 1) hopper_selftest_kernel(const __grid_co
         mbar_arrive_expect_tx(bar, (64 + N) * 128);
         for (int c = 0; c < chunks; ++c) {  // phase 1: A shifted down 8 rows (zero fill)
           tma_load_2d(sa + c * 64 * W, &p.ta[c], bar, c * W / 2, phase == 1 ? -8 : 0);
-          tma_load_2d(sb + c * N * W, &p.tb[c], bar, c * W / 2, 0);
+          if (p.mode == 7)  // B as a 3D tensor (W/2, rows_b, 128/W): chunk c at z = c
+            tma_load_3d(sb + c * N * W, &p.tb3, bar, 0, 0, c);
+          else
+            tma_load_2d(sb + c * N * W, &p.tb[c], bar, c * W / 2, 0);
         }
       }
     }
@@ -66,6 +71,10 @@ __global__ void __launch_bounds__(256, 1) hopper_selftest_kernel(const __grid_co
   }
 #ifdef RECON_EMULATE
   if (p.mode == 4) setmaxnreg_inc<236>();
+  if (p.mode == 6) {  // wgmma.mma_async without wgmma.fence: must raise
+    float e[N / 2];
+    wgmma_ss<T, N>(e, 0, 0, 0);
+  }
 #endif
   setmaxnreg_inc<232>();
   if (p.mode != 3) mbar_wait(bar, 0);
@@ -179,13 +188,13 @@ std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_
 
 std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a, int rows_a,
                             uint64_t b, int rows_b, uint64_t out, uint64_t out2) {
-  if (mode < 0 || mode > 5) return "mode: expected 0..5, got " + std::to_string(mode);
+  if (mode < 0 || mode > 7) return "mode: expected 0..7, got " + std::to_string(mode);
   if (n != 16 && n != 64) return "n: expected 16 or 64, got " + std::to_string(n);
   if (rows_a < 1 || rows_a > 64) return "rows_a: expected 1..64, got " + std::to_string(rows_a);
   if (rows_b < 1 || rows_b > n)
     return "rows_b: expected 1.." + std::to_string(n) + ", got " + std::to_string(rows_b);
 #ifndef RECON_EMULATE
-  if (mode == 4) return "mode 4 is emulator-only (an invalid setmaxnreg count)";
+  if (mode == 4 || mode == 6) return "modes 4 and 6 are emulator-only (invalid programs)";
   std::string dev = device_status();
   if (!dev.empty()) return "hopper_selftest: " + dev;
   int dev_id = 0, major = 0;
@@ -202,6 +211,12 @@ std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a,
     const int ba[2] = {W / 2, 64}, bb[2] = {W / 2, n};
     std::string e = make_tma_desc(&p.ta[c], reinterpret_cast<const void*>(a), 2, da, st, ba, swizzle);
     if (e.empty()) e = make_tma_desc(&p.tb[c], reinterpret_cast<const void*>(b), 2, db, st, bb, swizzle);
+    if (!e.empty()) return e;
+  }
+  {
+    const int64_t d3[3] = {W / 2, rows_b, 128 / W}, st3[2] = {128, W};
+    const int b3[3] = {W / 2, n, 1};
+    std::string e = make_tma_desc(&p.tb3, reinterpret_cast<const void*>(b), 3, d3, st3, b3, swizzle);
     if (!e.empty()) return e;
   }
   p.a = reinterpret_cast<const uint16_t*>(a);

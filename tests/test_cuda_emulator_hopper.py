@@ -46,7 +46,7 @@ def _run(emu, mode, dtype, n, swizzle, rows_a, rows_b, seed=0):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("swizzle", [0, 32, 64, 128])
 @pytest.mark.parametrize("n,rows_a,rows_b", [(16, 64, 16), (64, 17, 63), (16, 1, 9)])
-@pytest.mark.parametrize("mode", [0, 1], ids=["ss", "rs"])
+@pytest.mark.parametrize("mode", [0, 1, 7], ids=["ss", "rs", "ss-tma3d"])
 def test_wgmma_tma_matches_float64(emu, dtype, swizzle, n, rows_a, rows_b, mode):
     out, _, ref, low = _run(emu, mode, dtype, n, swizzle, rows_a, rows_b)
     assert_rule("D", out, ref, low, dtype)
@@ -89,13 +89,18 @@ def test_setmaxnreg_count_is_checked(emu):
         _run(emu, 4, torch.float16, 16, 0, 64, 16)
 
 
+def test_wgmma_without_fence_is_an_error(emu):
+    with pytest.raises(RuntimeError, match="wgmma.mma_async without a wgmma.fence"):
+        _run(emu, 6, torch.bfloat16, 64, 0, 64, 16)
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [
         (dict(n=32), "n: expected 16 or 64, got 32"),
         (dict(swizzle=48), "swizzle: expected 0, 32, 64 or 128, got 48"),
         (dict(rows_b=17), r"rows_b: expected 1..16, got 17"),
-        (dict(mode=9), "mode: expected 0..5, got 9"),
+        (dict(mode=9), "mode: expected 0..7, got 9"),
     ],
 )
 def test_selftest_rejects_bad_arguments(emu, kw, msg):

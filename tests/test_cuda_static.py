@@ -286,6 +286,7 @@ def test_sass_hopper_primitives_in_sm90a_selftest(cuda_build):
         for pat in (
             r"\bHGMMA\.64x(16|64)x16\.F32",
             r"\bUTMALDG\.2D\b",
+            r"\bUTMALDG\.3D\b",
             r"\bUSETMAXREG\.TRY",  # setmaxnreg.inc (the consumer warpgroup)
             r"\bUSETMAXREG\.DEALLOC",  # setmaxnreg.dec (the producer warpgroup)
             r"\bSYNCS\.PHASECHK\.TRANS64\.TRYWAIT\b",  # mbarrier.try_wait.parity
