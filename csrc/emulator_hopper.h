@@ -316,6 +316,7 @@ inline void mbar_maybe_complete(MBar& b) {
 
 inline void mbar_expect_tx(void* p, int bytes) {
   MBar& b = bar_at(p, "mbarrier.expect_tx");
+  if (bytes < 0 || bytes > (1 << 20) - 1) fail("mbarrier.expect_tx: bytes outside [0, 2^20 - 1]");
   b.tx += bytes;
 }
 
@@ -379,7 +380,9 @@ inline bool mbar_try_wait(void* p, int parity) {
       ++i;
     }
   }
-  if (b.tx < 0) fail("mbarrier: more bytes completed than expect_tx announced");
+  // tx-count may be negative for a while (bytes completed before their expect_tx): the
+  // phase completes only at pending arrivals 0 and tx-count 0 (PTX ISA range +-(2^20 - 1))
+  if (b.tx < -((1 << 20) - 1) || b.tx > (1 << 20) - 1) fail("mbarrier: tx-count out of range");
   mbar_maybe_complete(b);
   return (b.phase & 1) != static_cast<uint64_t>(parity & 1);
 }
