@@ -124,6 +124,15 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
       py::arg("x"), py::arg("ldx"), py::arg("m"), py::arg("n"), py::arg("out"),
       py::arg("dtype"), py::arg("stream"), "out[n] = sum over rows of x (m, n)");
 
+  m.def(
+      "hopper_selftest",
+      [](int mode, int dtype, int n, int swizzle, uint64_t a, int rows_a, uint64_t b, int rows_b,
+         uint64_t out, uint64_t out2) {
+        raise_if(rk::hopper_selftest(mode, dtype, n, swizzle, a, rows_a, b, rows_b, out, out2));
+      },
+      py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("swizzle"), py::arg("a"),
+      py::arg("rows_a"), py::arg("b"), py::arg("rows_b"), py::arg("out"), py::arg("out2"),
+      "wgmma / TMA / mbarrier / setmaxnreg self-test (csrc/hopper_selftest.cu)");
   m.def("device_status", &rk::device_status,
         "'' when a CUDA device can run the kernels, else why not (never raises)");
   m.def(

@@ -15,7 +15,9 @@
 // reads stale data), a warp whose lanes reach different collectives or a block whose
 // threads never meet at a barrier is reported as an error, and every ldmatrix / cp.async
 // address is checked for alignment and shared-memory bounds. Launch limits are the
-// smallest of the targeted GPUs (sm_80: 163 KiB of shared memory per block).
+// smallest of the targeted GPUs (sm_80: 163 KiB of shared memory per block). The Hopper
+// primitives (wgmma, TMA, mbarrier, setmaxnreg; warpgroups of 128 threads) are modeled in
+// emulator_hopper.h, included below.
 #pragma once
 
 #ifndef RECON_EMULATE
@@ -60,8 +62,9 @@ struct Fiber {
   dim3 tidx;
   int lane = 0, warp = 0;
   bool done = false;
-  int wait = 0;  // 0 runnable, 1 block barrier, 2 warp collective
+  int wait = 0;  // 0 runnable, 1 block barrier, 2 warp collective, 4 warpgroup, 5 mbarrier
   uint64_t wait_gen = 0;
+  uint32_t wait_key = 0;  // warpgroup / mbarrier offset (emulator_hopper.h)
   std::vector<Copy> open;
   std::deque<std::vector<Copy>> groups;
 };
@@ -272,6 +275,14 @@ inline void cp_async_wait() {
   }
 }
 
+}  // namespace emu
+}  // namespace rk
+
+#include "emulator_hopper.h"
+
+namespace rk {
+namespace emu {
+
 inline void fiber_entry() {
   State& s = st();
   s.body();
@@ -283,13 +294,14 @@ inline bool runnable(const State& s, const Fiber& f) {
   if (f.done) return false;
   if (f.wait == 1) return s.gen != f.wait_gen;
   if (f.wait == 2) return s.warps[f.warp].gen != f.wait_gen;
-  return true;
+  return hopper_runnable(f);
 }
 
 inline void run_block(State& s) {
   memset(s.smem, 0xFF, s.smem_size);  // NaN everywhere: reading unwritten smem shows up
   s.arrived = 0;
   s.gen = 0;
+  hopper_reset(s.nthreads);
   for (Warp& w : s.warps) {
     w.arrived = 0;
     w.gen = 0;
@@ -325,15 +337,19 @@ inline void run_block(State& s) {
     }
     if (all_done) return;
     if (!progressed) {
-      int at_barrier = 0, at_warp = 0, exited = 0;
+      int at_barrier = 0, at_warp = 0, at_wg = 0, at_bar = 0, exited = 0;
       for (int i = 0; i < s.nthreads; ++i) {
         const Fiber& f = s.fibers[i];
         exited += f.done;
         at_barrier += !f.done && f.wait == 1;
         at_warp += !f.done && f.wait == 2;
+        at_wg += !f.done && f.wait == 4;
+        at_bar += !f.done && f.wait == 5;
       }
       s.error = "deadlock: " + std::to_string(at_barrier) + " threads at __syncthreads, " +
-                std::to_string(at_warp) + " at a warp collective, " + std::to_string(exited) +
+                std::to_string(at_warp) + " at a warp collective, " + std::to_string(at_wg) +
+                " at a warpgroup collective, " + std::to_string(at_bar) +
+                " waiting on an mbarrier, " + std::to_string(exited) +
                 " exited";
       return;
     }
@@ -354,7 +370,7 @@ inline std::string launch(void (*kernel)(P), const char* name, dim3 grid, dim3 b
   if (s.smem_cap < smem_bytes + 16) {
     std::free(s.smem);
     s.smem_cap = std::max<size_t>(smem_bytes + 16, 4096);
-    s.smem = static_cast<unsigned char*>(std::aligned_alloc(128, (s.smem_cap + 127) / 128 * 128));
+    s.smem = static_cast<unsigned char*>(std::aligned_alloc(1024, (s.smem_cap + 1023) / 1024 * 1024));
   }
   s.smem_size = smem_bytes;
   if (static_cast<int>(s.fibers.size()) < nthreads) {

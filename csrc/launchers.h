@@ -145,4 +145,9 @@ std::string merge_lora(const LoraArgs& a, uintptr_t stream);
 // driver). Defined in bindings.cpp; every launch checks it first.
 std::string device_status();
 
+// Self-test of the Hopper primitives (csrc/hopper_selftest.cu): out (64 x n, f32) = A B^T
+// of A (rows_a x 64) and B (rows_b x 64), 16-bit, contiguous, zero-padded to 64 / n rows.
+std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a, int rows_a,
+                            uint64_t b, int rows_b, uint64_t out, uint64_t out2);
+
 }  // namespace rk

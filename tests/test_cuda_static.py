@@ -44,12 +44,14 @@ KERNELS = {
     "attn_bwd_delta_kernel": 3,
     "gemm_kernel": 9,  # 3 dtypes x 3 operand layouts
     "colsum_kernel": 3,
+    "hopper_selftest_kernel": 4,  # fp16/bf16 x N = 16/64 (csrc/hopper_selftest.cu)
 }
 TENSOR_CORE_KERNELS = (
     "attn_fwd_kernel",
     "attn_bwd_dkdv_kernel",
     "attn_bwd_dq_kernel",
     "gemm_kernel",
+    "hopper_selftest_kernel",
 )
 
 
@@ -268,6 +270,35 @@ def test_sass_tensor_cores_in_half_kernels(cuda_build):
             assert mma, f"{name} (sm_{arch}): no HMMA/HGMMA instruction"
         elif _stem(name) in TENSOR_CORE_KERNELS:
             assert not mma, f"{name} (sm_{arch}): fp32 kernel uses tensor cores (TF32 products)"
+
+
+@needs_nvcc
+def test_sass_hopper_primitives_in_sm90a_selftest(cuda_build):
+    """The sm_90a SASS of the Hopper self-test kernels (csrc/hopper_selftest.cu, the only
+    users of csrc/hopper.cuh so far: there is no sm_90a attention kernel yet) holds what
+    the wrappers promise: HGMMA (wgmma), UTMALDG (TMA tile load), USETMAXREG, the mbarrier
+    try-wait, and a wgmma wait of depth 1 (mode 2 waits with one group in flight)."""
+    if "90a" not in _archs():
+        pytest.skip("RECON_CUDA_ARCHS has no sm_90a target")
+    funcs = {n: b for n, b in _sass_functions(cuda_build, "90a").items() if "hopper_selftest" in n}
+    assert len(funcs) == KERNELS["hopper_selftest_kernel"], sorted(funcs)
+    for name, body in funcs.items():
+        for pat in (
+            r"\bHGMMA\.64x(16|64)x16\.F32",
+            r"\bUTMALDG\.2D\b",
+            r"\bUTMALDG\.3D\b",
+            r"\bUSETMAXREG\.TRY",  # setmaxnreg.inc (the consumer warpgroup)
+            r"\bUSETMAXREG\.DEALLOC",  # setmaxnreg.dec (the producer warpgroup)
+            r"\bSYNCS\.PHASECHK\.TRANS64\.TRYWAIT\b",  # mbarrier.try_wait.parity
+            r"\bSYNCS\.ARRIVE\.TRANS64",  # mbarrier.arrive.expect_tx
+            r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b",  # wgmma.wait_group 1
+        ):
+            assert re.search(pat, body), f"{name} (sm_90a): no {pat}"
+    # the sm_80 build of the same source is the trap stub (no Hopper instruction leaks)
+    if "80" in _archs():
+        for name, body in _sass_functions(cuda_build, "80").items():
+            if "hopper_selftest" in name:
+                assert not re.search(r"HGMMA|UTMALDG|USETMAXREG", body), name
 
 
 @needs_nvcc
