@@ -67,7 +67,9 @@ class TorchOps:
     attention through recon_kernels.nn.MultiheadAttention, the MLP through blocks.MLP."""
 
     @staticmethod
-    def causal_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, backend=None):
+    def causal_attention(
+        q, k, v, key_padding_mask=None, dropout_p=0.0, backend=None, deterministic=False
+    ):
         if key_padding_mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         n, m = q.shape[-2], k.shape[-2]
@@ -78,7 +80,7 @@ class TorchOps:
 
     @staticmethod
     def masked_softmax_attention(
-        q, k, v, mask=None, key_padding_mask=None, dropout_p=0.0, backend=None
+        q, k, v, mask=None, key_padding_mask=None, dropout_p=0.0, backend=None, deterministic=False
     ):
         if key_padding_mask is not None:
             kpm = key_padding_mask[:, None, None, :]
