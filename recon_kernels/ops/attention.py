@@ -38,6 +38,47 @@ def new_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((B, NQ, H, D)).transpose(1, 2)
 
 
+def _fwd_body(q, k, v, mask, kpm, scale, causal, backend, dropout_p=0.0, seed=None, det=False):
+    """The forward op's work (shared by the custom op and the light route; det, the
+    backward's choice, is not used here)."""
+    return _dispatch.run(
+        backend,
+        "attention",
+        "attention_fwd",
+        q,
+        k,
+        v,
+        mask,
+        kpm,
+        scale,
+        causal,
+        **_dropout_args(dropout_p, seed),
+    )
+
+
+def _bwd_body(
+    dout, q, k, v, out, lse, mask, kpm, scale, causal, backend, dropout_p, seed, deterministic
+):
+    """The backward op's work (shared by the custom op and the light route)."""
+    return _dispatch.run(
+        backend,
+        "attention",
+        "attention_bwd",
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        kpm,
+        scale,
+        causal,
+        **_dropout_args(dropout_p, seed),
+        **_bwd_args(backend, deterministic),
+    )
+
+
 @torch.library.custom_op("recon::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor,
@@ -55,19 +96,7 @@ def attention_fwd(
     """(out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32; float64 for float64 inputs).
     dropout_p > 0: seed is a CPU int64 tensor of one element (reference.dropout_keep).
     deterministic: not used by the forward, saved for the backward op."""
-    return _dispatch.run(
-        backend,
-        "attention",
-        "attention_fwd",
-        q,
-        k,
-        v,
-        mask,
-        key_padding_mask,
-        scale,
-        causal,
-        **_dropout_args(dropout_p, seed),
-    )
+    return _fwd_body(q, k, v, mask, key_padding_mask, scale, causal, backend, dropout_p, seed)
 
 
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> dict:
@@ -120,10 +149,7 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the input dtypes. deterministic=False lets the triton backend sum dQ
     with atomics (see the module docstring)."""
-    return _dispatch.run(
-        backend,
-        "attention",
-        "attention_bwd",
+    return _bwd_body(
         dout,
         q,
         k,
@@ -134,8 +160,10 @@ def attention_bwd(
         key_padding_mask,
         scale,
         causal,
-        **_dropout_args(dropout_p, seed),
-        **_bwd_args(backend, deterministic),
+        backend,
+        dropout_p,
+        seed,
+        deterministic,
     )
 
 
@@ -198,28 +226,6 @@ def _backward(ctx, dout, dlse, bwd=attention_bwd):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bwd_light(
-    dout, q, k, v, out, lse, mask, kpm, scale, causal, backend, dropout_p, seed, deterministic
-):
-    return _dispatch.run(
-        backend,
-        "attention",
-        "attention_bwd",
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        mask,
-        kpm,
-        scale,
-        causal,
-        **_dropout_args(dropout_p, seed),
-        **_bwd_args(backend, deterministic),
-    )
-
-
 class _LightAttention(torch.autograd.Function):
     """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
 
@@ -227,27 +233,14 @@ class _LightAttention(torch.autograd.Function):
     # inspect.signature on every call (~80 us)
     @staticmethod
     def forward(ctx, *inputs):
-        q, k, v, mask, kpm, scale, causal, backend, dropout_p, seed, _ = inputs
-        out = _dispatch.run(
-            backend,
-            "attention",
-            "attention_fwd",
-            q,
-            k,
-            v,
-            mask,
-            kpm,
-            scale,
-            causal,
-            **_dropout_args(dropout_p, seed),
-        )
+        out = _fwd_body(*inputs)
         _setup_context(ctx, inputs, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, _bwd_light)
+        return _backward(ctx, dout, dlse, _bwd_body)
 
 
 # --------------------------------------------------------------------------- validation

@@ -39,6 +39,25 @@ def _(x, weight, bias, lora_a, lora_b, scale, backend):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
+def _bwd_body(dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias, backend):
+    """The backward op's work, None for a skipped gradient (shared by the custom op and
+    the light route)."""
+    return _dispatch.run(
+        backend,
+        "lora",
+        "lora_linear_bwd",
+        dy,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        xa,
+        scale,
+        needs_dw,
+        has_bias,
+    )
+
+
 @torch.library.custom_op("recon::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(
     dy: torch.Tensor,
@@ -53,19 +72,8 @@ def lora_linear_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dA, dB); dweight/dbias are empty (0,) when not needed."""
-    dx, dw, dbias, da, db = _dispatch.run(
-        backend,
-        "lora",
-        "lora_linear_bwd",
-        dy,
-        x,
-        weight,
-        lora_a,
-        lora_b,
-        xa,
-        scale,
-        needs_dw,
-        has_bias,
+    dx, dw, dbias, da, db = _bwd_body(
+        dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias, backend
     )
     if dw is None:
         dw = weight.new_empty(0)
@@ -112,23 +120,6 @@ def _backward(ctx, dy, dxa, bwd=lora_linear_bwd):
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bwd_light(dy, x, weight, lora_a, lora_b, xa, scale, needs_dw, has_bias, backend):
-    return _dispatch.run(
-        backend,
-        "lora",
-        "lora_linear_bwd",
-        dy,
-        x,
-        weight,
-        lora_a,
-        lora_b,
-        xa,
-        scale,
-        needs_dw,
-        has_bias,
-    )
-
-
 class _LightLoRA(torch.autograd.Function):
     """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
 
@@ -145,7 +136,7 @@ class _LightLoRA(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dxa):
-        return _backward(ctx, dy, dxa, _bwd_light)
+        return _backward(ctx, dy, dxa, _bwd_body)
 
 
 @torch.library.custom_op("recon::merge_lora_op", mutates_args=())

@@ -37,6 +37,14 @@ def _(x, w1, b1, w2, b2, activation, backend):
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
 
 
+def _bwd_body(dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw, backend):
+    """The backward op's work, None for a skipped gradient (shared by the custom op and
+    the light route)."""
+    return _dispatch.run(
+        backend, "mlp", "conv1d_mlp_bwd", dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
+    )
+
+
 @torch.library.custom_op("recon::conv1d_mlp_bwd", mutates_args=())
 def conv1d_mlp_bwd(
     dy: torch.Tensor,
@@ -53,8 +61,8 @@ def conv1d_mlp_bwd(
     """(dx, dw1, db1, dw2, db2); a bias gradient is an empty (0,) tensor when that bias is
     absent or frozen, the weight gradients when both weights are frozen (needs_dw False:
     the dW1/dW2 GEMMs are skipped, e.g. LoRA fine-tuning with a frozen MLP)."""
-    dx, dw1, db1, dw2, db2 = _dispatch.run(
-        backend, "mlp", "conv1d_mlp_bwd", dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
+    dx, dw1, db1, dw2, db2 = _bwd_body(
+        dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw, backend
     )
     if dw1 is None:
         dw1 = w1.new_empty(0)
@@ -115,12 +123,6 @@ def _backward(ctx, dy, dh, bwd=conv1d_mlp_bwd):
 conv1d_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bwd_light(dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw, backend):
-    return _dispatch.run(
-        backend, "mlp", "conv1d_mlp_bwd", dy, x, w1, w2, h, activation, has_b1, has_b2, needs_dw
-    )
-
-
 class _LightMLP(torch.autograd.Function):
     """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
 
@@ -135,7 +137,7 @@ class _LightMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh):
-        return _backward(ctx, dy, dh, _bwd_light)
+        return _backward(ctx, dy, dh, _bwd_body)
 
 
 # --------------------------------------------------------------------------- public API
