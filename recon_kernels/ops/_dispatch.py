@@ -17,6 +17,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import backends
 
@@ -70,6 +71,32 @@ def light(*tensors: torch.Tensor | None) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def light_function(name: str, fwd, setup_context, backward, bwd) -> type:
+    """The light route of one custom op: a torch.autograd.Function named ``name`` running
+    ``fwd(*inputs)``, the op's ``setup_context(ctx, inputs, output)`` and
+    ``backward(ctx, *grads, bwd)`` (bwd: the backward op's body), once differentiable like
+    the custom ops, whose backward kernels have no derivative.
+
+    forward takes ctx itself rather than a separate setup_context: apply() would otherwise
+    bind the arguments with inspect.signature on every call (~80 us)."""
+
+    def forward(ctx, *inputs):
+        out = fwd(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
+    @once_differentiable
+    def backward_(ctx, *grads):
+        return backward(ctx, *grads, bwd)
+
+    doc = f"{name}: a custom op's forward, setup and backward without torch.library."
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_), "__doc__": doc},
+    )
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:

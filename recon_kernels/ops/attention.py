@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _dispatch
 from ._validate import check_device, check_scale, check_tensor, shape_str
@@ -226,21 +225,9 @@ def _backward(ctx, dout, dlse, bwd=attention_bwd):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LightAttention(torch.autograd.Function):
-    """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
-
-    # forward(ctx, ...), not a separate setup_context: apply() would bind the arguments with
-    # inspect.signature on every call (~80 us)
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _fwd_body(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, _bwd_body)
+_LightAttention = _dispatch.light_function(
+    "_LightAttention", _fwd_body, _setup_context, _backward, _bwd_body
+)
 
 
 # --------------------------------------------------------------------------- validation

@@ -11,7 +11,6 @@ merge/unmerge use it: no (out, in) temporary).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _dispatch
 from ._validate import check_like, check_scale, check_tensor, shape_str
@@ -30,7 +29,7 @@ def lora_linear_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, in) -> (y (M, out), xa (M, r)), both in x.dtype."""
-    return _dispatch.run(backend, "lora", "lora_linear_fwd", x, weight, bias, lora_a, lora_b, scale)
+    return _fwd_body(x, weight, bias, lora_a, lora_b, scale, backend)
 
 
 @lora_linear_fwd.register_fake
@@ -120,23 +119,12 @@ def _backward(ctx, dy, dxa, bwd=lora_linear_bwd):
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LightLoRA(torch.autograd.Function):
-    """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
+def _fwd_body(x, weight, bias, lora_a, lora_b, scale, backend):
+    """The forward op's work (shared by the custom op and the light route)."""
+    return _dispatch.run(backend, "lora", "lora_linear_fwd", x, weight, bias, lora_a, lora_b, scale)
 
-    # forward(ctx, ...), not a separate setup_context: apply() would bind the arguments with
-    # inspect.signature on every call (~80 us)
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, backend):
-        out = _dispatch.run(
-            backend, "lora", "lora_linear_fwd", x, weight, bias, lora_a, lora_b, scale
-        )
-        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, scale, backend), out)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dxa):
-        return _backward(ctx, dy, dxa, _bwd_body)
+_LightLoRA = _dispatch.light_function("_LightLoRA", _fwd_body, _setup_context, _backward, _bwd_body)
 
 
 @torch.library.custom_op("recon::merge_lora_op", mutates_args=())

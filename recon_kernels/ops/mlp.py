@@ -8,7 +8,6 @@ x, W1, W2 and the pre-activation h only (act(h) is recomputed in backward). The 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..reference import ACTIVATIONS
 from . import _dispatch
@@ -28,7 +27,7 @@ def conv1d_mlp_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, C) -> (y (M, C_out), h (M, hidden) pre-activation), both in x.dtype."""
-    return _dispatch.run(backend, "mlp", "conv1d_mlp_fwd", x, w1, b1, w2, b2, activation)
+    return _fwd_body(x, w1, b1, w2, b2, activation, backend)
 
 
 @conv1d_mlp_fwd.register_fake
@@ -123,21 +122,12 @@ def _backward(ctx, dy, dh, bwd=conv1d_mlp_bwd):
 conv1d_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LightMLP(torch.autograd.Function):
-    """The custom ops' forward, setup and backward without torch.library (_dispatch.light)."""
+def _fwd_body(x, w1, b1, w2, b2, activation, backend):
+    """The forward op's work (shared by the custom op and the light route)."""
+    return _dispatch.run(backend, "mlp", "conv1d_mlp_fwd", x, w1, b1, w2, b2, activation)
 
-    # forward(ctx, ...), not a separate setup_context: apply() would bind the arguments with
-    # inspect.signature on every call (~80 us)
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation, backend):
-        out = _dispatch.run(backend, "mlp", "conv1d_mlp_fwd", x, w1, b1, w2, b2, activation)
-        _setup_context(ctx, (x, w1, b1, w2, b2, activation, backend), out)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh):
-        return _backward(ctx, dy, dh, _bwd_body)
+_LightMLP = _dispatch.light_function("_LightMLP", _fwd_body, _setup_context, _backward, _bwd_body)
 
 
 # --------------------------------------------------------------------------- public API
