@@ -338,9 +338,45 @@ static std::string launch_attn_fwd(const AttnArgs& a, uintptr_t stream) {
                 dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, a);
 }
 
+// "" when this process can run the sm_90a kernels (build and device), else why not.
+static std::string sm90_unavailable() {
+#ifdef RECON_EMULATE
+  return "the emulator runs the portable kernels unless path = 2 asks for sm_90a";
+#else
+  if (std::string(RK_CUDA_ARCHS).find("90a") == std::string::npos)
+    return "the extension was not built for sm_90a (RECON_CUDA_ARCHS=" RK_CUDA_ARCHS ")";
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return "no usable CUDA device";
+  }
+  if (major != 9 || minor != 0)
+    return "the GPU is sm_" + std::to_string(major) + std::to_string(minor) + ", not sm_90";
+  return "";
+#endif
+}
+
+#ifdef RECON_EMULATE
+std::vector<std::pair<std::string, int64_t>> emu_launch_counts() {
+  const auto& m = ::rk::emu::launch_counts();
+  return {m.begin(), m.end()};
+}
+#endif
+
+std::string attention_fwd_choice(const AttnArgs& a) {
+  if (a.path == 1) return "sm80: path = 1 asks for the portable kernel";
+  std::string why = attention_fwd_sm90_why_not(a);
+  if (a.path == 2) return why.empty() ? "sm90" : "sm80: " + why;  // (the device: checked by the caller)
+  if (why.empty()) why = sm90_unavailable();
+  return why.empty() ? "sm90" : "sm80: " + why;
+}
+
 std::string attention_fwd(const AttnArgs& a, uintptr_t stream) {
   std::string err = check_attn_common(a);
   if (!err.empty()) return err;
+  if (a.path < 0 || a.path > 2) return "attention_fwd: path must be 0, 1 or 2, got " + std::to_string(a.path);
   const int vec = a.dtype == kFloat32 ? 4 : 8;
   const Operand ops[] = {{"q", a.q, a.q_sb, a.q_sh, a.q_sm},
         {"k", a.k, a.k_sb, a.k_sh, a.k_sm},
@@ -350,6 +386,13 @@ std::string attention_fwd(const AttnArgs& a, uintptr_t stream) {
     if (!err.empty()) return "attention_fwd: " + err;
   }
   if (a.o == 0 || a.lse == 0) return "attention_fwd: null output pointer (o or lse)";
+  if (a.path == 2) {
+#ifndef RECON_EMULATE
+    err = sm90_unavailable();
+    if (!err.empty()) return "attention_fwd: path = 2 (sm_90a) cannot run here: " + err;
+#endif
+  }
+  if (a.path != 1 && attention_fwd_choice(a) == "sm90") return attention_fwd_sm90(a, stream);
   RK_DISPATCH_DTYPE(a.dtype, T, RK_DISPATCH_HEAD_DIM(a.d, kD, return launch_attn_fwd<T, kD>(a, stream);))
 }
 

@@ -110,6 +110,9 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
         return r;
       },
       py::arg("dtype"), py::arg("d"), "the forward's tile configuration for (dtype code, head dim)");
+  m.def(
+      "attention_fwd_choice", [](const rk::AttnArgs& a) { return rk::attention_fwd_choice(a); },
+      py::arg("args"), "which forward kernel attention_fwd runs: 'sm90' or 'sm80: <why>'");
   bind_launcher(m, "attention_bwd", &rk::attention_bwd, "delta, then dq, dk, dv");
   bind_launcher(m, "gemm", &rk::gemm, "the fused-epilogue GEMM");
   bind_launcher(m, "conv1d_mlp_fwd", &rk::conv1d_mlp_fwd, "y, h (and act(h) workspace)");
@@ -148,6 +151,16 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
 #endif
       },
       "number of visible CUDA devices; RuntimeError naming the CUDA error when there is none");
+#ifdef RECON_EMULATE
+  m.def(
+      "launch_counts",
+      []() {
+        py::dict d;
+        for (const auto& kv : rk::emu_launch_counts()) d[py::str(kv.first)] = kv.second;
+        return d;
+      },
+      "emulator only: {kernel name: launches} since the module was loaded (tests: which kernel ran)");
+#endif
   py::dict info;
   info["archs"] = RK_CUDA_ARCHS;
 #ifdef RECON_EMULATE

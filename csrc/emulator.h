@@ -33,6 +33,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -356,17 +357,37 @@ inline void run_block(State& s) {
   }
 }
 
+// The per-block shared-memory limit launches are checked against: sm_80's unless an sm_90a
+// launcher raises it for its launch (SmemLimitSm90).
+constexpr size_t kMaxSmemSm90 = 232448;  // 227 KiB: the sm_90 opt-in limit per block
+inline size_t& smem_limit() {
+  static size_t v = kMaxSmem;
+  return v;
+}
+struct SmemLimitSm90 {
+  size_t prev;
+  SmemLimitSm90() : prev(smem_limit()) { smem_limit() = kMaxSmemSm90; }
+  ~SmemLimitSm90() { smem_limit() = prev; }
+};
+
+inline std::map<std::string, int64_t>& launch_counts() {
+  static std::map<std::string, int64_t> counts;
+  return counts;
+}
+
 template <class P>
 inline std::string launch(void (*kernel)(P), const char* name, dim3 grid, dim3 block,
                           size_t smem_bytes, const P& p) {
   State& s = st();
+  ++launch_counts()[name];
   const int nthreads = static_cast<int>(block.x * block.y * block.z);
   if (nthreads < 1 || nthreads > 1024 || nthreads % 32 != 0)
     return std::string(name) + ": emulator: block of " + std::to_string(nthreads) +
            " threads (need a multiple of 32, at most 1024)";
-  if (smem_bytes > kMaxSmem)
+  if (smem_bytes > smem_limit())
     return std::string(name) + ": emulator: " + std::to_string(smem_bytes) +
-           " bytes of shared memory exceed the sm_80 limit of " + std::to_string(kMaxSmem);
+           " bytes of shared memory exceed the " + (smem_limit() == kMaxSmem ? "sm_80" : "sm_90") +
+           " limit of " + std::to_string(smem_limit());
   if (s.smem_cap < smem_bytes + 16) {
     std::free(s.smem);
     s.smem_cap = std::max<size_t>(smem_bytes + 16, 4096);

@@ -1,13 +1,16 @@
 // Emulator models of the Hopper (sm_90a) primitives of csrc/hopper.cuh, from the PTX ISA:
 //   * wgmma.mma_async m64nNk16 (f16/bf16 -> f32), A from a shared-memory matrix descriptor
-//     or from registers, B from a descriptor; K-major operands only (imm-trans 0: a
-//     transposed operand fails with "not modeled"). Descriptor fields: bits 0-13 start
+//     (K-major) or from registers, B from a descriptor, K-major or (imm-trans-b 1) MN-major.
+//     Descriptor fields: bits 0-13 start
 //     address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4, 49-51
 //     base offset (must be 0 here), 62-63 layout: 0 interleave (no swizzle), 1 128B, 2 64B,
 //     3 32B swizzle. Element (row, k) of an 8-row core-matrix group sits at
 //       no swizzle: start + (row/8) SBO + (row%8) 16 + (k/8) LBO + 2 (k%8)
 //       swizzle W:  start + (row/8) SBO + (row%8) W + 2 k, then address bits [4, 4+b)
 //                   ^= bits [7, 7+b) (b = 3, 2, 1 for W = 128, 64, 32)
+//     and element (mn, k) of an MN-major operand (CUTLASS's canonical GMMA MN layouts) at
+//       no swizzle: start + (mn/8) SBO + (k/8) LBO + (k%8) 16 + 2 (mn%8)
+//       swizzle W:  start + (mn/(W/2)) LBO + (k/8) SBO + (k%8) W + 2 (mn%(W/2)), swizzled
 //     (shared addresses are offsets from the 1024-byte aligned dynamic shared memory, so the
 //     XOR sees the same bits as the hardware). Accumulator fragment: thread t of the
 //     warpgroup holds rows 16 (t/32) + (t%32)/4 (+8) and, per n8 block j, columns
@@ -18,7 +21,7 @@
 //     up). wgmma.mma_async without a wgmma.fence since the last wait is an error.
 //   * mbarrier: init / arrive / arrive.expect_tx / try_wait.parity with phase and tx-count
 //     completion; the state lives beside the 8 bytes of the barrier (keyed by address).
-//   * cp.async.bulk.tensor 2D/3D loads (tile mode) from a host-built TmaDesc with zero fill
+//   * cp.async.bulk.tensor 2D/3D/4D loads (tile mode) from a host-built TmaDesc with zero fill
 //     out of bounds and the same swizzle; a copy lands (and completes its bytes on the
 //     barrier) only when a thread waits on that barrier: reading before the wait sees stale
 //     shared memory (0xFF bytes: NaN).
@@ -37,11 +40,11 @@ namespace emu {
 // The CUtensorMap stand-in of emulator builds (hopper.cuh's TmaDesc).
 struct TmaDesc {
   const unsigned char* base = nullptr;
-  int rank = 0;       // 2 or 3
+  int rank = 0;       // 2..4
   int esize = 2;      // bytes per element
-  int64_t dims[3] = {1, 1, 1};     // elements, innermost first
-  int64_t strides[3] = {0, 0, 0};  // bytes; strides[0] = esize
-  int box[3] = {1, 1, 1};
+  int64_t dims[4] = {1, 1, 1, 1};     // elements, innermost first
+  int64_t strides[4] = {0, 0, 0, 0};  // bytes; strides[0] = esize
+  int box[4] = {1, 1, 1, 1};
   int swizzle = 0;  // bytes: 0 (none), 32, 64, 128
 };
 
@@ -54,13 +57,13 @@ struct MBar {
 struct BulkCopy {
   TmaDesc d;
   unsigned char* dst;
-  int c[3];
+  int c[4];
   uint32_t bar;
 };
 
 struct WgmmaOp {
   int n = 0, dtype = 0;  // 1 f16, 2 bf16
-  bool a_regs = false;
+  bool a_regs = false, trans_b = false;
   uint64_t da = 0, db = 0;
   uint32_t a[128][4];
   float* acc[128];
@@ -155,15 +158,23 @@ inline void wgmma_commit() {
   });
 }
 
-// Element (row, k) of a K-major operand described by desc (16-bit elements).
-inline float desc_elem(uint64_t desc, int row, int k, int dtype) {
+// Element (row, k) of a K-major operand described by desc (16-bit elements); mn_major: element
+// (mn = row, k) of an MN-major one.
+inline float desc_elem(uint64_t desc, int row, int k, int dtype, bool mn_major = false) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
   const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
   const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
   const int mode = static_cast<int>(desc >> 62);
   const int width = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
   uint32_t addr;
-  if (width == 0) {
+  if (mn_major) {
+    if (width == 0)
+      addr = start + (row / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + 2 * (row % 8);
+    else
+      addr = swz(start + (row / (width / 2)) * lbo + (k / 8) * sbo + (k % 8) * width +
+                     2 * (row % (width / 2)),
+                 width);
+  } else if (width == 0) {
     addr = start + (row / 8) * sbo + (row % 8) * 16 + (k / 8) * lbo + 2 * (k % 8);
   } else {
     addr = swz(start + (row / 8) * sbo + (row % 8) * width + 2 * k, width);
@@ -196,7 +207,7 @@ inline void wgmma_complete(WgmmaOp& op) {
       }
     }
   for (int c = 0; c < n; ++c)
-    for (int k = 0; k < 16; ++k) B[c * 16 + k] = desc_elem(op.db, c, k, op.dtype);
+    for (int k = 0; k < 16; ++k) B[c * 16 + k] = desc_elem(op.db, c, k, op.dtype, op.trans_b);
   for (int t = 0; t < 128; ++t) {
     const int r0 = 16 * (t / 32) + (t % 32) / 4;
     for (int i = 0; i < n / 2; ++i) {
@@ -217,13 +228,15 @@ struct WgmmaIn {
 };
 
 inline void wgmma_issue(int n, int dtype, float* acc, const uint32_t* a, uint64_t da, uint64_t db,
-                        int scale_d) {
+                        int scale_d, bool trans_b = false) {
   WgmmaIn in{acc, a, da, db, scale_d};
-  wg_collective(kWgMma, &in, [n, dtype](const void* const* ins, WarpGroup& w, int g) {
+  wg_collective(kWgMma, &in, [n, dtype, trans_b](const void* const* ins, WarpGroup& w, int g) {
     if (!w.fenced) fail("wgmma.mma_async without a wgmma.fence since the last wait_group");
+    if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma.mma_async: N outside 8..256 or not a multiple of 8");
     WgmmaOp op;
     op.n = n;
     op.dtype = dtype;
+    op.trans_b = trans_b;
     const WgmmaIn& i0 = *static_cast<const WgmmaIn*>(ins[0]);
     op.a_regs = i0.a != nullptr;
     op.da = i0.da;
@@ -337,31 +350,38 @@ inline void land(const BulkCopy& c) {
   State& s = st();
   const uint32_t dst = static_cast<uint32_t>(c.dst - s.smem);
   const int64_t row_bytes = static_cast<int64_t>(d.box[0]) * d.esize;
-  for (int z = 0; z < d.box[2]; ++z)
-    for (int y = 0; y < d.box[1]; ++y)
-      for (int x = 0; x < d.box[0]; ++x) {
-        const int64_t gx = c.c[0] + x, gy = c.c[1] + y, gz = c.c[2] + z;
-        const uint32_t lin =
-            dst + static_cast<uint32_t>((static_cast<int64_t>(z) * d.box[1] + y) * row_bytes +
-                                        static_cast<int64_t>(x) * d.esize);
-        unsigned char* out = s.smem + swz(lin, d.swizzle);
-        const bool in = gx >= 0 && gx < d.dims[0] && gy >= 0 && gy < d.dims[1] && gz >= 0 &&
-                        gz < d.dims[2];
-        if (in)
-          memcpy(out, d.base + gx * d.strides[0] + gy * d.strides[1] + gz * d.strides[2],
-                 static_cast<size_t>(d.esize));
-        else
-          memset(out, 0, static_cast<size_t>(d.esize));
-      }
+  for (int w = 0; w < d.box[3]; ++w)
+    for (int z = 0; z < d.box[2]; ++z)
+      for (int y = 0; y < d.box[1]; ++y)
+        for (int x = 0; x < d.box[0]; ++x) {
+          const int64_t gx = c.c[0] + x, gy = c.c[1] + y, gz = c.c[2] + z, gw = c.c[3] + w;
+          const int64_t row = (static_cast<int64_t>(w) * d.box[2] + z) * d.box[1] + y;
+          const uint32_t lin =
+              dst + static_cast<uint32_t>(row * row_bytes + static_cast<int64_t>(x) * d.esize);
+          unsigned char* out = s.smem + swz(lin, d.swizzle);
+          const bool in = gx >= 0 && gx < d.dims[0] && gy >= 0 && gy < d.dims[1] && gz >= 0 &&
+                          gz < d.dims[2] && gw >= 0 && gw < d.dims[3];
+          if (in)
+            memcpy(out,
+                   d.base + gx * d.strides[0] + gy * d.strides[1] + gz * d.strides[2] +
+                       gw * d.strides[3],
+                   static_cast<size_t>(d.esize));
+          else
+            memset(out, 0, static_cast<size_t>(d.esize));
+        }
 }
 
-inline void tma_load(void* dst, const TmaDesc& d, void* bar, int c0, int c1, int c2) {
-  if (d.rank < 2 || d.rank > 3) fail("cp.async.bulk.tensor: tensor map of rank outside 2..3");
-  const int64_t bytes = static_cast<int64_t>(d.box[0]) * d.box[1] * d.box[2] * d.esize;
+inline int64_t box_bytes(const TmaDesc& d) {
+  return static_cast<int64_t>(d.box[0]) * d.box[1] * d.box[2] * d.box[3] * d.esize;
+}
+
+inline void tma_load(void* dst, const TmaDesc& d, void* bar, int c0, int c1, int c2, int c3 = 0) {
+  if (d.rank < 2 || d.rank > 4) fail("cp.async.bulk.tensor: tensor map of rank outside 2..4");
+  const int64_t bytes = box_bytes(d);
   const uint32_t off = smem_off(dst, static_cast<size_t>(bytes), "cp.async.bulk.tensor destination");
   if (off % 128 != 0) fail("cp.async.bulk.tensor: shared destination not 128-byte aligned");
   bar_at(bar, "cp.async.bulk.tensor mbarrier");
-  BulkCopy c{d, static_cast<unsigned char*>(dst), {c0, c1, c2}, smem_off(bar, 8, "mbarrier")};
+  BulkCopy c{d, static_cast<unsigned char*>(dst), {c0, c1, c2, c3}, smem_off(bar, 8, "mbarrier")};
   hs().copies.push_back(c);
 }
 
@@ -374,7 +394,7 @@ inline bool mbar_try_wait(void* p, int parity) {
   for (size_t i = 0; i < cs.size();) {
     if (cs[i].bar == off) {
       land(cs[i]);
-      b.tx -= static_cast<int64_t>(cs[i].d.box[0]) * cs[i].d.box[1] * cs[i].d.box[2] * cs[i].d.esize;
+      b.tx -= box_bytes(cs[i].d);
       cs.erase(cs.begin() + static_cast<long>(i));
     } else {
       ++i;

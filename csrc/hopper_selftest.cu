@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(256, 1) hopper_selftest_kernel(const __grid_co
 
 std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_t* dims,
                           const int64_t* strides_bytes, const int* box, int swizzle_bytes) {
-  if (rank < 2 || rank > 3) return "tensor map rank: expected 2 or 3, got " + std::to_string(rank);
+  if (rank < 2 || rank > 4) return "tensor map rank: expected 2, 3 or 4, got " + std::to_string(rank);
   if (swizzle_bytes != 0 && swizzle_bytes != 32 && swizzle_bytes != 64 && swizzle_bytes != 128)
     return "tensor map swizzle: expected 0, 32, 64 or 128 bytes, got " +
            std::to_string(swizzle_bytes);
@@ -138,9 +138,15 @@ std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_
   if (inner_bytes % 16 != 0 || (swizzle_bytes != 0 && inner_bytes > swizzle_bytes))
     return "tensor map box[0]: " + std::to_string(box[0]) +
            " elements: need a multiple of 16 bytes, at most the swizzle span";
+  for (int i = 0; i < rank; ++i)
+    if (box[i] < 1 || box[i] > 256 || dims[i] < 1)
+      return "tensor map dim " + std::to_string(i) + ": expected box in [1, 256] and size >= 1, got box " +
+             std::to_string(box[i]) + ", size " + std::to_string(dims[i]);
   for (int i = 1; i < rank; ++i)
-    if (strides_bytes[i - 1] % 16 != 0)
-      return "tensor map stride " + std::to_string(i) + ": not a multiple of 16 bytes";
+    if (strides_bytes[i - 1] % 16 != 0 || strides_bytes[i - 1] <= 0 ||
+        strides_bytes[i - 1] >= (int64_t(1) << 40))
+      return "tensor map stride " + std::to_string(i) + ": expected a positive multiple of 16 bytes below 2^40, got " +
+             std::to_string(strides_bytes[i - 1]);
 #ifdef RECON_EMULATE
   TmaDesc d;
   d.base = static_cast<const unsigned char*>(base);
@@ -166,8 +172,8 @@ std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_
       return "cuTensorMapEncodeTiled: not found through cudaGetDriverEntryPointByVersion";
     encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }
-  cuuint64_t gdim[3], gstride[2];
-  cuuint32_t bdim[3], estride[3] = {1, 1, 1};
+  cuuint64_t gdim[4], gstride[3];
+  cuuint32_t bdim[4], estride[4] = {1, 1, 1, 1};
   for (int i = 0; i < rank; ++i) {
     gdim[i] = static_cast<cuuint64_t>(dims[i]);
     bdim[i] = static_cast<cuuint32_t>(box[i]);

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #define RK_DECLARE_FIELD(type, name, init) type name = init;
 
@@ -24,6 +26,11 @@
 // Dropout of the attention probabilities (recon_kernels/reference.py, dropout_keep):
 // drop_threshold = round(p * 2^24) in [0, 2^24] (0: no dropout), drop_seed the uint32 seed,
 // drop_scale = 1 / (1 - p).
+// path (forward): 0 auto (the sm_90a kernel on an sm_90 GPU when the build has it and the
+// arguments allow it, else the portable one), 1 the portable (sm_80) kernel, 2 the sm_90a
+// kernel wherever the arguments allow it (fp16/bf16, strides TMA can describe), the portable
+// one otherwise; an error when the build or the device has no sm_90a (the emulator runs it
+// on the CPU).
 #define RK_ATTN_FIELDS(X)                                                                  \
   X(uint64_t, q, 0) X(uint64_t, k, 0) X(uint64_t, v, 0) X(uint64_t, o, 0)                  \
   X(uint64_t, lse, 0) X(uint64_t, dout, 0) X(uint64_t, delta, 0) X(uint64_t, dq, 0)        \
@@ -41,7 +48,8 @@
   X(int64_t, kpm_sb, 0) X(int64_t, kpm_sn, 0)                                              \
   X(int, b, 0) X(int, h, 0) X(int, nq, 0) X(int, nk, 0) X(int, d, 0)                       \
   X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
-  X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)
+  X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)      \
+  X(int, path, 0)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))
@@ -111,6 +119,16 @@ struct AttnFwdTiles {
   int64_t smem_bytes;
 };
 std::string attention_fwd_tiles(int dtype, int d, AttnFwdTiles* out);
+// Which forward kernel attention_fwd runs for these arguments: "sm90", or "sm80: <why not
+// sm90>" (csrc/attention_fwd_sm90.cu).
+std::string attention_fwd_choice(const AttnArgs& a);
+std::string attention_fwd_sm90(const AttnArgs& a, uintptr_t stream);
+std::string attention_fwd_sm90_why_not(const AttnArgs& a);
+
+#ifdef RECON_EMULATE
+// Emulator builds: (kernel name, launches) since load (tests check which kernel ran).
+std::vector<std::pair<std::string, int64_t>> emu_launch_counts();
+#endif
 std::string attention_bwd(const AttnArgs& a, uintptr_t stream);
 std::string gemm(const GemmArgs& g, uintptr_t stream);
 // The operand part of a GEMM call: C (m x n, row stride ldc) = op(A) op(B), op(X) = X^T when

@@ -79,6 +79,35 @@ def kernel_cases():
     return cases
 
 
+def attention_cases():
+    """kernel_cases() plus the other CUDA attention forward kernel (csrc/attention_fwd_sm90.cu
+    vs attention_fwd.cu, RECON_CUDA_ATTN_FWD): without a GPU the emulator runs the sm_90a one
+    ("cuda-emu-sm90"; the plain "cuda-emu" case runs the portable one); with a GPU the
+    portable one is forced too ("cuda-cuda-sm80"; "cuda-cuda" runs what auto picks)."""
+    cases = kernel_cases()
+    if HAS_GPU:
+        why = rk.why_unavailable("cuda", "cuda")
+        marks = [pytest.mark.attn_fwd_path("sm80")]
+        if why is not None:
+            marks.append(pytest.mark.skip(reason=str(why)))
+        cases.append(pytest.param("cuda", "cuda", id="cuda-cuda-sm80", marks=marks))
+    else:
+        marks = [pytest.mark.cuda_emu, pytest.mark.attn_fwd_path("sm90")]
+        if NVCC is None:
+            marks.append(pytest.mark.skip(reason=NO_NVCC + "; the emulator needs its headers"))
+        cases.append(pytest.param("cuda", "cpu", id="cuda-emu-sm90", marks=marks))
+    return cases
+
+
+@pytest.fixture(autouse=True)
+def _attn_fwd_path_case(request, monkeypatch):
+    """A case marked attn_fwd_path(name) runs with RECON_CUDA_ATTN_FWD=name."""
+    m = request.node.get_closest_marker("attn_fwd_path")
+    if m is not None:
+        monkeypatch.setenv("RECON_CUDA_ATTN_FWD", m.args[0])
+    yield
+
+
 @contextlib.contextmanager
 def locked(path: str):
     """Serialises builds between pytest-xdist workers."""

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, LOW_PRECISION, assert_rule, kernel_cases
+from conftest import DTYPES, LOW_PRECISION, assert_rule, attention_cases, kernel_cases
 
 import recon_kernels as rk
 from recon_kernels import reference as R
@@ -192,7 +192,7 @@ def _check_kernel(backend, device, dtype, shape, mode, seed=0, deterministic=Non
     return out, g, (mask, kpm, causal)
 
 
-@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("backend,device", attention_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", MODES)
@@ -204,7 +204,7 @@ def test_kernel_matches_reference(backend, device, dtype, shape, mode):
     _check_kernel(backend, device, dtype, shape, mode)
 
 
-@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("backend,device", attention_cases())
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_fully_masked_rows_zero_output_and_gradient(backend, device, dtype):
     B, H, NQ, NK, D = 2, 2, 17, 23, 40
@@ -219,7 +219,7 @@ def test_fully_masked_rows_zero_output_and_gradient(backend, device, dtype):
         assert torch.isfinite(t).all()
 
 
-@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("backend,device", attention_cases())
 def test_causal_decode_and_more_queries_than_keys(backend, device):
     """Nq > Nk: the first Nq - Nk rows see no key (bottom-right alignment) and give 0."""
     out, g, _ = _check_kernel(backend, device, torch.float16, (2, 4, 40, 12, 64), "causal")
@@ -229,7 +229,7 @@ def test_causal_decode_and_more_queries_than_keys(backend, device):
     _check_kernel(backend, device, torch.float16, (2, 2, 1, 37, 16), "causal")
 
 
-@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("backend,device", attention_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_qkv_views_and_noncontiguous_grad(backend, device, dtype):
     """q, k, v as strided views of one packed (B, N, 3, H, D) tensor; dO non-contiguous."""
@@ -479,7 +479,7 @@ def test_float64_only_on_eager():
     torch.testing.assert_close(rk.masked_softmax_attention(q, k, v), R.attention(q, k, v))
 
 
-@pytest.mark.parametrize("backend,device", kernel_cases())
+@pytest.mark.parametrize("backend,device", attention_cases())
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_right_padded_batches(backend, device, causal):
     """HF-style right padding: the kernels stop at each sequence's last real key, and the
@@ -544,7 +544,7 @@ DROP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", [*kernel_cases(), pytest.param("eager", "cpu")])
+@pytest.mark.parametrize("backend,device", [*attention_cases(), pytest.param("eager", "cpu")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", DROP_CASES, ids=lambda c: f"{c[1]}-p{c[2]}")
 def test_dropout_matches_reference(backend, device, dtype, case):

@@ -9,6 +9,8 @@ the same kernels as the "cuda-emu" case of the other test files (conftest.py).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DTYPES, assert_rule
@@ -99,7 +101,77 @@ def test_emulated_attention_forward_tile_boundaries(emu, dtype, case):
     _check_emulated_attention(emu, dtype, case)
 
 
-def _check_emulated_attention(emu, dtype, case):
+SM90_KERNEL = "attention_fwd_sm90"
+
+
+@contextlib.contextmanager
+def _fwd_path(emu, monkeypatch, path):
+    """RECON_CUDA_ATTN_FWD=path for the block; checks that the sm_90a forward ran exactly
+    when asked for (the emulator counts launches per kernel name)."""
+    if monkeypatch is None:
+        yield
+        return
+    monkeypatch.setenv("RECON_CUDA_ATTN_FWD", path)
+    before = emu.launch_counts().get(SM90_KERNEL, 0)
+    yield
+    ran = emu.launch_counts().get(SM90_KERNEL, 0) - before
+    assert (ran > 0) == (path == "sm90"), f"{SM90_KERNEL} launched {ran} times under {path}"
+
+
+# The sm_90a forward's tiles (csrc/attention_fwd_sm90.cu): 128 query rows per block, 64 per
+# consumer warpgroup; 128 keys per tile at D <= 128, 64 at D = 256, in a two-stage TMA ring
+# (a third tile waits on the "empty" barrier of the first). Nq 64 / 65 (second warpgroup
+# without rows / with one), Nk past 2 and 4 tiles, partial tiles, every head-dim bucket
+# with D off the bucket (TMA zero fill of columns past D), causal both ways.
+SM90_CASES = [
+    (1, 1, 65, 383, 128, "causal"),
+    (1, 1, 64, 300, 64, "none"),
+    (2, 2, 200, 257, 72, "mask_kpm"),
+    (2, 1, 130, 200, 256, "causal_kpm"),
+    (2, 1, 1, 513, 40, "none"),
+    (1, 1, 300, 129, 136, "causal"),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize(
+    "case", ATTN_CASES + TILE_CASES + SM90_CASES, ids=lambda c: "x".join(map(str, c))
+)
+def test_emulated_sm90_forward_matches_reference(emu, monkeypatch, dtype, case):
+    """The sm_90a forward (wgmma, TMA, mbarriers, warp specialisation, in the emulator's
+    PTX models) under the same oracle as the portable one; the backward is the portable one
+    fed with its output and lse."""
+    _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90")
+
+
+def test_emulated_sm90_forward_choice(emu, monkeypatch):
+    """Which forward runs, and why: the emulator's auto is the portable kernel; sm90 takes
+    fp16/bf16 with TMA-describable strides and falls back otherwise (fp32, a batch stride of
+    0 on an expanded tensor), still correct."""
+    q, k, v = (_rand(2, 2, 9, 40, seed=i).half() for i in range(3))
+    with rkcuda.use_emulator(emu):
+        monkeypatch.delenv("RECON_CUDA_ATTN_FWD", raising=False)
+        assert rkcuda.attention.fwd_choice(q, k, v).startswith("sm80: the emulator")
+        monkeypatch.setenv("RECON_CUDA_ATTN_FWD", "sm80")
+        assert rkcuda.attention.fwd_choice(q, k, v).startswith("sm80: path = 1")
+        monkeypatch.setenv("RECON_CUDA_ATTN_FWD", "sm90")
+        assert rkcuda.attention.fwd_choice(q, k, v) == "sm90"
+        assert rkcuda.attention.fwd_choice(q.float(), k.float(), v.float()) == (
+            "sm80: dtype is not float16/bfloat16"
+        )
+        kx = k[:1].expand(2, 2, 9, 40)  # batch stride 0 with B = 2: no tensor map
+        assert "TMA" in rkcuda.attention.fwd_choice(q, kx, v)
+        with _fwd_path(emu, monkeypatch, "sm80"):  # falls back: the sm90 kernel must not run
+            monkeypatch.setenv("RECON_CUDA_ATTN_FWD", "sm90")
+            out, _ = rkcuda.attention_fwd(q, kx, v, None, None, 0.3, False)
+        ref = R.attention(q.double(), kx.double(), v.double(), scale=0.3)
+        assert (out.double() - ref).abs().max() < 5e-3
+        monkeypatch.setenv("RECON_CUDA_ATTN_FWD", "fast")
+        with pytest.raises(ValueError, match="RECON_CUDA_ATTN_FWD: expected one of"):
+            rkcuda.attention_fwd(q, k, v, None, None, 0.3, False)
+
+
+def _check_emulated_attention(emu, dtype, case, monkeypatch=None, path="sm80"):
     B, H, NQ, NK, D, mode = case
     q, k, v, do = (
         _rand(*s, seed=i)
@@ -113,7 +185,8 @@ def _check_emulated_attention(emu, dtype, case):
     low, low_g = _grad_ref(f, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
     qd, kd, vd, dod = (_guarded(t.to(dtype)) for t in (q, k, v, do))
     with rkcuda.use_emulator(emu):
-        out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal)
+        with _fwd_path(emu, monkeypatch, path):
+            out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal)
         dq, dk, dv = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, mask, kpm, scale, causal)
     # lse against float64 math on the same (rounded) inputs: only kernel arithmetic remains
     _, ref_lse = R.attention_fwd(
@@ -148,6 +221,21 @@ DROPOUT_CASES = [
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_emulated_attention_dropout_matches_reference(emu, dtype, case):
     """Dropout in the forward and both backward kernels vs the reference's keep mask."""
+    _check_emulated_dropout(emu, dtype, case)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize(
+    "case",
+    DROPOUT_CASES
+    + [(2, 1, 130, 300, 128, "causal_kpm", 0.3, 9), (1, 1, 65, 200, 256, "none", 0.2, 1)],
+    ids=lambda c: "x".join(map(str, c)),
+)
+def test_emulated_sm90_forward_dropout_matches_reference(emu, monkeypatch, dtype, case):
+    _check_emulated_dropout(emu, dtype, case, monkeypatch, "sm90")
+
+
+def _check_emulated_dropout(emu, dtype, case, monkeypatch=None, path="sm80"):
     B, H, NQ, NK, D, mode, p, seed = case
     q, k, v, do = (
         _rand(*s, seed=i)
@@ -160,7 +248,8 @@ def test_emulated_attention_dropout_matches_reference(emu, dtype, case):
     low, low_g = _grad_ref(f, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
     qd, kd, vd, dod = (_guarded(t.to(dtype)) for t in (q, k, v, do))
     with rkcuda.use_emulator(emu):
-        out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal, p, seed)
+        with _fwd_path(emu, monkeypatch, path):
+            out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal, p, seed)
         dq, dk, dv = rkcuda.attention_bwd(
             dod, qd, kd, vd, out, lse, mask, kpm, scale, causal, p, seed
         )

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,6 +46,9 @@ KERNELS = {
     "gemm_kernel": 9,  # 3 dtypes x 3 operand layouts
     "colsum_kernel": 3,
     "hopper_selftest_kernel": 4,  # fp16/bf16 x N = 16/64 (csrc/hopper_selftest.cu)
+    # csrc/attention_fwd_sm90.cu: fp16/bf16 x buckets 64/128/256 x masked x dropout (the
+    # sm_80 pass builds the same names as trap stubs: the launcher never picks them there)
+    "attn_fwd_sm90_kernel": 24,
 }
 TENSOR_CORE_KERNELS = (
     "attn_fwd_kernel",
@@ -274,8 +278,7 @@ def test_sass_tensor_cores_in_half_kernels(cuda_build):
 
 @needs_nvcc
 def test_sass_hopper_primitives_in_sm90a_selftest(cuda_build):
-    """The sm_90a SASS of the Hopper self-test kernels (csrc/hopper_selftest.cu, the only
-    users of csrc/hopper.cuh so far: there is no sm_90a attention kernel yet) holds what
+    """The sm_90a SASS of the Hopper self-test kernels (csrc/hopper_selftest.cu) holds what
     the wrappers promise: HGMMA (wgmma), UTMALDG (TMA tile load), USETMAXREG, the mbarrier
     try-wait, and a wgmma wait of depth 1 (mode 2 waits with one group in flight)."""
     if "90a" not in _archs():
@@ -387,7 +390,7 @@ def test_sm80_attention_forward_tiles(cuda_build):
         mod.attention_fwd_tiles(7, 64)
 
 
-def _innermost_mma_loop(body: str) -> list[str]:
+def _innermost_mma_loop(body: str, mma: str = r"\bHMMA\.") -> list[str]:
     """The instructions of the smallest loop of a SASS function body that contains an HMMA.
 
     A loop is the address range of a backward branch and its target; a range that some
@@ -408,9 +411,9 @@ def _innermost_mma_loop(body: str) -> list[str]:
         if any(lo <= src <= hi and not lo <= dst <= hi for dst, src in back):
             continue
         loop = [t for a, t in ins if lo <= a <= hi]
-        if any(re.search(r"\bHMMA\.", t) for t in loop):
+        if any(re.search(mma, t) for t in loop):
             loops.append(loop)
-    assert loops, "no loop with HMMA found"
+    assert loops, f"no loop with {mma} found"
     return min(loops, key=len)
 
 
@@ -448,3 +451,62 @@ def test_sm80_attention_forward_registers_and_sass(cuda_build):
             assert measured == pytest.approx(_fwd_smem_bytes_per_flop(t, dtype, d))
             if d == 128:
                 assert measured <= OLD_FWD_SMEM_BYTES_PER_FLOP / 2, (name, measured)
+
+
+# The sm_90a attention forward's steady loop (csrc/attention_fwd_sm90.cu, the plain kernel:
+# no mask, no dropout, not the last tile) per head-dim bucket: (keys per tile, bound on SASS
+# instructions per score element per thread, as measured when it was written + ~1%).
+SM90_FWD_LOOP = {64: (128, 7.3), 128: (128, 8.1), 256: (64, 14.8)}
+
+
+@needs_nvcc
+def test_sm90_attention_forward_sass(cuda_build):
+    """Every sm_90a forward instantiation: HGMMA (wgmma), UTMALDG.4D (TMA), USETMAXREG both
+    ways (producer / consumer warpgroups), mbarrier waits, and a wgmma wait of depth 1
+    inside the innermost HGMMA loop (P V runs during the next softmax). The plain kernels'
+    steady loop: exactly the tile's HGMMAs (kD/16 for S = Q K^T, kBlockN/16 for O += P V),
+    one MUFU.EX2 per score element (+ the two row rescales), no compiler-injected
+    warpgroup.arrive (only the loop's own wgmma.fence), and at most the recorded SASS
+    instructions per score element (a regression bound)."""
+    if "90a" not in _archs():
+        pytest.skip("RECON_CUDA_ARCHS has no sm_90a target")
+    reports = _ptxas_reports(os.path.dirname(cuda_build))
+    funcs = {n: b for n, b in _sass_functions(cuda_build, "90a").items() if "attn_fwd_sm90" in n}
+    assert len(funcs) == KERNELS["attn_fwd_sm90_kernel"], sorted(funcs)
+    for name, body in funcs.items():
+        rep = reports[(name, "sm_90a")]
+        assert rep["spill_st"] == 0 and rep["spill_ld"] == 0 and rep["stack"] == 0, (name, rep)
+        for pat in (
+            r"\bHGMMA\.64x\d+x16\.F32",
+            r"\bUTMALDG\.4D\b",
+            r"\bUSETMAXREG\.TRY",
+            r"\bUSETMAXREG\.DEALLOC",
+            r"\bSYNCS\.PHASECHK\.TRANS64\.TRYWAIT\b",
+        ):
+            assert re.search(pat, body), f"{name}: no {pat}"
+        loop = _innermost_mma_loop(body, r"\bHGMMA\.")
+        assert any(re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", t) for t in loop), name
+        m = re.search(r"kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb(\d)ELb(\d)E", name)
+        assert m, name
+        d, masked, drop = int(m.group(2)), m.group(3) == "1", m.group(4) == "1"
+        if masked or drop:
+            continue
+        bn, bound = SM90_FWD_LOOP[d]
+        hgmma = [t for t in loop if re.search(r"\bHGMMA\.", t)]
+        assert len(hgmma) == d // 16 + bn // 16, (name, len(hgmma))
+        elems = 64 * bn // 128  # score elements per thread per tile (64 rows per warpgroup)
+        ex2 = sum(bool(re.search(r"\bMUFU\.EX2\b", t)) for t in loop)
+        assert ex2 == elems + 2, (name, ex2)
+        assert sum("WARPGROUP.ARRIVE" in t for t in loop) == 2, name
+        assert len(loop) / elems <= bound, (name, len(loop) / elems)
+    if "80" in _archs():  # the sm_80 pass holds trap stubs only
+        for name, body in _sass_functions(cuda_build, "80").items():
+            if "attn_fwd_sm90" in name:
+                assert not re.search(r"HGMMA|UTMALDG|USETMAXREG", body), name
+
+
+def test_generated_wgmma_wrappers_are_current():
+    """csrc/wgmma_ops.inc is the output of csrc/gen_wgmma.py (edit the generator, rerun)."""
+    gen = os.path.join(ROOT, "csrc", "gen_wgmma.py")
+    r = subprocess.run([sys.executable, gen, "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, "csrc/wgmma_ops.inc is stale: run python csrc/gen_wgmma.py"

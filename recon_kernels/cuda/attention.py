@@ -3,6 +3,8 @@ logsumexp, backward (delta, dK/dV, dQ), masks through their broadcast strides, d
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..codes import DTYPE_CODES
@@ -17,6 +19,34 @@ from ._common import (
     unit_last,
 )
 from ._loader import ext as extension_module
+
+# RECON_CUDA_ATTN_FWD: which forward kernel the CUDA backend runs (csrc/attention_fwd.cu,
+# attention_fwd_sm90.cu): "auto" (default) the sm_90a kernel (wgmma, TMA, warp
+# specialisation) on an sm_90 GPU when the extension was built for it and the strides allow
+# TMA, else the portable sm_80 one; "sm80" always the portable one; "sm90" the sm_90a one
+# wherever the arguments allow it (fp16/bf16, TMA-describable strides), an error when the
+# build or the GPU has no sm_90a (in tests, the emulator runs it on the CPU).
+FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
+
+
+def fwd_path() -> str:
+    mode = os.environ.get("RECON_CUDA_ATTN_FWD", "auto")
+    if mode not in FWD_PATHS:
+        raise ValueError(f"RECON_CUDA_ATTN_FWD: expected one of {tuple(FWD_PATHS)}, got {mode!r}")
+    return mode
+
+
+def fwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Which forward kernel attention_fwd would run for these operands: "sm90", or
+    "sm80: <why not sm90>"."""
+    ext = extension_module()
+    args = ext.AttnArgs()
+    for prefix, t in (("q", aligned(q)), ("k", aligned(k)), ("v", aligned(v))):
+        _attn_operand(args, prefix, t)
+    B, H, NQ, D = q.shape
+    put(args, b=B, h=H, nq=NQ, nk=k.shape[2], d=D, dtype=DTYPE_CODES[q.dtype])
+    put(args, path=FWD_PATHS[fwd_path()])
+    return ext.attention_fwd_choice(args)
 
 
 def _attn_operand(args, prefix: str, t: torch.Tensor, ptr_field: str | None = None) -> None:
@@ -120,7 +150,7 @@ def attention_fwd(
     _check_attn(q, k, v)
     ext = extension_module()
     args = ext.AttnArgs()
-    put(args, **drop)
+    put(args, **drop, path=FWD_PATHS[fwd_path()])
     B, H, NQ, D = q.shape
     q_, k_, v_ = aligned(q), aligned(k), aligned(v)
     # the kernel writes through strides: (B, Nq, H, D) storage seen as (B, H, Nq, D)

@@ -1,0 +1,385 @@
+// Attention forward for Hopper (sm_90a): wgmma + TMA + warp specialisation (FA3 design).
+//
+// One block = 128 query rows of one (batch, head) (64 at D = 256), 384 threads in three
+// warpgroups (256 in two at D = 256):
+//   * warpgroup 0, the producer (setmaxnreg.dec 24): one thread issues every TMA load: the
+//     Q tile once, then K_j and V_j into a two-stage ring (kStages buffers each), K and V on
+//     their own "full" mbarriers (expect_tx of the whole box: TMA zero-fills rows past Nk
+//     and columns past D), waiting on the stage's "empty" mbarrier before reusing it;
+//   * warpgroups 1 and 2, the consumers (setmaxnreg.inc 240), 64 query rows each (one
+//     consumer at D = 256: its 128 O registers per thread leave no room under the 168 that
+//     ptxas allots each thread of a 384-thread block, 28 bytes spilled): S = Q K^T
+//     by wgmma from shared memory (SS: Q and K K-major, 128-byte swizzle, one m64nBNk16 per
+//     16 columns of D), online softmax in registers, O += P V by wgmma with P from
+//     registers (RS: the S accumulator converted in place to the A fragment) and V MN-major
+//     (imm-trans-b: V's row-major [key][d] tile as TMA wrote it).
+// Intra-warpgroup overlap (FA3's): iteration j issues S_j = Q K_j^T and then O += P_{j-1}
+// V_{j-1} as two commit groups, waits for the first only (wgmma.wait_group 1: the P V
+// product runs on the tensor cores during the softmax of S_j), then waits for the second
+// before rescaling O. So at most one softmax and two GEMMs are in flight per warpgroup.
+//
+// Same semantics as attention_fwd.cu (the sm_80 kernel): masks (boolean, key padding),
+// causal aligned bottom-right, counter-based dropout (DropoutView), lse in natural log,
+// fully masked rows O = 0 and lse = +inf. D is padded to the bucket kD in {64, 128, 256}
+// by the TMA zero fill (dims[0] = D); Nq / Nk tails likewise.
+//
+// Shared memory (1024-byte aligned, every tile in 64-column chunks of 128-byte rows, the
+// 128B swizzle atom of TMA and wgmma): Q 128 x kD, K and V kStages x kBlockN x kD each,
+// then the mbarriers. kD = 128: 32 + 128 KiB; kD = 256 (64 rows, kBlockN 64): 32 + 128 KiB.
+#include "attention_common.cuh"
+#include "hopper.cuh"
+
+namespace rk {
+
+template <class T, int kD>
+struct FwdSm90Cfg {
+  static constexpr int kConsumers = kD <= 128 ? 2 : 1;  // consumer warpgroups, 64 rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kD <= 128 ? 128 : 64;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kChunks = kD / 64;  // 64-column (128-byte) chunks of a row
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kKVBytes = kBlockN * kD * 2;  // one K (or V) stage
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 1 ? 256 : 240;
+  static constexpr size_t kSmemBytes =
+      1024 /* alignment slack */ + size_t(kQBytes) + size_t(2 * kStages) * kKVBytes + 1024;
+};
+
+struct FwdSm90Params {
+  TmaDesc tq, tk, tv;  // 4D (D, N, H, B) maps, box (64, rows, 1, 1), 128-byte swizzle
+  AttnArgs a;
+};
+
+// kMask: a boolean mask, key padding or causal (per-element tests on the tiles that need
+// them); otherwise only the keys past Nk of the last tile are masked. kDrop: dropout. Both
+// compile-time so the steady loop of the plain kernel carries no predicate code.
+template <class T, int kD, bool kMask, bool kDrop>
+__global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params prm) {
+#if RK_SM90_DEVICE || defined(RECON_EMULATE)
+  using Cfg = FwdSm90Cfg<T, kD>;
+  constexpr int kN = Cfg::kBlockN, kS = Cfg::kStages, kChunks = Cfg::kChunks;
+  constexpr int kNB = kN / 8;   // n8 blocks of an S row fragment
+  constexpr int kDB = kD / 8;   // n8 blocks of an O row fragment
+  constexpr int kQChunk = Cfg::kBlockM * 128, kKVChunk = kN * 128;  // bytes per 64-col chunk
+  const AttnArgs& p = prm.a;
+
+  unsigned char* base = smem_base();
+#ifndef RECON_EMULATE  // (the emulator's shared memory is 1024-byte aligned)
+  base += (1024 - (smem_u32(base) & 1023)) & 1023;
+#endif
+  unsigned char* sQ = base;
+  unsigned char* sK = sQ + Cfg::kQBytes;                // kS stages
+  unsigned char* sV = sK + kS * Cfg::kKVBytes;          // kS stages
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sV + kS * Cfg::kKVBytes);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;           // [kS]
+  uint64_t* v_full = bars + 1 + kS;      // [kS]
+  uint64_t* kv_empty = bars + 1 + 2 * kS;  // [kS]
+
+  const int num_m = (p.nq + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  int m_block = static_cast<int>(blockIdx.x % num_m);
+  const int64_t bh = blockIdx.x / num_m;
+  if (p.causal) m_block = num_m - 1 - m_block;  // heaviest blocks first
+  const int b = static_cast<int>(bh / p.h), h = static_cast<int>(bh % p.h);
+  const int m0 = m_block * Cfg::kBlockM;
+  const int shift = p.nk - p.nq;
+  int n_end = p.nk;
+  if (p.causal) n_end = min(p.nk, m0 + Cfg::kBlockM + shift);
+  n_end = max(n_end, 0);
+  const int n_blocks = (n_end + kN - 1) / kN;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kS; ++s) {
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&kv_empty[s], 128 * Cfg::kConsumers);  // every consumer thread arrives
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // ---------------------------------------------------- producer
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (tid == 0) {
+      mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
+      for (int c = 0; c < kChunks; ++c) tma_load_4d(sQ + c * kQChunk, &prm.tq, q_full, 64 * c, m0, h, b);
+      for (int j = 0; j < n_blocks; ++j) {
+        const int s = j % kS;
+        if (j >= kS) mbar_wait(&kv_empty[s], ((j / kS) + 1) & 1);  // consumers released it
+        mbar_arrive_expect_tx(&k_full[s], Cfg::kKVBytes);
+        for (int c = 0; c < kChunks; ++c)
+          tma_load_4d(sK + s * Cfg::kKVBytes + c * kKVChunk, &prm.tk, &k_full[s], 64 * c, j * kN, h, b);
+        mbar_arrive_expect_tx(&v_full[s], Cfg::kKVBytes);
+        for (int c = 0; c < kChunks; ++c)
+          tma_load_4d(sV + s * Cfg::kKVBytes + c * kKVChunk, &prm.tv, &v_full[s], 64 * c, j * kN, h, b);
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------------ consumers
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int wg = tid / 128 - 1;  // consumer index: rows 64 wg .. 64 wg + 63 of the block
+  const int wt = tid % 128, warp = wt / 32, lane = wt % 32, g = lane / 4, t4 = lane % 4;
+  const int row0 = m0 + 64 * wg;             // first row of this warpgroup
+  const int r_lo = row0 + 16 * warp + g;     // this thread's rows r_lo, r_lo + 8
+  const MaskView mv = make_mask_view(p, b, h);
+  const DropoutView drop = make_dropout_view(p, bh);
+  const float sl2 = p.scale * kLog2e;
+  const int d = p.d;
+
+  // Descriptors, encoded once: a k16 step or stage only adds its byte offset / 16 to the
+  // start-address field (compile-time constants but the stage; the fields never carry:
+  // shared addresses < 256 KiB). Q (A): chunk kk / 4 of rows 64 wg.., k16 step kk at byte
+  // (kk % 4) * 32 of the 128-byte row; K (B, K-major) likewise; V (B, MN-major): keys
+  // 16 kk.. of the stage, the D chunks LBO = kKVChunk apart, 8-key groups SBO = 1024 apart.
+  const uint64_t q_desc0 = make_desc(sQ + wg * 64 * 128, 16, 1024, 128);
+  const uint64_t k_desc0 = make_desc(sK, 16, 1024, 128);
+  const uint64_t v_desc0 = make_desc(sV, kKVChunk, 1024, 128);
+  auto q_desc = [&](int kk) { return q_desc0 + uint64_t(((kk / 4) * kQChunk + (kk % 4) * 32) >> 4); };
+  auto k_desc = [&](int s, int kk) {
+    return k_desc0 + uint64_t((s * Cfg::kKVBytes + (kk / 4) * kKVChunk + (kk % 4) * 32) >> 4);
+  };
+  auto v_desc = [&](int s, int kk) { return v_desc0 + uint64_t((s * Cfg::kKVBytes + kk * 16 * 128) >> 4); };
+
+  float acc_o[kDB][4];
+  zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_o));
+  float sacc[kNB][4];
+  uint32_t pf[kN / 16][4];  // P as the A fragments of the P V product
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+
+  // S_j = Q K_j^T into sacc (one commit group; every k16 step of the bucket: TMA zero-fills
+  // the columns past D, and a uniform loop keeps the HGMMAs back to back)
+  auto issue_s = [&](int j) {
+    const int s = j % kS;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<T, kN>(reinterpret_cast<float(&)[kN / 2]>(sacc), q_desc(kk), k_desc(s, kk), kk > 0);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int j) {
+    const int s = j % kS;
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_o), pf[kk], v_desc(s, kk), 1);
+    wgmma_commit();
+  };
+  // Masks, scale, running max / sum, P (fp32, in sacc) and the O rescale factors.
+  // kTail (compile time): the tile may hold keys past Nk (the last one), the only tile whose
+  // plain-kernel code tests them, so the steady loop has no predicate code at all.
+  auto softmax = [&](int j, float (&alpha)[2], auto tail_tag) {
+    constexpr bool kTail = decltype(tail_tag)::value;
+    const int n0 = j * kN;
+    if (kMask ? !mv.all_allowed(row0, row0 + 64, n0 + kN) : (kTail && n0 + kN > p.nk)) {
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + 8 * nb + 2 * t4 + (e & 1);
+          const bool ok = kMask ? mv.allowed(r_lo + 8 * (e >> 1), col) : col < p.nk;
+          if (!ok) sacc[nb][e] = -INFINITY;
+        }
+      }
+    }
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], sacc[nb][e]);
+    }
+    // Raw scores and maxima (scale > 0: the launcher sends other scales to the portable
+    // kernel); p = 2^(s sl2 - m sl2) is one FFMA and one MUFU.EX2 per element.
+    float m_sl2[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = quad_max(mx[i]);
+      // nothing allowed yet: max -inf, shift by 0 (2^-inf = 0)
+      m_sl2[i] = mx[i] == -INFINITY ? 0.0f : mx[i] * sl2;
+      alpha[i] = m_run[i] == -INFINITY ? 1.0f : ex2_approx(m_run[i] * sl2 - m_sl2[i]);
+      m_run[i] = mx[i];
+      l_run[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = ex2_approx(fmaf(sacc[nb][e], sl2, -m_sl2[e >> 1]));
+        sacc[nb][e] = pe;
+        l_run[e >> 1] += pe;
+      }
+    }
+    if constexpr (kDrop) {
+      const uint32_t rb0 = static_cast<uint32_t>(r_lo) * drop.nk + static_cast<uint32_t>(n0 + 2 * t4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t rb = rb0 + static_cast<uint32_t>(8 * half) * drop.nk;
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            if (!drop.keep_at(rb + 8 * nb + c)) sacc[nb][2 * half + c] = 0.0f;
+        }
+      }
+    }
+  };
+  // O *= alpha, skipped when every alpha of the warp is 1 (bit-identical; the common case
+  // once the maxima settle); the flag is made warp-uniform so the branch never diverges.
+  auto rescale_o = [&](const float (&alpha)[2]) {
+    float r = (alpha[0] != 1.0f || alpha[1] != 1.0f) ? 1.0f : 0.0f;
+    r = fmaxf(r, shfl_xor(r, 1));
+    r = fmaxf(r, shfl_xor(r, 2));
+    r = fmaxf(r, shfl_xor(r, 4));
+    r = fmaxf(r, shfl_xor(r, 8));
+    r = fmaxf(r, shfl_xor(r, 16));
+    if (r != 0.0f) {
+#pragma unroll
+      for (int db = 0; db < kDB; ++db) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[db][e] *= alpha[e >> 1];
+      }
+    }
+  };
+  auto to_pf = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) acc_to_a_frag<T>(pf[kk], sacc[2 * kk], sacc[2 * kk + 1]);
+  };
+
+  mbar_wait(q_full, 0);
+  if (n_blocks > 0) {
+    float alpha[2];
+    mbar_wait(&k_full[0], 0);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_wait<0>();
+    softmax(0, alpha, std::true_type{});
+    to_pf();
+    auto step = [&](int j, auto tail_tag) {
+      const int s = j % kS, sp = (j - 1) % kS;
+      mbar_wait(&k_full[s], (j / kS) & 1);
+      wgmma_fence();
+      issue_s(j);
+      mbar_wait(&v_full[sp], ((j - 1) / kS) & 1);
+      issue_pv(j - 1);
+      wgmma_wait<1>();  // S_j has landed; P_{j-1} V_{j-1} still runs
+      softmax(j, alpha, tail_tag);
+      wgmma_wait<0>();  // O += P_{j-1} V_{j-1} done: its stage's K and V are free
+      mbar_arrive(&kv_empty[sp]);
+      rescale_o(alpha);
+      to_pf();
+    };
+    for (int j = 1; j < n_blocks - 1; ++j) step(j, std::false_type{});
+    if (n_blocks > 1) step(n_blocks - 1, std::true_type{});
+    const int sl = (n_blocks - 1) % kS;
+    mbar_wait(&v_full[sl], ((n_blocks - 1) / kS) & 1);
+    wgmma_fence();
+    issue_pv(n_blocks - 1);
+    wgmma_wait<0>();
+    mbar_arrive(&kv_empty[sl]);
+  }
+
+  T* o = reinterpret_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
+  float* lse_out = reinterpret_cast<float*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
+  const bool pair_ok = (reinterpret_cast<uintptr_t>(o) % (2 * sizeof(T)) == 0) && p.o_sm % 2 == 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = r_lo + 8 * i;
+    const float l = quad_sum(l_run[i]);
+    if (r >= p.nq) continue;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0 exactly when no key was allowed
+    if (kDrop) inv *= drop.scale;
+    T* row = o + r * p.o_sm;
+#pragma unroll
+    for (int db = 0; db < kDB; ++db) {
+      if (db * 8 >= d) continue;
+      store2<T>(row, db * 8 + 2 * t4, d, acc_o[db][2 * i] * inv, acc_o[db][2 * i + 1] * inv, pair_ok);
+    }
+    if (t4 == 0) lse_out[r * p.lse_sm] = l > 0.0f ? m_run[i] * p.scale + log2f(l) * kLn2 : INFINITY;
+  }
+#endif
+}
+
+// The byte strides of a (D, N, H, B) tensor map. Size-1 dims carry stride 0 (launchers.h:
+// any stride is valid there); TMA wants a positive one, never used: the extent below.
+static void tma_strides(int64_t (&out)[3], const int64_t (&dims)[4], int64_t sm, int64_t sh, int64_t sb) {
+  const int64_t st[3] = {sm * 2, sh * 2, sb * 2};
+  int64_t extent = dims[0] * 2;
+  for (int i = 0; i < 3; ++i) {
+    out[i] = dims[i + 1] == 1 ? (extent + 15) / 16 * 16 : st[i];
+    extent = out[i] * dims[i + 1];
+  }
+}
+
+// "" when the sm_90a kernel can run these arguments (fp16/bf16; q/k/v strides TMA can
+// describe: positive multiples of 16 bytes), else why not.
+std::string attention_fwd_sm90_why_not(const AttnArgs& a) {
+  if (a.dtype != kFloat16 && a.dtype != kBFloat16) return "dtype is not float16/bfloat16";
+  if (!(a.scale > 0.0f)) return "scale <= 0 (the sm_90a softmax takes maxima of raw scores)";
+  const int64_t n[3] = {a.nq, a.nk, a.nk};
+  const int64_t st[3][3] = {{a.q_sm, a.q_sh, a.q_sb}, {a.k_sm, a.k_sh, a.k_sb}, {a.v_sm, a.v_sh, a.v_sb}};
+  for (int i = 0; i < 3; ++i) {
+    const int64_t dims[4] = {a.d, n[i], a.h, a.b};
+    int64_t out[3];
+    tma_strides(out, dims, st[i][0], st[i][1], st[i][2]);
+    for (int64_t x : out)
+      if (x <= 0 || x % 16 != 0 || x >= (int64_t(1) << 40))
+        return "a q/k/v stride is not a positive multiple of 16 bytes (TMA)";
+  }
+  return "";
+}
+
+template <class T, int kD, bool kMask, bool kDrop>
+static std::string launch_attn_fwd_sm90(const AttnArgs& a, uintptr_t stream) {
+  using Cfg = FwdSm90Cfg<T, kD>;
+  FwdSm90Params prm{};
+  prm.a = a;
+  struct Op {
+    TmaDesc* out;
+    uint64_t ptr;
+    int64_t n, sm, sh, sb;
+    int rows;
+    const char* name;
+  } ops[] = {{&prm.tq, a.q, a.nq, a.q_sm, a.q_sh, a.q_sb, Cfg::kBlockM, "q"},
+             {&prm.tk, a.k, a.nk, a.k_sm, a.k_sh, a.k_sb, Cfg::kBlockN, "k"},
+             {&prm.tv, a.v, a.nk, a.v_sm, a.v_sh, a.v_sb, Cfg::kBlockN, "v"}};
+  for (const Op& op : ops) {
+    const int64_t dims[4] = {a.d, op.n, a.h, a.b};
+    int64_t strides[3];
+    tma_strides(strides, dims, op.sm, op.sh, op.sb);
+    const int box[4] = {64, op.rows, 1, 1};
+    std::string e = make_tma_desc(op.out, reinterpret_cast<const void*>(op.ptr), 4, dims, strides, box, 128);
+    if (!e.empty()) return std::string("attention_fwd (sm90) ") + op.name + ": " + e;
+  }
+  const int64_t blocks = int64_t((a.nq + Cfg::kBlockM - 1) / Cfg::kBlockM) * a.b * a.h;
+  if (blocks > 0x7fffffff) return "attention_fwd: too many blocks (B * H * Nq too large)";
+#ifdef RECON_EMULATE
+  ::rk::emu::SmemLimitSm90 sm90_limit;
+#endif
+  return launch(attn_fwd_sm90_kernel<T, kD, kMask, kDrop>, "attention_fwd_sm90", dim3(static_cast<unsigned>(blocks)),
+                dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, prm);
+}
+
+std::string attention_fwd_sm90(const AttnArgs& a, uintptr_t stream) {
+  std::string err = attention_fwd_sm90_why_not(a);
+  if (!err.empty()) return "attention_fwd (sm90): " + err;
+  const bool masked = a.mask != 0 || a.kpm != 0 || a.causal, drop = a.drop_threshold != 0;
+  auto go = [&](auto tag, auto kd) -> std::string {
+    using T = typename decltype(tag)::type;
+    constexpr int kD = decltype(kd)::value;
+    if (masked)
+      return drop ? launch_attn_fwd_sm90<T, kD, true, true>(a, stream)
+                  : launch_attn_fwd_sm90<T, kD, true, false>(a, stream);
+    return drop ? launch_attn_fwd_sm90<T, kD, false, true>(a, stream)
+                : launch_attn_fwd_sm90<T, kD, false, false>(a, stream);
+  };
+  struct Half { using type = __half; };
+  struct BF16 { using type = __nv_bfloat16; };
+  if (a.dtype == kFloat16) {
+    RK_DISPATCH_HEAD_DIM(a.d, kD, return go(Half{}, std::integral_constant<int, kD>{});)
+  }
+  RK_DISPATCH_HEAD_DIM(a.d, kD, return go(BF16{}, std::integral_constant<int, kD>{});)
+}
+
+}  // namespace rk
