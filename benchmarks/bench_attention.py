@@ -8,7 +8,8 @@ D=128 (H=16)), and training cases with attention dropout 0.1 (against SDPA's
 flash/efficient dropout; no error column there). Cases run most important first, so a
 time budget cuts the least important.
 
-Providers: recon-triton, recon-cuda (when built), recon-triton-det (deterministic=True: the
+Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable forward
+kernel, RECON_CUDA_ATTN_FWD=sm80, the A/B of the sm_90a one), recon-triton-det (deterministic=True: the
 two-kernel backward, fwd+bwd only, the A/B of recon-triton's atomic-dQ backward); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
 flex_attention with a block mask; no dropout), eager (the float reference as written) and
@@ -27,6 +28,7 @@ and DIR/bench_attention.md (rewritten after every case) and prints the markdown.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -103,6 +105,25 @@ def providers(
             out[f"recon-{b}"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
                 q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b
             )
+    # recon-cuda-sm80: the portable CUDA forward forced (RECON_CUDA_ATTN_FWD=sm80) beside
+    # recon-cuda (auto: the sm_90a forward on Hopper), the A/B of csrc/attention_fwd_sm90.cu
+    why = rk.why_unavailable("cuda", device)
+    if why is not None:
+        out["recon-cuda-sm80"] = C.unavailable(why)
+    else:
+
+        def cuda_sm80(q, k, v):
+            prev = os.environ.get("RECON_CUDA_ATTN_FWD")
+            os.environ["RECON_CUDA_ATTN_FWD"] = "sm80"
+            try:
+                return out["recon-cuda"](q, k, v)
+            finally:
+                if prev is None:
+                    del os.environ["RECON_CUDA_ATTN_FWD"]
+                else:
+                    os.environ["RECON_CUDA_ATTN_FWD"] = prev
+
+        out["recon-cuda-sm80"] = cuda_sm80
     why = rk.why_unavailable("triton", device)
     if why is not None:
         out["recon-triton-det"] = C.unavailable(why)

@@ -219,6 +219,13 @@ def explain_auto(device: torch.device | str | None = None) -> list[str]:
             f"  {fam:9s} -> {auto_backend(fam, device)} "
             f"(order {', '.join(AUTO_TABLE[fam][arch])}; {AUTO_EVIDENCE[fam][arch]})"
         )
+    if why_unavailable("cuda", device) is None:
+        from .cuda.attention import fwd_choice  # the extension is there
+
+        x = torch.empty(1, 1, 128, 128, dtype=torch.bfloat16, device=device)
+        lines.append(
+            f"  cuda attention forward (bf16, D=128, RECON_CUDA_ATTN_FWD): {fwd_choice(x, x, x)}"
+        )
     return lines
 
 
