@@ -219,7 +219,7 @@ def explain_auto(device: torch.device | str | None = None) -> list[str]:
             f"  {fam:9s} -> {auto_backend(fam, device)} "
             f"(order {', '.join(AUTO_TABLE[fam][arch])}; {AUTO_EVIDENCE[fam][arch]})"
         )
-    if why_unavailable("cuda", device) is None:
+    if torch.cuda.is_available() and why_unavailable("cuda", device) is None:
         from .cuda.attention import fwd_choice  # the extension is there
 
         x = torch.empty(1, 1, 128, 128, dtype=torch.bfloat16, device=device)
