@@ -119,7 +119,8 @@ def compile_kernel(
     for i, n in enumerate(fn.arg_names):
         if n in ptr_types:
             sig[n] = ptr_types[n]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if ptr_types[n].startswith("*"):  # (tensordesc<...>: no pointer hint)
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif n in constexprs:
             sig[n] = "constexpr"
         elif n in float_args:
@@ -354,7 +355,8 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                         HAS_KPM=kpm,
                         DROPOUT=drop,
                         CAUSAL=causal,
-                        **A.static_constexprs(kname),  # FAST: the forward loop's tiles
+                        # FAST, TMA: the forward loop's tiles
+                        **A.static_constexprs(kname, d, mask, kpm, drop),
                     )
                     configs = A._pruner(kname)(kern.configs, named)
                     if dt not in all_configs_for:
@@ -480,9 +482,13 @@ def compile_case(c: dict):
             **c.get("extra", {}),
         )
         const = {k: v for k, v in const.items() if k in fn.arg_names}
-        for k, v in A.static_constexprs(c["kernel"]).items():
+        flags = (c["D"], c["mask"], c["kpm"], c["dropout"])
+        for k, v in A.static_constexprs(c["kernel"], *flags).items():
             if k in fn.arg_names:
                 const.setdefault(k, v)
+        if const.get("TMA"):  # host-side tensor descriptors of the 4-D K and V
+            for n in ("K", "V"):
+                ptrs[n] = f"tensordesc<{p[1:]}[1, 1, {c['BN']}, {c['D']}]>"
         floats = tuple(n for n in ("qk_scale", "sm_scale", "drop_scale") if n in fn.arg_names)
         k = compile_kernel(
             fn, ptrs, const, c["warps"], c["stages"], floats, _attn_ints(c["N"], c["D"])

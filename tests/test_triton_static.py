@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 # and mask variant: ~15 compiles, ~1 minute per triton version on 2 cores
 ATTN_FILTERS = [
     "fwd bf16 D=128 causal=0 kpm=0 mask=0 drop=0",
+    "fwd bf16 D=128 causal=1 kpm=0 mask=0 drop=0",
     "fwd fp16 D=64 causal=1 kpm=0 mask=0 drop=0",
     "fwd bf16 D=256 causal=0 kpm=0 mask=1 drop=0",
     # RECON_ATTN_FWD_MASKED=wide: 128 x 64 with the general mask or dropout at D = 128
@@ -106,7 +107,8 @@ def report(request, tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    return [r for r in rows if "case" in r]
+    ver = rows[0]["_meta"]["triton"]
+    return [{**r, "triton": ver} for r in rows if "case" in r]
 
 
 def _pick(rows, filt):
@@ -145,6 +147,37 @@ def test_attention_no_replicated_work(report, filt):
     assert r["ex2_per_elem"] <= 1.1, (
         f"{r['case']}: expected <= 1.1 MUFU.EX2 per score element, got {r['ex2_per_elem']}"
     )
+
+
+# The steady forward loop at the default switches (RECON_ATTN_FWD_TMA=auto,
+# RECON_ATTN_FWD_BN=128): the first-choice tile and the most SASS instructions per score
+# element it may issue per thread, per triton minor version (measured: D = 128 8.12 / 7.67,
+# D = 64 7.27 / 6.95 under 3.9 / 3.6; FlashAttention-3 6.75, Triton tutorial 06 7.7-9.7).
+FWD_LOOP = {
+    "fwd bf16 D=128 causal=0 kpm=0 mask=0 drop=0": ((128, 128), {"3.9": 8.2, "3.6": 7.75}),
+    "fwd bf16 D=128 causal=1 kpm=0 mask=0 drop=0": ((128, 128), {"3.9": 8.2, "3.6": 7.75}),
+    "fwd fp16 D=64 causal=1 kpm=0 mask=0 drop=0": ((128, 128), {"3.9": 7.35, "3.6": 7.05}),
+}
+
+
+@pytest.mark.parametrize("filt", list(FWD_LOOP))
+def test_attention_fwd_loop_instructions(report, filt):
+    """The forward's steady loop: the 128 x 128 tile, at most the bound's instructions per
+    score element, and at D = 128 the K/V tiles loaded by TMA (UTMALDG, host descriptors);
+    a regression of the tile order, the descriptor path or the loop body fails here."""
+    (r,) = _pick(report, filt)
+    tile, bounds = FWD_LOOP[filt]
+    ver = ".".join(r["triton"].split(".")[:2])
+    assert (r["BM"], r["BN"]) == tile, f"{r['case']}: expected the {tile} tile first"
+    bound = bounds.get(ver, max(bounds.values()))
+    assert r["instr_per_elem"] <= bound, (
+        f"{r['case']} (triton {r['triton']}): {r['instr_per_elem']} SASS instructions per "
+        f"score element in the steady loop, expected <= {bound}"
+    )
+    if r["D"] == 128:
+        assert r["tma"] > 0, f"{r['case']}: expected UTMALDG (RECON_ATTN_FWD_TMA=auto)"
+    else:
+        assert r["tma"] == 0, f"{r['case']}: TMA is only the default at BLOCK_D = 128"
 
 
 @pytest.mark.parametrize("filt", ATOMIC_FILTERS)
@@ -363,6 +396,111 @@ def test_attention_fwd_masked_tiles_switch(mode, tile, mask_mode, monkeypatch):
         test_dropout_matches_reference("triton", "cpu", torch.bfloat16, (shape, "causal_kpm", 0.3))
     used = kern.best_config
     assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile
+
+
+TMA_SHAPES = [(2, 1, 17, 100, 40), (2, 2, 100, 17, 72), (2, 1, 1, 1, 40), (1, 2, 17, 100, 128)]
+
+
+@pytest.mark.parametrize("tma", ["host", "off", "auto"])
+@pytest.mark.parametrize("mode", ["none", "causal", "mask_kpm", "causal_kpm"])
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_fwd_tma_switch_matches_reference(tma, mode, shape, monkeypatch):
+    """RECON_ATTN_FWD_TMA in the interpreter (which emulates tensor descriptors): output and
+    every gradient vs the float64 reference under the 2x rule, odd Nq/Nk (1, 17, 100) and
+    head dims (40, 72: the descriptor's zero fill pads them to 64, 128), fully masked rows
+    (batch 0 all padding, a mask row that sees nothing): O = 0 and lse = +inf there; and
+    the launch really took descriptors where the mode says so."""
+    import torch
+
+    from recon_kernels.triton import attention as A
+
+    if not A.INTERPRET:
+        pytest.skip("interpreter test (TRITON_INTERPRET=1)")
+    from test_attention import _check_kernel, _inputs, _masks
+
+    if tma == "auto" and shape[-1] != 128:
+        pytest.skip("auto = off below BLOCK_D = 128 (covered by the off cases)")
+    monkeypatch.setenv("RECON_ATTN_FWD_TMA", tma)
+    used = []
+    real = A._tma_ok
+    monkeypatch.setattr(A, "_tma_ok", lambda *t: used.append(real(*t)) or used[-1])
+    _check_kernel("triton", "cpu", torch.bfloat16, shape, mode)
+    want = tma == "host" or (tma == "auto" and shape[-1] == 128 and mode in ("none", "causal"))
+    if want:
+        assert used and all(used), f"{tma} {mode}: descriptors not used ({used})"
+    else:
+        assert not used, f"{tma} {mode}: descriptors asked for ({used})"
+    if "kpm" in mode:  # batch 0 is all padding
+        B, H, NQ, NK, D = shape
+        q, k, v, _ = (t.to(torch.bfloat16) for t in _inputs(B, H, NQ, NK, D))
+        mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+        out, lse = A.attention_fwd(q, k, v, mask, kpm, D**-0.5, causal)
+        assert torch.all(out[0] == 0) and torch.all(lse[0] == float("inf"))
+        if B > 1 and NQ > 1:  # (1 x 1 with a mask: no key left anywhere)
+            assert torch.isfinite(lse[1]).any()
+
+
+def test_attention_fwd_tma_dropout_matches_reference(monkeypatch):
+    """Dropout through the descriptor loads (RECON_ATTN_FWD_TMA=host), key padding."""
+    import torch
+
+    from recon_kernels.triton import attention as A
+
+    if not A.INTERPRET:
+        pytest.skip("interpreter test (TRITON_INTERPRET=1)")
+    from test_attention import test_dropout_matches_reference
+
+    monkeypatch.setenv("RECON_ATTN_FWD_TMA", "host")
+    test_dropout_matches_reference(
+        "triton", "cpu", torch.bfloat16, ((2, 2, 100, 17, 72), "causal_kpm", 0.5)
+    )
+
+
+@pytest.mark.parametrize("bn", ["128", "64"])
+def test_attention_fwd_bn_switch_first_choices(bn, monkeypatch):
+    """RECON_ATTN_FWD_BN=128 (default): 128 x 128 on 8 warps first where it does not spill
+    (BLOCK_D <= 64; BLOCK_D = 128 with descriptor loads), the register budget still
+    deciding (key padding at D = 128 keeps 128 x 64); 64: the previous order."""
+    monkeypatch.setenv("RECON_ATTN_FWD_BN", bn)
+    wide = (128, 128, 8, 2) if bn == "128" else (128, 64, 8, 3)
+    assert _first("fwd", 64, "split", monkeypatch, FAST=True)[0] == wide
+    assert _first("fwd", 128, "split", monkeypatch, FAST=True, TMA=True)[0] == wide
+    assert _first("fwd", 128, "split", monkeypatch, FAST=True)[0] == (128, 64, 8, 3)
+    kpm = dict(FAST=True, TMA=True, HAS_KPM=True)
+    assert _first("fwd", 128, "split", monkeypatch, **kpm)[0] == (128, 64, 8, 3)
+    assert _first("fwd", 64, "split", monkeypatch, FAST=False)[0] == (128, 64, 8, 3)
+
+
+def test_attention_fwd_wide_tile_with_tma_matches_reference(monkeypatch):
+    """The GPU's first choice at D = 128 (128 x 128 with descriptors) run in the
+    interpreter: two query and key blocks, the second partial, causal and not."""
+    import torch
+
+    from recon_kernels.triton import attention as A
+
+    if not A.INTERPRET:
+        pytest.skip("interpreter test (TRITON_INTERPRET=1)")
+    from test_attention import _check_kernel
+
+    kern = A._attn_fwd_kernel
+    monkeypatch.setattr(kern, "configs", A._configs("fwd", interpret=False))
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setenv("RECON_TRITON_AUTOTUNE", "0")
+    for mode in ("none", "causal"):
+        _check_kernel("triton", "cpu", torch.bfloat16, (1, 1, 200, 130, 128), mode)
+        used = kern.best_config
+        assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "var,fn", [("RECON_ATTN_FWD_TMA", "fwd_tma_mode"), ("RECON_ATTN_FWD_BN", "fwd_bn_mode")]
+)
+def test_attention_fwd_tma_bn_switches_reject_bad_value(var, fn, monkeypatch):
+    from recon_kernels.triton import attention as A
+
+    monkeypatch.setenv(var, "bogus")
+    with pytest.raises(ValueError, match=f"{var}: expected one of"):
+        getattr(A, fn)()
 
 
 def test_attention_fwd_masked_switch_rejects_bad_value(monkeypatch):

@@ -27,6 +27,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
 
@@ -134,9 +135,12 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
     """Candidate tiles (BLOCK_M, BLOCK_N, warps, stages); _pruner drops those that spill,
     overflow shared memory, replicate work or exceed the sequence, so autotuning compiles
     only a few. ``interpret=False`` gives the GPU list in the interpreter (tests)."""
+    hook = _desc_blocks if kind == "fwd" else None
     if interpret:
         # Unequal M/N blocks catch transposition bugs; small enough to exercise many tiles.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1, pre_hook=hook)
+        ]
     mode = tile_mode()
     tiles = _TILES[mode].get(kind) or _TILES[mode]["bwd"]
     if mode == "split" and kind != "atomic":
@@ -144,9 +148,18 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
         legacy = _TILES["legacy"].get(kind) or _TILES["legacy"]["bwd"]
         tiles = tiles + [t for t in legacy if t not in tiles]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=hook)
         for bm, bn, w, st in tiles
     ]
+
+
+def _desc_blocks(nargs) -> None:
+    """Config pre-hook of the forward: K and V tensor descriptors (RECON_ATTN_FWD_TMA=host)
+    get the (1, 1, BLOCK_N, BLOCK_D) block of the config about to run."""
+    for name in ("K", "V"):
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
 
 def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int) -> tuple[int, int]:
@@ -237,6 +250,19 @@ def _pruner(kind: str):
             and (flag("HAS_MASK") or flag("DROPOUT"))
             and fwd_masked_mode() == "wide"
         )
+        if (
+            kind == "fwd"
+            and flag("FAST")
+            and fwd_bn_mode() == "128"
+            and (bd <= 64 or (bd == 128 and flag("TMA")))
+        ):
+            # RECON_ATTN_FWD_BN=128: 128 x 128 on 8 warps first (the budget still applies)
+            configs = sorted(
+                configs,
+                key=lambda c: (
+                    (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (128, 128, 8)
+                ),
+            )
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -292,12 +318,63 @@ def fwd_mode() -> str:
     return mode
 
 
-def static_constexprs(kind: str) -> dict:
+FWD_TMA_MODES = ("auto", "host", "off")
+
+
+def fwd_tma_mode() -> str:
+    """RECON_ATTN_FWD_TMA: how the fast forward loop reads K and V.
+
+    * "host": through host-side tensor descriptors (triton.tools.tensor_descriptor.
+      TensorDescriptor over the 4-D (B, H, Nk, D) tensors: UTMALDG on sm_90, zero fill past
+      Nk and the head dim, so no load needs a mask), whatever the head dim and masks;
+    * "auto" (default): "host" where the static sweep finds it better (BLOCK_D = 128 with no
+      general mask, key padding or dropout: there it takes the 128 x 128 tile, 8.1 / 7.7
+      instructions per score element under triton 3.9 / 3.6 against 11.2 / 10.5 for the
+      cp.async 128 x 64; elsewhere descriptors add instructions), pointers elsewhere;
+    * "off": pointer loads (cp.async) always.
+
+    Any mode falls back to pointers per launch where a descriptor is not allowed (_tma_ok)."""
+    mode = os.environ.get("RECON_ATTN_FWD_TMA", "auto")
+    if mode not in FWD_TMA_MODES:
+        raise ValueError(f"RECON_ATTN_FWD_TMA: expected one of {FWD_TMA_MODES}, got {mode!r}")
+    return mode
+
+
+def fwd_tma_wanted(block_d: int, has_mask: bool, has_kpm: bool, dropout: bool) -> bool:
+    """Whether the fast forward reads K and V through descriptors (RECON_ATTN_FWD_TMA), before
+    the per-launch checks of _tma_ok."""
+    mode = fwd_tma_mode()
+    if mode == "auto":
+        return block_d == 128 and not (has_mask or has_kpm or dropout)
+    return mode == "host"
+
+
+FWD_BN_MODES = ("128", "64")
+
+
+def fwd_bn_mode() -> str:
+    """RECON_ATTN_FWD_BN: "128" (default) puts the 128 x 128 / 8-warp tile first for the fast
+    forward where it fits the register budget and does not spill: BLOCK_D <= 64, or
+    BLOCK_D = 128 with descriptor loads (with cp.async pointers it spills 16 bytes under
+    triton 3.9); the rescale of O and the per-iteration overhead are paid once per 128 keys.
+    "64": the previous order (128 x 64 first)."""
+    mode = os.environ.get("RECON_ATTN_FWD_BN", "128")
+    if mode not in FWD_BN_MODES:
+        raise ValueError(f"RECON_ATTN_FWD_BN: expected one of {FWD_BN_MODES}, got {mode!r}")
+    return mode
+
+
+def static_constexprs(
+    kind: str, block_d: int = 128, has_mask=False, has_kpm=False, dropout=False
+) -> dict:
     """Constexpr arguments the launchers pass besides the tile and the mask flags, for the
     current switches (benchmarks/sass_report.py compiles what a launch would run, for a
-    power-of-two head dim)."""
+    power-of-two head dim with descriptor-friendly strides). TMA=True: K and V are tensor
+    descriptors (the report gives them the type tensordesc<dtype[1, 1, BLOCK_N, BLOCK_D]>)."""
     if kind == "fwd":
-        return {"FAST": fwd_mode() == "fast", "EVEN_D": True}
+        fast = fwd_mode() == "fast"
+        tma = fast and fwd_tma_wanted(block_d, has_mask, has_kpm, dropout)
+        return {"FAST": fast, "EVEN_D": True, "TMA": tma}
     return {}
 
 
@@ -428,13 +505,14 @@ def _fwd_inner(
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
     EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     if FAST:
         acc, l_i, m_i = _fwd_inner_fast(
             acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
             smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key,
             drop_thresh, lo, hi, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, BOUNDS, DROPOUT,
-            PRECISION, UPCAST, EVEN_D,
+            PRECISION, UPCAST, EVEN_D, TMA,
         )  # fmt: skip
     else:
         d_ok = offs_d < HEAD_DIM
@@ -530,6 +608,7 @@ def _fwd_inner_fast(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """_fwd_inner with fewer instructions per score element (RECON_ATTN_FWD=fast):
 
@@ -537,18 +616,27 @@ def _fwd_inner_fast(
       s·scale − m is one FFMA (scale > 0 commutes with max);
     * full blocks (not BOUNDS) load K/V without masks when the head dim is a power of two
       (EVEN_D), through pointers advanced by BLOCK_N rows instead of recomputed;
-    * rows of a full block without masks always have a finite max: no -inf guard."""
+    * rows of a full block without masks always have a finite max: no -inf guard;
+    * TMA (RECON_ATTN_FWD_TMA=host): K and V are (B, H, Nk, D) tensor descriptors with
+      blocks (1, 1, BLOCK_N, BLOCK_D), zero-filled past Nk and the head dim."""
     offs_j = tl.arange(0, BLOCK_N)
-    # 32-bit offsets inside the tile, loop-invariant; the scalar bases advance
-    k_off = offs_j[None, :] * skn + offs_d[:, None] * skd
-    v_off = offs_j[:, None] * svn + offs_d[None, :] * svd
-    kt_ptrs = K + lo * skn
-    v_ptrs = V + lo * svn
-    d_ok = offs_d < HEAD_DIM
+    BLOCK_D: tl.constexpr = q.shape[1]
+    if TMA:
+        b32 = b.to(tl.int32)
+        h32 = h.to(tl.int32)
+    else:
+        # 32-bit offsets inside the tile, loop-invariant; the scalar bases advance
+        k_off = offs_j[None, :] * skn + offs_d[:, None] * skd
+        v_off = offs_j[:, None] * svn + offs_d[None, :] * svd
+        kt_ptrs = K + lo * skn
+        v_ptrs = V + lo * svn
+        d_ok = offs_d < HEAD_DIM
     GUARD: tl.constexpr = HAS_MASK or HAS_KPM or BOUNDS
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_j
-        if BOUNDS or not EVEN_D:
+        if TMA:
+            kt = tl.trans(K.load([b32, h32, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+        elif BOUNDS or not EVEN_D:
             n_ok = offs_n < NK
             kt = tl.load(kt_ptrs + k_off, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         else:
@@ -588,19 +676,24 @@ def _fwd_inner_fast(
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
         if DROPOUT:
             p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
-        if BOUNDS or not EVEN_D:
+        if TMA:
+            v = V.load([b32, h32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif BOUNDS or not EVEN_D:
             v = tl.load(v_ptrs + v_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs + v_off)
         acc = mma(cast_rne(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
-        kt_ptrs += BLOCK_N * skn
-        v_ptrs += BLOCK_N * svn
+        if not TMA:
+            kt_ptrs += BLOCK_N * skn
+            v_ptrs += BLOCK_N * svn
     return acc, l_i, m_i
 
 
 @triton.autotune(
-    configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
+    configs=_configs("fwd"),
+    key=_KEY + ["FAST", "TMA"],  # the loop variants tune apart
+    prune_configs_by={"early_config_prune": _pruner("fwd")},
 )
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
@@ -658,6 +751,7 @@ def _attn_fwd_kernel(
     UPCAST: tl.constexpr,
     FAST: tl.constexpr = False,
     EVEN_D: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid = tl.program_id(0)
@@ -676,8 +770,9 @@ def _attn_fwd_kernel(
         mask=m_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    if not TMA:  # descriptors take (b, h) as coordinates
+        K += b * skb + h * skh
+        V += b * svb + h * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -738,6 +833,7 @@ def _attn_fwd_kernel(
         UPCAST,
         FAST,
         EVEN_D,
+        TMA,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -780,6 +876,7 @@ def _attn_fwd_kernel(
         UPCAST,
         FAST,
         EVEN_D,
+        TMA,
     )
 
     empty = l_i == 0.0
@@ -1391,6 +1488,21 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+def _tma_ok(*ts) -> bool:
+    """Whether K and V may be read through TMA descriptors: unit stride along the head dim,
+    16-byte aligned base and strides; on the GPU, compute capability 9.0 or newer (the
+    interpreter emulates descriptors)."""
+    for t in ts:
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return False
+    if INTERPRET:
+        return True
+    dev = ts[0].device
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
 def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     """(seed as a signed int32, 24-bit threshold, 1 / (1 - p)) for the kernels."""
     from ..reference import dropout_params
@@ -1413,10 +1525,25 @@ def attention_fwd(
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     mask_t, mstr, kpm_t, kstr, kvhi = _mask_args(q, NK, mask, key_padding_mask)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)
+    # the fast loop takes the row max of the raw scores (max(s) * scale): right only for
+    # scale > 0; a negative scale (allowed, as in torch) runs the legacy loop
+    fast = fwd_mode() == "fast" and scale > 0
+    tma = (
+        fast
+        and fwd_tma_wanted(
+            _block_d(D), mask is not None, key_padding_mask is not None, dropout_p > 0
+        )
+        and _tma_ok(k, v)
+    )
+    kd, vd = k, v
+    if tma:  # block shapes: set per config by _desc_blocks
+        blk = [1, 1, 16, _block_d(D)]
+        kd = TensorDescriptor(k, list(k.shape), list(k.stride()), blk)
+        vd = TensorDescriptor(v, list(v.shape), list(v.stride()), list(blk))
     _attn_fwd_kernel[grid](
         q,
-        k,
-        v,
+        kd,
+        vd,
         out,
         lse,
         mask_t,
@@ -1444,10 +1571,9 @@ def attention_fwd(
         DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(q.dtype),
         UPCAST=INTERPRET,
-        # the fast loop takes the row max of the raw scores (max(s) * scale): right only for
-        # scale > 0; a negative scale (allowed, as in torch) runs the legacy loop
-        FAST=fwd_mode() == "fast" and scale > 0,
+        FAST=fast,
         EVEN_D=D == _block_d(D),
+        TMA=tma,
     )
     return out, lse
 
