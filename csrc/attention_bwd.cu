@@ -414,6 +414,7 @@ static std::string launch_attn_bwd(const AttnArgs& a, uintptr_t stream) {
   std::string err = launch(attn_bwd_delta_kernel<T>, "attention_bwd (delta)",
                            dim3(static_cast<unsigned>(delta_blocks)), dim3(256), 0, stream, a);
   if (!err.empty()) return err;
+  if (a.path != 1 && attention_bwd_choice(a) == "sm90") return attention_bwd_sm90(a, stream);
   err = launch(attn_bwd_dkdv_kernel<T, kD>, "attention_bwd (dK/dV)",
                dim3(static_cast<unsigned>(kv_blocks)), dim3(KV::kThreads), KV::kSmemBytes,
                stream, a);
@@ -437,6 +438,13 @@ std::string attention_bwd(const AttnArgs& a, uintptr_t stream) {
   }
   if (a.o == 0 || a.lse == 0 || a.delta == 0 || a.dq == 0 || a.dk == 0 || a.dv == 0)
     return "attention_bwd: null pointer among o, lse, delta, dq, dk, dv";
+  if (a.path < 0 || a.path > 2) return "attention_bwd: path must be 0, 1 or 2, got " + std::to_string(a.path);
+#ifndef RECON_EMULATE
+  if (a.path == 2) {
+    err = sm90_unavailable();
+    if (!err.empty()) return "attention_bwd: path = 2 (sm_90a) cannot run here: " + err;
+  }
+#endif
   RK_DISPATCH_DTYPE(a.dtype, T, RK_DISPATCH_HEAD_DIM(a.d, kD, return launch_attn_bwd<T, kD>(a, stream);))
 }
 

@@ -204,6 +204,26 @@ inline std::string check_aligned(const Operand& op, int vec) {
   return "";
 }
 
+// "" when this process can run the sm_90a kernels (build and device), else why not.
+inline std::string sm90_unavailable() {
+#ifdef RECON_EMULATE
+  return "the emulator runs the portable kernels unless path = 2 asks for sm_90a";
+#else
+  if (std::string(RK_CUDA_ARCHS).find("90a") == std::string::npos)
+    return "the extension was not built for sm_90a (RECON_CUDA_ARCHS=" RK_CUDA_ARCHS ")";
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return "no usable CUDA device";
+  }
+  if (major != 9 || minor != 0)
+    return "the GPU is sm_" + std::to_string(major) + std::to_string(minor) + ", not sm_90";
+  return "";
+#endif
+}
+
 inline std::string check_attn_common(const AttnArgs& a) {
   if (a.b < 1 || a.h < 1 || a.nq < 1 || a.nk < 1)
     return "attention: expected B, H, Nq, Nk >= 1, got B=" + std::to_string(a.b) +

@@ -338,26 +338,6 @@ static std::string launch_attn_fwd(const AttnArgs& a, uintptr_t stream) {
                 dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, a);
 }
 
-// "" when this process can run the sm_90a kernels (build and device), else why not.
-static std::string sm90_unavailable() {
-#ifdef RECON_EMULATE
-  return "the emulator runs the portable kernels unless path = 2 asks for sm_90a";
-#else
-  if (std::string(RK_CUDA_ARCHS).find("90a") == std::string::npos)
-    return "the extension was not built for sm_90a (RECON_CUDA_ARCHS=" RK_CUDA_ARCHS ")";
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return "no usable CUDA device";
-  }
-  if (major != 9 || minor != 0)
-    return "the GPU is sm_" + std::to_string(major) + std::to_string(minor) + ", not sm_90";
-  return "";
-#endif
-}
-
 #ifdef RECON_EMULATE
 std::vector<std::pair<std::string, int64_t>> emu_launch_counts() {
   const auto& m = ::rk::emu::launch_counts();

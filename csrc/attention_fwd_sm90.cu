@@ -26,8 +26,7 @@
 // Shared memory (1024-byte aligned, every tile in 64-column chunks of 128-byte rows, the
 // 128B swizzle atom of TMA and wgmma): Q 128 x kD, K and V kStages x kBlockN x kD each,
 // then the mbarriers. kD = 128: 32 + 128 KiB; kD = 256 (64 rows, kBlockN 64): 32 + 128 KiB.
-#include "attention_common.cuh"
-#include "hopper.cuh"
+#include "attention_sm90.cuh"
 
 namespace rk {
 
@@ -301,17 +300,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
 #endif
 }
 
-// The byte strides of a (D, N, H, B) tensor map. Size-1 dims carry stride 0 (launchers.h:
-// any stride is valid there); TMA wants a positive one, never used: the extent below.
-static void tma_strides(int64_t (&out)[3], const int64_t (&dims)[4], int64_t sm, int64_t sh, int64_t sb) {
-  const int64_t st[3] = {sm * 2, sh * 2, sb * 2};
-  int64_t extent = dims[0] * 2;
-  for (int i = 0; i < 3; ++i) {
-    out[i] = dims[i + 1] == 1 ? (extent + 15) / 16 * 16 : st[i];
-    extent = out[i] * dims[i + 1];
-  }
-}
-
 // "" when the sm_90a kernel can run these arguments (fp16/bf16; q/k/v strides TMA can
 // describe: positive multiples of 16 bytes), else why not.
 std::string attention_fwd_sm90_why_not(const AttnArgs& a) {
@@ -319,14 +307,9 @@ std::string attention_fwd_sm90_why_not(const AttnArgs& a) {
   if (!(a.scale > 0.0f)) return "scale <= 0 (the sm_90a softmax takes maxima of raw scores)";
   const int64_t n[3] = {a.nq, a.nk, a.nk};
   const int64_t st[3][3] = {{a.q_sm, a.q_sh, a.q_sb}, {a.k_sm, a.k_sh, a.k_sb}, {a.v_sm, a.v_sh, a.v_sb}};
-  for (int i = 0; i < 3; ++i) {
-    const int64_t dims[4] = {a.d, n[i], a.h, a.b};
-    int64_t out[3];
-    tma_strides(out, dims, st[i][0], st[i][1], st[i][2]);
-    for (int64_t x : out)
-      if (x <= 0 || x % 16 != 0 || x >= (int64_t(1) << 40))
-        return "a q/k/v stride is not a positive multiple of 16 bytes (TMA)";
-  }
+  for (int i = 0; i < 3; ++i)
+    if (!tma_describable(a, n[i], st[i][0], st[i][1], st[i][2]))
+      return "a q/k/v stride is not a positive multiple of 16 bytes (TMA)";
   return "";
 }
 
@@ -345,11 +328,7 @@ static std::string launch_attn_fwd_sm90(const AttnArgs& a, uintptr_t stream) {
              {&prm.tk, a.k, a.nk, a.k_sm, a.k_sh, a.k_sb, Cfg::kBlockN, "k"},
              {&prm.tv, a.v, a.nk, a.v_sm, a.v_sh, a.v_sb, Cfg::kBlockN, "v"}};
   for (const Op& op : ops) {
-    const int64_t dims[4] = {a.d, op.n, a.h, a.b};
-    int64_t strides[3];
-    tma_strides(strides, dims, op.sm, op.sh, op.sb);
-    const int box[4] = {64, op.rows, 1, 1};
-    std::string e = make_tma_desc(op.out, reinterpret_cast<const void*>(op.ptr), 4, dims, strides, box, 128);
+    std::string e = make_attn_tma(op.out, a, op.ptr, op.n, op.sm, op.sh, op.sb, op.rows);
     if (!e.empty()) return std::string("attention_fwd (sm90) ") + op.name + ": " + e;
   }
   const int64_t blocks = int64_t((a.nq + Cfg::kBlockM - 1) / Cfg::kBlockM) * a.b * a.h;

@@ -113,6 +113,9 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
   m.def(
       "attention_fwd_choice", [](const rk::AttnArgs& a) { return rk::attention_fwd_choice(a); },
       py::arg("args"), "which forward kernel attention_fwd runs: 'sm90' or 'sm80: <why>'");
+  m.def(
+      "attention_bwd_choice", [](const rk::AttnArgs& a) { return rk::attention_bwd_choice(a); },
+      py::arg("args"), "which backward kernels attention_bwd runs: 'sm90' or 'sm80: <why>'");
   bind_launcher(m, "attention_bwd", &rk::attention_bwd, "delta, then dq, dk, dv");
   bind_launcher(m, "gemm", &rk::gemm, "the fused-epilogue GEMM");
   bind_launcher(m, "conv1d_mlp_fwd", &rk::conv1d_mlp_fwd, "y, h (and act(h) workspace)");

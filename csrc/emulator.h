@@ -428,3 +428,11 @@ inline std::string launch(void (*kernel)(P), const char* name, dim3 grid, dim3 b
 #define gridDim (::rk::emu::st().grid)
 
 inline void __syncthreads() { ::rk::emu::syncthreads(); }
+
+// Global-memory float atomics: the fibers of the emulator never interleave inside a call,
+// so a plain read-modify-write is atomic here.
+inline float atomicAdd(float* addr, float v) {
+  const float old = *addr;
+  *addr = old + v;
+  return old;
+}

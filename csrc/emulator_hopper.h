@@ -145,7 +145,12 @@ inline void wg_collective(int op, const void* in, F&& all) {
   }
 }
 
-enum WgOp : int { kWgFence = 101, kWgMma, kWgCommit, kWgWait, kWgMaxReg };
+enum WgOp : int { kWgFence = 101, kWgMma, kWgCommit, kWgWait, kWgMaxReg, kWgMaxRegDec, kWgBar };
+
+// bar.sync id, 128 by the threads of one warpgroup (a named barrier of its own).
+inline void warpgroup_bar() {
+  wg_collective(kWgBar, nullptr, [](const void* const*, WarpGroup&, int) {});
+}
 
 inline void wgmma_fence() {
   wg_collective(kWgFence, nullptr, [](const void* const*, WarpGroup& w, int) { w.fenced = true; });

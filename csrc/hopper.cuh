@@ -96,6 +96,10 @@ inline void tma_load_4d(void* dst, const TmaDesc* d, uint64_t* bar, int c0, int 
 // 2^x by the MUFU alone (ex2.approx.ftz: ~2 ulp, denormal results flush to 0, as with
 // --use_fast_math); exp2f adds range-reduction instructions around it.
 inline float ex2_approx(float x) { return exp2f(x); }
+// Generic-proxy shared-memory writes (st.shared) made visible to the async proxy (wgmma
+// operands, TMA); then every thread of the warpgroup meets at named barrier `id`.
+inline void fence_proxy_async() {}
+inline void warpgroup_bar(int) { ::rk::emu::warpgroup_bar(); }
 template <int kCount>
 inline void setmaxnreg_inc() { ::rk::emu::setmaxnreg<true>(kCount); }
 template <int kCount>
@@ -106,6 +110,14 @@ inline void setmaxnreg_dec() { ::rk::emu::setmaxnreg<false>(kCount); }
 RK_DEVICE uint64_t make_desc(const void* p, uint32_t lbo, uint32_t sbo, int swizzle_bytes) {
   return desc_encode(smem_u32(p), lbo, sbo, swizzle_bytes);
 }
+
+#if RK_SM90_DEVICE
+RK_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#else
+RK_DEVICE void fence_proxy_async() { __trap(); }
+#endif
+// bar.sync id, 128: the 128 threads of one warpgroup (ids 1.. : 0 is __syncthreads)
+RK_DEVICE void warpgroup_bar(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
 
 RK_DEVICE float ex2_approx(float x) {
   float y;

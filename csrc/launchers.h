@@ -49,7 +49,7 @@
   X(int, b, 0) X(int, h, 0) X(int, nq, 0) X(int, nk, 0) X(int, d, 0)                       \
   X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
   X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)      \
-  X(int, path, 0)
+  X(int, path, 0) X(uint64_t, dq_accum, 0)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))
@@ -124,6 +124,11 @@ std::string attention_fwd_tiles(int dtype, int d, AttnFwdTiles* out);
 std::string attention_fwd_choice(const AttnArgs& a);
 std::string attention_fwd_sm90(const AttnArgs& a, uintptr_t stream);
 std::string attention_fwd_sm90_why_not(const AttnArgs& a);
+// The backward likewise ("sm90" or "sm80: <why>"); the sm_90a backward accumulates dQ with
+// float atomics in dq_accum, a zeroed float32 (B, H, Nq, D) contiguous workspace.
+std::string attention_bwd_choice(const AttnArgs& a);
+std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream);
+std::string attention_bwd_sm90_why_not(const AttnArgs& a);
 
 #ifdef RECON_EMULATE
 // Emulator builds: (kernel name, launches) since load (tests check which kernel ran).

@@ -80,10 +80,10 @@ def kernel_cases():
 
 
 def attention_cases():
-    """kernel_cases() plus the other CUDA attention forward kernel (csrc/attention_fwd_sm90.cu
-    vs attention_fwd.cu, RECON_CUDA_ATTN_FWD): without a GPU the emulator runs the sm_90a one
-    ("cuda-emu-sm90"; the plain "cuda-emu" case runs the portable one); with a GPU the
-    portable one is forced too ("cuda-cuda-sm80"; "cuda-cuda" runs what auto picks)."""
+    """kernel_cases() plus the other CUDA attention kernels (csrc/attention_{fwd,bwd}_sm90.cu
+    vs attention_{fwd,bwd}.cu, RECON_CUDA_ATTN_FWD / _BWD): without a GPU the emulator runs
+    the sm_90a ones ("cuda-emu-sm90"; the plain "cuda-emu" case runs the portable ones); with
+    a GPU the portable ones are forced too ("cuda-cuda-sm80"; "cuda-cuda" runs auto's)."""
     cases = kernel_cases()
     if HAS_GPU:
         why = rk.why_unavailable("cuda", "cuda")
@@ -101,10 +101,12 @@ def attention_cases():
 
 @pytest.fixture(autouse=True)
 def _attn_fwd_path_case(request, monkeypatch):
-    """A case marked attn_fwd_path(name) runs with RECON_CUDA_ATTN_FWD=name."""
+    """A case marked attn_fwd_path(name) runs with RECON_CUDA_ATTN_FWD=name and
+    RECON_CUDA_ATTN_BWD=name (which CUDA attention kernels: forward and backward)."""
     m = request.node.get_closest_marker("attn_fwd_path")
     if m is not None:
         monkeypatch.setenv("RECON_CUDA_ATTN_FWD", m.args[0])
+        monkeypatch.setenv("RECON_CUDA_ATTN_BWD", m.args[0])
     yield
 
 

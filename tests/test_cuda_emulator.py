@@ -102,20 +102,30 @@ def test_emulated_attention_forward_tile_boundaries(emu, dtype, case):
 
 
 SM90_KERNEL = "attention_fwd_sm90"
+SM90_BWD_KERNEL = "attention_bwd_sm90"
 
 
 @contextlib.contextmanager
-def _fwd_path(emu, monkeypatch, path):
-    """RECON_CUDA_ATTN_FWD=path for the block; checks that the sm_90a forward ran exactly
-    when asked for (the emulator counts launches per kernel name)."""
+def _fwd_path(emu, monkeypatch, path, kernel=SM90_KERNEL, var="RECON_CUDA_ATTN_FWD", expect=None):
+    """var=path for the block; checks that the sm_90a kernel ran exactly when asked for
+    (expect: whether it should, default path == "sm90"; the emulator counts launches per
+    kernel name)."""
     if monkeypatch is None:
         yield
         return
-    monkeypatch.setenv("RECON_CUDA_ATTN_FWD", path)
-    before = emu.launch_counts().get(SM90_KERNEL, 0)
+    monkeypatch.setenv(var, path)
+    before = emu.launch_counts().get(kernel, 0)
     yield
-    ran = emu.launch_counts().get(SM90_KERNEL, 0) - before
-    assert (ran > 0) == (path == "sm90"), f"{SM90_KERNEL} launched {ran} times under {path}"
+    ran = emu.launch_counts().get(kernel, 0) - before
+    want = path == "sm90" if expect is None else expect
+    assert (ran > 0) == want, f"{kernel} launched {ran} times under {var}={path}"
+
+
+def _bwd_path(emu, monkeypatch, path, d):
+    """The backward likewise: the sm_90a backward takes D <= 128 only."""
+    return _fwd_path(
+        emu, monkeypatch, path, SM90_BWD_KERNEL, "RECON_CUDA_ATTN_BWD", path == "sm90" and d <= 128
+    )
 
 
 # The sm_90a forward's tiles (csrc/attention_fwd_sm90.cu): 128 query rows per block, 64 per
@@ -130,6 +140,12 @@ SM90_CASES = [
     (2, 1, 130, 200, 256, "causal_kpm"),
     (2, 1, 1, 513, 40, "none"),
     (1, 1, 300, 129, 136, "causal"),
+    # the backward's tiles: 128 keys per block at D <= 64 (64 at D = 128), 64-query steps in
+    # a two-stage ring (a third step waits on the first one's "empty" barrier); causal with
+    # Nq > Nk (key blocks whose first query step starts past 0)
+    (1, 1, 257, 100, 128, "causal"),
+    (2, 1, 190, 65, 64, "causal_kpm"),
+    (1, 2, 70, 200, 40, "mask"),
 ]
 
 
@@ -138,9 +154,9 @@ SM90_CASES = [
     "case", ATTN_CASES + TILE_CASES + SM90_CASES, ids=lambda c: "x".join(map(str, c))
 )
 def test_emulated_sm90_forward_matches_reference(emu, monkeypatch, dtype, case):
-    """The sm_90a forward (wgmma, TMA, mbarriers, warp specialisation, in the emulator's
-    PTX models) under the same oracle as the portable one; the backward is the portable one
-    fed with its output and lse."""
+    """The sm_90a forward and backward (wgmma, TMA, mbarriers, warp specialisation, float
+    atomics for dQ, in the emulator's PTX models) under the same oracle as the portable
+    ones (the backward for D <= 128; D = 256 runs the portable backward)."""
     _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90")
 
 
@@ -155,10 +171,15 @@ def test_emulated_sm90_forward_choice(emu, monkeypatch):
         monkeypatch.setenv("RECON_CUDA_ATTN_FWD", "sm80")
         assert rkcuda.attention.fwd_choice(q, k, v).startswith("sm80: path = 1")
         monkeypatch.setenv("RECON_CUDA_ATTN_FWD", "sm90")
+        monkeypatch.setenv("RECON_CUDA_ATTN_BWD", "sm90")
         assert rkcuda.attention.fwd_choice(q, k, v) == "sm90"
         assert rkcuda.attention.fwd_choice(q.float(), k.float(), v.float()) == (
             "sm80: dtype is not float16/bfloat16"
         )
+        assert rkcuda.attention.bwd_choice(q, k, v, q) == "sm90"
+        q2, k2, v2 = (_rand(1, 1, 9, 200, seed=i).half() for i in range(3))
+        assert rkcuda.attention.fwd_choice(q2, k2, v2) == "sm90"
+        assert rkcuda.attention.bwd_choice(q2, k2, v2, q2).startswith("sm80: D > 128")
         kx = k[:1].expand(2, 2, 9, 40)  # batch stride 0 with B = 2: no tensor map
         assert "TMA" in rkcuda.attention.fwd_choice(q, kx, v)
         with _fwd_path(emu, monkeypatch, "sm80"):  # falls back: the sm90 kernel must not run
@@ -187,7 +208,8 @@ def _check_emulated_attention(emu, dtype, case, monkeypatch=None, path="sm80"):
     with rkcuda.use_emulator(emu):
         with _fwd_path(emu, monkeypatch, path):
             out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal)
-        dq, dk, dv = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, mask, kpm, scale, causal)
+        with _bwd_path(emu, monkeypatch, path, D):
+            dq, dk, dv = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, mask, kpm, scale, causal)
     # lse against float64 math on the same (rounded) inputs: only kernel arithmetic remains
     _, ref_lse = R.attention_fwd(
         *(t.to(dtype).double() for t in (q, k, v)), mask, kpm, scale, causal
@@ -250,9 +272,10 @@ def _check_emulated_dropout(emu, dtype, case, monkeypatch=None, path="sm80"):
     with rkcuda.use_emulator(emu):
         with _fwd_path(emu, monkeypatch, path):
             out, lse = rkcuda.attention_fwd(qd, kd, vd, mask, kpm, scale, causal, p, seed)
-        dq, dk, dv = rkcuda.attention_bwd(
-            dod, qd, kd, vd, out, lse, mask, kpm, scale, causal, p, seed
-        )
+        with _bwd_path(emu, monkeypatch, path, D):
+            dq, dk, dv = rkcuda.attention_bwd(
+                dod, qd, kd, vd, out, lse, mask, kpm, scale, causal, p, seed
+            )
     # lse is the undropped one
     _, ref_lse = R.attention_fwd(
         *(t.to(dtype).double() for t in (q, k, v)), mask, kpm, scale, causal

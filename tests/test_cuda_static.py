@@ -49,6 +49,9 @@ KERNELS = {
     # csrc/attention_fwd_sm90.cu: fp16/bf16 x buckets 64/128/256 x masked x dropout (the
     # sm_80 pass builds the same names as trap stubs: the launcher never picks them there)
     "attn_fwd_sm90_kernel": 24,
+    # csrc/attention_bwd_sm90.cu: fp16/bf16 x D buckets 64/128 x masked x dropout, + convert
+    "attn_bwd_sm90_kernel": 16,
+    "attn_bwd_dq_convert_sm90_kernel": 2,
 }
 TENSOR_CORE_KERNELS = (
     "attn_fwd_kernel",
@@ -510,3 +513,39 @@ def test_generated_wgmma_wrappers_are_current():
     gen = os.path.join(ROOT, "csrc", "gen_wgmma.py")
     r = subprocess.run([sys.executable, gen, "--check"], capture_output=True, text=True)
     assert r.returncode == 0, "csrc/wgmma_ops.inc is stale: run python csrc/gen_wgmma.py"
+
+
+@needs_nvcc
+def test_sm90_attention_backward_sass(cuda_build):
+    """Every sm_90a backward instantiation (csrc/attention_bwd_sm90.cu): 0 spills; HGMMA
+    (SS for S^T and dP^T, RS for dV and dK, SS with an MN-major B for dQ), UTMALDG.4D,
+    USETMAXREG both ways, float reductions for dQ (REDG.E.ADD.F32) and, in the innermost
+    HGMMA loop, a wgmma wait of depth 1 (the exponentials of P^T under dP^T). The plain
+    kernels' loop holds the 5 GEMMs of the tile: 2 x D/16 (S^T, dP^T) + 2 x 64/16 (dV, dK)
+    + 4 x D/64 (dQ) HGMMAs, one MUFU.EX2 per score element, no per-element mask code."""
+    if "90a" not in _archs():
+        pytest.skip("RECON_CUDA_ARCHS has no sm_90a target")
+    reports = _ptxas_reports(os.path.dirname(cuda_build))
+    funcs = {n: b for n, b in _sass_functions(cuda_build, "90a").items() if "attn_bwd_sm90" in n}
+    assert len(funcs) == KERNELS["attn_bwd_sm90_kernel"], sorted(funcs)
+    for name, body in funcs.items():
+        rep = reports[(name, "sm_90a")]
+        assert rep["spill_st"] == 0 and rep["spill_ld"] == 0 and rep["stack"] == 0, (name, rep)
+        for pat in (
+            r"\bHGMMA\.64x\d+x16\.F32",
+            r"\bUTMALDG\.4D\b",
+            r"\bUSETMAXREG\.TRY",
+            r"\bUSETMAXREG\.DEALLOC",
+            r"\bREDG\.E\.ADD\.F32",
+        ):
+            assert re.search(pat, body), f"{name}: no {pat}"
+        loop = _innermost_mma_loop(body, r"\bHGMMA\.")
+        assert any(re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", t) for t in loop), name
+        m = re.search(r"kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb(\d)ELb(\d)E", name)
+        d, masked, drop = int(m.group(2)), m.group(3) == "1", m.group(4) == "1"
+        if masked or drop:
+            continue
+        hgmma = [t for t in loop if re.search(r"\bHGMMA\.", t)]
+        assert len(hgmma) == 2 * (d // 16) + 2 * 4 + 4 * (d // 64), (name, len(hgmma))
+        ex2 = sum(bool(re.search(r"\bMUFU\.EX2\b", t)) for t in loop)
+        assert ex2 == 32, (name, ex2)  # 64 keys x 64 queries / 128 threads

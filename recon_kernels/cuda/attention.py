@@ -26,13 +26,15 @@ from ._loader import ext as extension_module
 # TMA, else the portable sm_80 one; "sm80" always the portable one; "sm90" the sm_90a one
 # wherever the arguments allow it (fp16/bf16, TMA-describable strides), an error when the
 # build or the GPU has no sm_90a (in tests, the emulator runs it on the CPU).
+# RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu: D <= 128;
+# the sm_90a backward accumulates dQ with float atomics in a float32 workspace).
 FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
-def fwd_path() -> str:
-    mode = os.environ.get("RECON_CUDA_ATTN_FWD", "auto")
+def fwd_path(var: str = "RECON_CUDA_ATTN_FWD") -> str:
+    mode = os.environ.get(var, "auto")
     if mode not in FWD_PATHS:
-        raise ValueError(f"RECON_CUDA_ATTN_FWD: expected one of {tuple(FWD_PATHS)}, got {mode!r}")
+        raise ValueError(f"{var}: expected one of {tuple(FWD_PATHS)}, got {mode!r}")
     return mode
 
 
@@ -47,6 +49,19 @@ def fwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     put(args, b=B, h=H, nq=NQ, nk=k.shape[2], d=D, dtype=DTYPE_CODES[q.dtype])
     put(args, path=FWD_PATHS[fwd_path()])
     return ext.attention_fwd_choice(args)
+
+
+def bwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> str:
+    """Which backward kernels attention_bwd would run: "sm90" or "sm80: <why not sm90>"."""
+    ext = extension_module()
+    args = ext.AttnArgs()
+    for prefix, t in (("q", aligned(q)), ("k", aligned(k)), ("v", aligned(v))):
+        _attn_operand(args, prefix, t)
+    _attn_operand(args, "do", aligned(dout), ptr_field="dout")
+    B, H, NQ, D = q.shape
+    put(args, b=B, h=H, nq=NQ, nk=k.shape[2], d=D, dtype=DTYPE_CODES[q.dtype])
+    put(args, path=FWD_PATHS[fwd_path("RECON_CUDA_ATTN_BWD")])
+    return ext.attention_bwd_choice(args)
 
 
 def _attn_operand(args, prefix: str, t: torch.Tensor, ptr_field: str | None = None) -> None:
@@ -221,6 +236,11 @@ def attention_bwd(
     sb, sh, sm = strides(lse)
     put(args, lse=lse.data_ptr(), lse_sb=sb, lse_sh=sh, lse_sm=sm)
     keep = _attn_common(args, q, k, mask, key_padding_mask, scale, causal)
+    put(args, path=FWD_PATHS[fwd_path("RECON_CUDA_ATTN_BWD")])
+    if ext.attention_bwd_choice(args) == "sm90":  # dQ by float atomics into a zeroed workspace
+        dq_accum = torch.zeros((B, H, NQ, D), dtype=torch.float32, device=q.device)
+        put(args, dq_accum=dq_accum.data_ptr())
+        keep.append(dq_accum)
     launch(q, ext.attention_bwd, args)
     del keep
     return dq, dk, dv

@@ -1,0 +1,395 @@
+// Attention backward for Hopper (sm_90a): wgmma + TMA + warp specialisation, atomic dQ
+// (the FA3 scheme: 5 GEMMs per tile, one pass over the queries per key block).
+//
+// One block = 128 keys of one (batch, head) at D <= 64 (64 at D = 128), 384 threads (256):
+// warpgroup 0 the producer
+// (setmaxnreg.dec 24; one thread issues the TMA loads: K and V once, then Q_j and dO_j,
+// 64 queries each, into a two-stage ring with full / empty mbarriers), warpgroups 1 and 2
+// the consumers (setmaxnreg.inc 240; 256 with one consumer), 64 keys each. Per query tile, in each consumer (rows
+// = its keys, so P^T and dS^T come out of the accumulators in the A-operand layout):
+//   S^T = K Q^T and dP^T = V dO^T        (wgmma SS, K-major operands; two commit groups:
+//                                          the exponentials of P^T run under dP^T)
+//   P^T = exp2(S^T scale log2 e - lse log2 e) (0 where masked; lse = +inf past Nq),
+//   dS^T = P^T o (dP^T o Z - delta)      (Z: the dropout keep mask / (1 - p))
+//   dV += (P^T o Z) dO, dK += dS^T Q     (wgmma RS: A from registers, dO / Q MN-major)
+//   dQ += dS K                           (dS^T stored transposed to shared memory as the
+//                                          K-major A operand, K MN-major; 64-column chunks
+//                                          of dQ, float atomics into dq_accum)
+// then dK = scale dK, dV, stored from registers; attn_bwd_dq_convert_sm90_kernel writes
+// dq = scale dq_accum in the input dtype. Keys past Nk and columns past D are TMA zero
+// fill: their dS^T rows meet zero K rows in dQ, and their dK / dV rows are never stored,
+// so the plain kernel needs no per-element test at all; masks / causal / key padding /
+// dropout are compile-time variants as in the forward. D <= 128 (two 64-row dK/dV
+// accumulators per thread: at D = 256 they alone would be 256 registers; D = 256 runs the
+// portable backward).
+#include "attention_sm90.cuh"
+
+namespace rk {
+
+template <class T, int kD>
+struct BwdSm90Cfg {
+  // consumer warpgroups, 64 keys each: one at D = 128 (a 256-thread block, whose threads
+  // ptxas may give 255 registers: dK and dV alone take 128; with 384 threads it allots 168
+  // and spills 150-250 bytes)
+  static constexpr int kConsumers = kD <= 64 ? 2 : 1;
+  static constexpr int kBlockN = 64 * kConsumers;  // keys per block
+  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kChunks = kD / 64;
+  static constexpr int kKBytes = kBlockN * kD * 2;  // K (and V)
+  static constexpr int kQBytes = kBlockM * kD * 2;  // one Q (or dO) stage
+  static constexpr int kdSBytes = kBlockM * kBlockN * 2;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = kConsumers == 1 ? 256 : 232;
+  static constexpr int kLdBytes = 2 * kBlockM * 4;  // lse * log2(e) and delta of one stage
+  static constexpr size_t kSmemBytes = 1024 + 2 * size_t(kKBytes) + 2 * size_t(kStages) * kQBytes +
+                                       size_t(kdSBytes) + size_t(kStages) * kLdBytes + 1024;
+  static_assert(kD <= 128, "the sm_90a backward holds dK and dV in registers: D <= 128");
+};
+
+struct BwdSm90Params {
+  TmaDesc tq, tk, tv, tdo;
+  AttnArgs a;
+};
+
+template <class T, int kD, bool kMask, bool kDrop>
+__global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params prm) {
+#if RK_SM90_DEVICE || defined(RECON_EMULATE)
+  using Cfg = BwdSm90Cfg<T, kD>;
+  constexpr int kN = Cfg::kBlockN, kM = Cfg::kBlockM, kS = Cfg::kStages, kChunks = Cfg::kChunks;
+  constexpr int kMB = kM / 8;  // n8 blocks of an S^T row fragment (queries)
+  constexpr int kDB = kD / 8;  // n8 blocks of a dK / dV row fragment
+  constexpr int kKChunk = kN * 128, kQChunk = kM * 128;  // bytes per 64-column chunk
+  const AttnArgs& p = prm.a;
+
+  unsigned char* base = smem_base();
+#ifndef RECON_EMULATE  // (the emulator's shared memory is 1024-byte aligned)
+  base += (1024 - (smem_u32(base) & 1023)) & 1023;
+#endif
+  unsigned char* sK = base;
+  unsigned char* sV = sK + Cfg::kKBytes;
+  unsigned char* sQ = sV + Cfg::kKBytes;         // kS stages
+  unsigned char* sdO = sQ + kS * Cfg::kQBytes;   // kS stages
+  unsigned char* sdS = sdO + kS * Cfg::kQBytes;  // dS (kM queries x kN keys), K-major
+  float* sLd = reinterpret_cast<float*>(sdS + Cfg::kdSBytes);  // [kS][lse2 kM | delta kM]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sdS + Cfg::kdSBytes + kS * Cfg::kLdBytes);
+  uint64_t* kv_full = bars;
+  uint64_t* q_full = bars + 1;             // [kS]
+  uint64_t* do_full = bars + 1 + kS;       // [kS]
+  uint64_t* qdo_empty = bars + 1 + 2 * kS;  // [kS]
+  uint64_t* ld_full = bars + 1 + 3 * kS;    // [kS]: lse / delta written by producer warp 0
+
+  const int num_n = (p.nk + kN - 1) / kN;
+  const int n_block = static_cast<int>(blockIdx.x % num_n);
+  const int64_t bh = blockIdx.x / num_n;
+  const int b = static_cast<int>(bh / p.h), h = static_cast<int>(bh % p.h);
+  const int n0 = n_block * kN;
+  const int shift = p.nk - p.nq;
+  // causal: key j is seen by queries i >= j - shift only
+  const int m_first = p.causal ? max(0, n0 - shift) / kM : 0;
+  const int m_count = max(0, (p.nq + kM - 1) / kM - m_first);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int s = 0; s < kS; ++s) {
+      mbar_init(&q_full[s], 1);
+      mbar_init(&do_full[s], 1);
+      mbar_init(&qdo_empty[s], 128 * Cfg::kConsumers);
+      mbar_init(&ld_full[s], 32);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // ---------------------------------------------------- producer
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (tid < 32) {  // warp 0: thread 0 issues the TMA loads, all 32 stage lse / delta
+      const float* lse_g = reinterpret_cast<const float*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
+      const float* delta_g = reinterpret_cast<const float*>(p.delta) + bh * p.nq;
+      if (tid == 0) {
+        mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKBytes);
+        for (int c = 0; c < kChunks; ++c) {
+          tma_load_4d(sK + c * kKChunk, &prm.tk, kv_full, 64 * c, n0, h, b);
+          tma_load_4d(sV + c * kKChunk, &prm.tv, kv_full, 64 * c, n0, h, b);
+        }
+      }
+      for (int it = 0; it < m_count; ++it) {
+        const int s = it % kS, m0 = (m_first + it) * kM;
+        if (it >= kS) mbar_wait(&qdo_empty[s], ((it / kS) + 1) & 1);
+        if (tid == 0) {
+          mbar_arrive_expect_tx(&q_full[s], Cfg::kQBytes);
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_4d(sQ + s * Cfg::kQBytes + c * kQChunk, &prm.tq, &q_full[s], 64 * c, m0, h, b);
+          mbar_arrive_expect_tx(&do_full[s], Cfg::kQBytes);
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_4d(sdO + s * Cfg::kQBytes + c * kQChunk, &prm.tdo, &do_full[s], 64 * c, m0, h, b);
+        }
+        // lse * log2(e) (+inf past Nq: P = 0 there) and delta of the stage's queries
+        float* ld = sLd + s * 2 * kM;
+        for (int i = tid; i < kM; i += 32) {
+          const int q = m0 + i;
+          ld[i] = q < p.nq ? lse_g[q * p.lse_sm] * kLog2e : INFINITY;
+          ld[kM + i] = q < p.nq ? delta_g[q] : 0.0f;
+        }
+        mbar_arrive(&ld_full[s]);
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------------ consumers
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int wg = tid / 128 - 1;  // keys 64 wg .. 64 wg + 63 of the block
+  const int wt = tid % 128, warp = wt / 32, lane = wt % 32, g = lane / 4, t4 = lane % 4;
+  const int kr_lo = n0 + 64 * wg + 16 * warp + g;  // this thread's keys kr_lo, kr_lo + 8
+  const MaskView mv = make_mask_view(p, b, h);
+  const DropoutView drop = make_dropout_view(p, bh);
+  const float sl2 = p.scale * kLog2e;
+  const int d = p.d;
+  float* dq_acc_g = reinterpret_cast<float*>(p.dq_accum) + bh * int64_t(p.nq) * d;
+
+  // Descriptors (start-address field plus byte offset / 16, as in the forward).
+  //  K-major, rows of this warpgroup: K (A of S^T), V (A of dP^T); rows of the stage: Q, dO
+  //  (B of S^T, dP^T); MN-major: dO, Q (B of dV, dK: queries 16 kk.., D chunks LBO apart),
+  //  K (B of dQ: keys 64 wg + 16 kk.., D chunk c); dS (A of dQ, K-major: chunk wg).
+  const uint64_t k_km0 = make_desc(sK + wg * 64 * 128, 16, 1024, 128);
+  const uint64_t v_km0 = make_desc(sV + wg * 64 * 128, 16, 1024, 128);
+  const uint64_t q_km0 = make_desc(sQ, 16, 1024, 128);
+  const uint64_t do_km0 = make_desc(sdO, 16, 1024, 128);
+  const uint64_t q_mn0 = make_desc(sQ, kQChunk, 1024, 128);
+  const uint64_t do_mn0 = make_desc(sdO, kQChunk, 1024, 128);
+  const uint64_t k_mn0 = make_desc(sK + wg * 64 * 128, kKChunk, 1024, 128);
+  const uint64_t ds_km0 = make_desc(sdS + wg * kM * 128, 16, 1024, 128);
+  auto off = [](int bytes) { return uint64_t(bytes >> 4); };
+  auto km_step = [](int kk, int chunk_bytes) { return (kk / 4) * chunk_bytes + (kk % 4) * 32; };
+
+  float acc_dv[kDB][4], acc_dk[kDB][4];
+  zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_dv));
+  zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_dk));
+
+  mbar_wait(kv_full, 0);
+  for (int it = 0; it < m_count; ++it) {
+    const int s = it % kS, ph = (it / kS) & 1, m0 = (m_first + it) * kM;
+    float st[kMB][4], dpt[kMB][4];
+    const float* lse2 = sLd + s * 2 * kM;  // by local query column 8 mb + 2 t4 + c
+    const float* dlt = lse2 + kM;
+    mbar_wait(&q_full[s], ph);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(st), k_km0 + off(km_step(kk, kKChunk)),
+                      q_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
+    wgmma_commit();
+    mbar_wait(&do_full[s], ph);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(dpt), v_km0 + off(km_step(kk, kKChunk)),
+                      do_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
+    wgmma_commit();
+
+    wgmma_wait<1>();  // S^T has landed (dP^T still runs)
+    mbar_wait(&ld_full[s], ph);
+    const bool full = !kMask || mv.all_allowed(m0, m0 + kM, n0 + kN);
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pe = ex2_approx(fmaf(st[mb][e], sl2, -lse2[8 * mb + 2 * t4 + (e & 1)]));
+        if (kMask && !full && !mv.allowed(m0 + 8 * mb + 2 * t4 + (e & 1), kr_lo + 8 * (e >> 1)))
+          pe = 0.0f;
+        st[mb][e] = pe;
+      }
+    }
+    wgmma_wait<0>();  // dP^T has landed
+    uint32_t pf[kM / 16][4], dsf[kM / 16][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = st[mb][e];
+        float dp = dpt[mb][e];
+        if constexpr (kDrop) {
+          const uint32_t idx = static_cast<uint32_t>(m0 + 8 * mb + 2 * t4 + (e & 1)) * drop.nk +
+                               static_cast<uint32_t>(kr_lo + 8 * (e >> 1));
+          const bool keep = drop.keep_at(idx);
+          dp = keep ? dp * drop.scale : 0.0f;
+          st[mb][e] = keep ? pe * drop.scale : 0.0f;  // P^T o Z, the A operand of dV
+        }
+        dpt[mb][e] = pe * (dp - dlt[8 * mb + 2 * t4 + (e & 1)]);  // dS^T
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) {
+      acc_to_a_frag<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
+      acc_to_a_frag<T>(dsf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+    }
+    // dS^T -> shared memory as dS [query][key] (chunk wg: this warpgroup's 64 keys, 128-byte
+    // rows, the 128B swizzle of the wgmma atom)
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int q = 8 * mb + 2 * t4 + (e & 1), key = 16 * warp + g + 8 * (e >> 1);
+        uint32_t o = static_cast<uint32_t>(wg * kM * 128 + q * 128 + 2 * key);
+        o ^= ((o >> 7) & 7u) << 4;
+        *reinterpret_cast<T*>(sdS + o) = from_float<T>(dpt[mb][e]);
+      }
+    }
+    fence_proxy_async();
+    warpgroup_bar(1 + wg);
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) {
+      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dv), pf[kk],
+                            do_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
+      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dk), dsf[kk],
+                            q_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
+    }
+    wgmma_commit();
+    // dQ (this warpgroup's 64 keys), 64 columns of D at a time: float atomics
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      float dq[8][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss<T, 64, true>(reinterpret_cast<float(&)[32]>(dq), ds_km0 + off(kk * 32),
+                              k_mn0 + off(c * kKChunk + kk * 16 * 128), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int q = m0 + 16 * warp + g + 8 * i;
+        if (q >= p.nq) continue;
+        float* row = dq_acc_g + int64_t(q) * d;
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = 64 * c + 8 * nb + 2 * t4;
+          if (col < d) atomicAdd(row + col, dq[nb][2 * i]);
+          if (col + 1 < d) atomicAdd(row + col + 1, dq[nb][2 * i + 1]);
+        }
+      }
+      if (c + 1 < kChunks) wgmma_fence();
+    }
+    mbar_arrive(&qdo_empty[s]);  // Q_j, dO_j and dS read by every product of this step
+  }
+
+  // dK = scale dS^T Q, dV: rows kr_lo, kr_lo + 8
+  T* dk = reinterpret_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
+  T* dv = reinterpret_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
+  const bool pk = (reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(T)) == 0) && p.dk_sm % 2 == 0;
+  const bool pv = (reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(T)) == 0) && p.dv_sm % 2 == 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = kr_lo + 8 * i;
+    if (r >= p.nk) continue;
+#pragma unroll
+    for (int db = 0; db < kDB; ++db) {
+      if (db * 8 >= d) continue;
+      store2<T>(dk + r * p.dk_sm, db * 8 + 2 * t4, d, acc_dk[db][2 * i] * p.scale,
+                acc_dk[db][2 * i + 1] * p.scale, pk);
+      store2<T>(dv + r * p.dv_sm, db * 8 + 2 * t4, d, acc_dv[db][2 * i], acc_dv[db][2 * i + 1], pv);
+    }
+  }
+#endif
+}
+
+// dq = scale * dq_accum in the input dtype (one thread per element pair).
+template <class T>
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_sm90_kernel(const AttnArgs p) {
+  const int64_t half = int64_t(p.d + 1) / 2;
+  const int64_t idx = int64_t(blockIdx.x) * 256 + threadIdx.x;
+  const int64_t rows = int64_t(p.b) * p.h * p.nq;
+  if (idx >= rows * half) return;
+  const int64_t row = idx / half, c = 2 * (idx % half);
+  const int64_t bh = row / p.nq, i = row % p.nq, b = bh / p.h, h = bh % p.h;
+  const float* acc = reinterpret_cast<const float*>(p.dq_accum) + row * p.d;
+  T* dq = reinterpret_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + i * p.dq_sm;
+  dq[c] = from_float<T>(acc[c] * p.scale);
+  if (c + 1 < p.d) dq[c + 1] = from_float<T>(acc[c + 1] * p.scale);
+}
+
+std::string attention_bwd_sm90_why_not(const AttnArgs& a) {
+  if (a.dtype != kFloat16 && a.dtype != kBFloat16) return "dtype is not float16/bfloat16";
+  if (a.d > 128) return "D > 128 (dK and dV accumulators would not fit in registers)";
+  const int64_t n[4] = {a.nq, a.nk, a.nk, a.nq};
+  const int64_t st[4][3] = {{a.q_sm, a.q_sh, a.q_sb},
+                            {a.k_sm, a.k_sh, a.k_sb},
+                            {a.v_sm, a.v_sh, a.v_sb},
+                            {a.do_sm, a.do_sh, a.do_sb}};
+  for (int i = 0; i < 4; ++i)
+    if (!tma_describable(a, n[i], st[i][0], st[i][1], st[i][2]))
+      return "a q/k/v/dout stride is not a positive multiple of 16 bytes (TMA)";
+  return "";
+}
+
+std::string attention_bwd_choice(const AttnArgs& a) {
+  if (a.path == 1) return "sm80: path = 1 asks for the portable kernels";
+  std::string why = attention_bwd_sm90_why_not(a);
+  if (a.path == 2) return why.empty() ? "sm90" : "sm80: " + why;
+  if (why.empty()) why = sm90_unavailable();
+  return why.empty() ? "sm90" : "sm80: " + why;
+}
+
+template <class T, int kD, bool kMask, bool kDrop>
+static std::string launch_attn_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
+  using Cfg = BwdSm90Cfg<T, kD>;
+  BwdSm90Params prm{};
+  prm.a = a;
+  struct Op {
+    TmaDesc* out;
+    uint64_t ptr;
+    int64_t n, sm, sh, sb;
+    int rows;
+    const char* name;
+  } ops[] = {{&prm.tq, a.q, a.nq, a.q_sm, a.q_sh, a.q_sb, Cfg::kBlockM, "q"},
+             {&prm.tk, a.k, a.nk, a.k_sm, a.k_sh, a.k_sb, Cfg::kBlockN, "k"},
+             {&prm.tv, a.v, a.nk, a.v_sm, a.v_sh, a.v_sb, Cfg::kBlockN, "v"},
+             {&prm.tdo, a.dout, a.nq, a.do_sm, a.do_sh, a.do_sb, Cfg::kBlockM, "dout"}};
+  for (const Op& op : ops) {
+    std::string e = make_attn_tma(op.out, a, op.ptr, op.n, op.sm, op.sh, op.sb, op.rows);
+    if (!e.empty()) return std::string("attention_bwd (sm90) ") + op.name + ": " + e;
+  }
+  const int64_t blocks = int64_t((a.nk + Cfg::kBlockN - 1) / Cfg::kBlockN) * a.b * a.h;
+  const int64_t pairs = int64_t(a.b) * a.h * a.nq * ((a.d + 1) / 2);
+  if (blocks > 0x7fffffff || (pairs + 255) / 256 > 0x7fffffff)
+    return "attention_bwd: too many blocks (B * H * N too large)";
+  std::string err;
+  {
+#ifdef RECON_EMULATE
+    ::rk::emu::SmemLimitSm90 sm90_limit;
+#endif
+    err = launch(attn_bwd_sm90_kernel<T, kD, kMask, kDrop>, "attention_bwd_sm90",
+                 dim3(static_cast<unsigned>(blocks)), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, prm);
+  }
+  if (!err.empty()) return err;
+  return launch(attn_bwd_dq_convert_sm90_kernel<T>, "attention_bwd_sm90 (dq convert)",
+                dim3(static_cast<unsigned>((pairs + 255) / 256)), dim3(256), 0, stream, a);
+}
+
+// After the delta kernel (attention_bwd.cu).
+std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
+  std::string err = attention_bwd_sm90_why_not(a);
+  if (!err.empty()) return "attention_bwd (sm90): " + err;
+  if (a.dq_accum == 0 || a.dq_accum % 16 != 0)
+    return "attention_bwd (sm90): dq_accum must be a zeroed, 16-byte aligned float32 (B, H, Nq, D) workspace";
+  const bool masked = a.mask != 0 || a.kpm != 0 || a.causal, drop = a.drop_threshold != 0;
+  auto go = [&](auto tag, auto kd) -> std::string {
+    using T = typename decltype(tag)::type;
+    constexpr int kD = decltype(kd)::value;
+    if (masked)
+      return drop ? launch_attn_bwd_sm90<T, kD, true, true>(a, stream)
+                  : launch_attn_bwd_sm90<T, kD, true, false>(a, stream);
+    return drop ? launch_attn_bwd_sm90<T, kD, false, true>(a, stream)
+                : launch_attn_bwd_sm90<T, kD, false, false>(a, stream);
+  };
+  struct Half { using type = __half; };
+  struct BF16 { using type = __nv_bfloat16; };
+  const bool d64 = a.d <= 64;
+  if (a.dtype == kFloat16)
+    return d64 ? go(Half{}, std::integral_constant<int, 64>{}) : go(Half{}, std::integral_constant<int, 128>{});
+  return d64 ? go(BF16{}, std::integral_constant<int, 64>{}) : go(BF16{}, std::integral_constant<int, 128>{});
+}
+
+}  // namespace rk
