@@ -61,7 +61,7 @@ def sync(device) -> None:
 
 
 def attention_case(
-    device, dtype, B, H, NQ, NK, D, mode, dropout_p: float = 0.0, *, public: bool
+    device, dtype, B, H, NQ, NK, D, mode, dropout_p: float = 0.0, *, path: str, public: bool
 ) -> None:
     q, k, v, do = (
         rand(*s, seed=i)
@@ -84,7 +84,7 @@ def attention_case(
     out, lse = rkcuda.attention_fwd(qd, kd, vd, to(mask), to(kpm), scale, causal, *drop)
     grads = rkcuda.attention_bwd(dod, qd, kd, vd, out, lse, to(mask), to(kpm), scale, causal, *drop)
     sync(device)
-    label = f"attention {str(dtype)[6:]} {B}x{H}x{NQ}x{NK}x{D} {mode}"
+    label = f"attention[{path}] {str(dtype)[6:]} {B}x{H}x{NQ}x{NK}x{D} {mode}"
     if dropout_p:
         label += f" drop={dropout_p}"
     errs = [check(f"{label} out", out, ro, dtype)]
@@ -205,11 +205,20 @@ def main() -> int:
     lora = [(37, 48, 20, 4, 0.5, True), (130, 40, 136, 3, 2.0, False)]
     if args.quick:
         attn, mlp, lora = attn[:1] + attn[2:], mlp[:1], lora[:1]  # keeps the dropout case
+    # both attention kernel families where the sm_90a ones can run (RECON_CUDA_ATTN_FWD /
+    # _BWD): the emulator, or an sm_90 GPU
+    paths = ["sm80"]
+    if args.emulate or torch.cuda.get_device_capability(device) == (9, 0):
+        paths.append("sm90")
     t0 = time.time()
     with ctx:
         for dtype in DTYPES:
-            for i, c in enumerate(attn):
-                attention_case(device, dtype, *c, public=public and i == 0)
+            for path in paths:
+                os.environ["RECON_CUDA_ATTN_FWD"] = os.environ["RECON_CUDA_ATTN_BWD"] = path
+                for i, c in enumerate(attn):
+                    attention_case(device, dtype, *c, path=path, public=public and i == 0)
+            os.environ.pop("RECON_CUDA_ATTN_FWD")
+            os.environ.pop("RECON_CUDA_ATTN_BWD")
             for i, c in enumerate(mlp):
                 mlp_case(device, dtype, *c, public=public and i == 0)
             for i, c in enumerate(lora):
