@@ -19,9 +19,8 @@
 // dq = scale dq_accum in the input dtype. Keys past Nk and columns past D are TMA zero
 // fill: their dS^T rows meet zero K rows in dQ, and their dK / dV rows are never stored,
 // so the plain kernel needs no per-element test at all; masks / causal / key padding /
-// dropout are compile-time variants as in the forward. D <= 128 (two 64-row dK/dV
-// accumulators per thread: at D = 256 they alone would be 256 registers; D = 256 runs the
-// portable backward).
+// dropout are compile-time variants as in the forward. At D = 256 dK and dV alone would be
+// 256 registers per thread: two launches (kPass), dV first, then dK and dQ.
 #include "attention_sm90.cuh"
 
 namespace rk {
@@ -31,7 +30,7 @@ struct BwdSm90Cfg {
   // consumer warpgroups, 64 keys each: one at D = 128 (a 256-thread block, whose threads
   // ptxas may give 255 registers: dK and dV alone take 128; with 384 threads it allots 168
   // and spills 150-250 bytes)
-  static constexpr int kConsumers = kD <= 64 ? 2 : 1;
+  static constexpr int kConsumers = kD <= 64 ? 2 : 1;  // (D = 256: one, two sweeps)
   static constexpr int kBlockN = 64 * kConsumers;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
   static constexpr int kStages = 2;
@@ -44,7 +43,7 @@ struct BwdSm90Cfg {
   static constexpr int kLdBytes = 2 * kBlockM * 4;  // lse * log2(e) and delta of one stage
   static constexpr size_t kSmemBytes = 1024 + 2 * size_t(kKBytes) + 2 * size_t(kStages) * kQBytes +
                                        size_t(kdSBytes) + size_t(kStages) * kLdBytes + 1024;
-  static_assert(kD <= 128, "the sm_90a backward holds dK and dV in registers: D <= 128");
+  static constexpr bool kTwoPass = kD > 128;  // dV, then dK + dQ: see kPass
 };
 
 struct BwdSm90Params {
@@ -52,7 +51,10 @@ struct BwdSm90Params {
   AttnArgs a;
 };
 
-template <class T, int kD, bool kMask, bool kDrop>
+// kPass: 0 all five products (D <= 128); at D = 256 two launches, 1 only dV (P^T, no
+// dP^T) and 2 only dK and dQ: one accumulator of 128 registers each, S^T computed twice
+// (six GEMMs instead of five).
+template <class T, int kD, bool kMask, bool kDrop, int kPass>
 __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params prm) {
 #if RK_SM90_DEVICE || defined(RECON_EMULATE)
   using Cfg = BwdSm90Cfg<T, kD>;
@@ -164,134 +166,151 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   auto off = [](int bytes) { return uint64_t(bytes >> 4); };
   auto km_step = [](int kk, int chunk_bytes) { return (kk / 4) * chunk_bytes + (kk % 4) * 32; };
 
-  float acc_dv[kDB][4], acc_dk[kDB][4];
-  zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_dv));
-  zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_dk));
-
+  constexpr bool kDV = kPass != 2, kDK = kPass != 1;
+  float acc_dv[kDV ? kDB : 1][4], acc_dk[kDK ? kDB : 1][4];
+  for (auto& r : acc_dv)
+    for (float& x : r) x = 0.0f;
+  for (auto& r : acc_dk)
+    for (float& x : r) x = 0.0f;
   mbar_wait(kv_full, 0);
-  for (int it = 0; it < m_count; ++it) {
-    const int s = it % kS, ph = (it / kS) & 1, m0 = (m_first + it) * kM;
-    float st[kMB][4], dpt[kMB][4];
-    const float* lse2 = sLd + s * 2 * kM;  // by local query column 8 mb + 2 t4 + c
-    const float* dlt = lse2 + kM;
-    mbar_wait(&q_full[s], ph);
-    wgmma_fence();
+  {
+    for (int it = 0; it < m_count; ++it) {
+      const int s = it % kS, ph = (it / kS) & 1, m0 = (m_first + it) * kM;
+      float st[kMB][4], dpt[kMB][4];
+      const float* lse2 = sLd + s * 2 * kM;  // by local query column 8 mb + 2 t4 + c
+      const float* dlt = lse2 + kM;
+      mbar_wait(&q_full[s], ph);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(st), k_km0 + off(km_step(kk, kKChunk)),
-                      q_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
-    wgmma_commit();
-    mbar_wait(&do_full[s], ph);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(dpt), v_km0 + off(km_step(kk, kKChunk)),
-                      do_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
-    wgmma_commit();
-
-    wgmma_wait<1>();  // S^T has landed (dP^T still runs)
-    mbar_wait(&ld_full[s], ph);
-    const bool full = !kMask || mv.all_allowed(m0, m0 + kM, n0 + kN);
-#pragma unroll
-    for (int mb = 0; mb < kMB; ++mb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float pe = ex2_approx(fmaf(st[mb][e], sl2, -lse2[8 * mb + 2 * t4 + (e & 1)]));
-        if (kMask && !full && !mv.allowed(m0 + 8 * mb + 2 * t4 + (e & 1), kr_lo + 8 * (e >> 1)))
-          pe = 0.0f;
-        st[mb][e] = pe;
-      }
-    }
-    wgmma_wait<0>();  // dP^T has landed
-    uint32_t pf[kM / 16][4], dsf[kM / 16][4];
-#pragma unroll
-    for (int mb = 0; mb < kMB; ++mb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = st[mb][e];
-        float dp = dpt[mb][e];
-        if constexpr (kDrop) {
-          const uint32_t idx = static_cast<uint32_t>(m0 + 8 * mb + 2 * t4 + (e & 1)) * drop.nk +
-                               static_cast<uint32_t>(kr_lo + 8 * (e >> 1));
-          const bool keep = drop.keep_at(idx);
-          dp = keep ? dp * drop.scale : 0.0f;
-          st[mb][e] = keep ? pe * drop.scale : 0.0f;  // P^T o Z, the A operand of dV
-        }
-        dpt[mb][e] = pe * (dp - dlt[8 * mb + 2 * t4 + (e & 1)]);  // dS^T
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) {
-      acc_to_a_frag<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
-      acc_to_a_frag<T>(dsf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
-    }
-    // dS^T -> shared memory as dS [query][key] (chunk wg: this warpgroup's 64 keys, 128-byte
-    // rows, the 128B swizzle of the wgmma atom)
-#pragma unroll
-    for (int mb = 0; mb < kMB; ++mb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = 8 * mb + 2 * t4 + (e & 1), key = 16 * warp + g + 8 * (e >> 1);
-        uint32_t o = static_cast<uint32_t>(wg * kM * 128 + q * 128 + 2 * key);
-        o ^= ((o >> 7) & 7u) << 4;
-        *reinterpret_cast<T*>(sdS + o) = from_float<T>(dpt[mb][e]);
-      }
-    }
-    fence_proxy_async();
-    warpgroup_bar(1 + wg);
-
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) {
-      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dv), pf[kk],
-                            do_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
-      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dk), dsf[kk],
-                            q_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
-    }
-    wgmma_commit();
-    // dQ (this warpgroup's 64 keys), 64 columns of D at a time: float atomics
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      float dq[8][4];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_ss<T, 64, true>(reinterpret_cast<float(&)[32]>(dq), ds_km0 + off(kk * 32),
-                              k_mn0 + off(c * kKChunk + kk * 16 * 128), kk > 0);
+      for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(st), k_km0 + off(km_step(kk, kKChunk)),
+                        q_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
       wgmma_commit();
-      wgmma_wait<0>();
+      mbar_wait(&do_full[s], ph);
+      if constexpr (kDK) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int q = m0 + 16 * warp + g + 8 * i;
-        if (q >= p.nq) continue;
-        float* row = dq_acc_g + int64_t(q) * d;
+        for (int kk = 0; kk < kD / 16; ++kk)
+          wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(dpt), v_km0 + off(km_step(kk, kKChunk)),
+                          do_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();  // S^T has landed (dP^T still runs)
+      } else {
+        wgmma_wait<0>();  // (the dV pass has no dP^T)
+      }
+      mbar_wait(&ld_full[s], ph);
+      const bool full = !kMask || mv.all_allowed(m0, m0 + kM, n0 + kN);
 #pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          const int col = 64 * c + 8 * nb + 2 * t4;
-          if (col < d) atomicAdd(row + col, dq[nb][2 * i]);
-          if (col + 1 < d) atomicAdd(row + col + 1, dq[nb][2 * i + 1]);
+      for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pe = ex2_approx(fmaf(st[mb][e], sl2, -lse2[8 * mb + 2 * t4 + (e & 1)]));
+          if (kMask && !full && !mv.allowed(m0 + 8 * mb + 2 * t4 + (e & 1), kr_lo + 8 * (e >> 1)))
+            pe = 0.0f;
+          st[mb][e] = pe;
         }
       }
-      if (c + 1 < kChunks) wgmma_fence();
+      if constexpr (kDK) wgmma_wait<0>();  // dP^T has landed
+      uint32_t pf[kM / 16][4], dsf[kM / 16][4];
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pe = st[mb][e];
+          float dp = kDK ? dpt[mb][e] : 0.0f;
+          if constexpr (kDrop) {
+            const uint32_t idx = static_cast<uint32_t>(m0 + 8 * mb + 2 * t4 + (e & 1)) * drop.nk +
+                                 static_cast<uint32_t>(kr_lo + 8 * (e >> 1));
+            const bool keep = drop.keep_at(idx);
+            dp = keep ? dp * drop.scale : 0.0f;
+            st[mb][e] = keep ? pe * drop.scale : 0.0f;  // P^T o Z, the A operand of dV
+          }
+          if constexpr (kDK) dpt[mb][e] = pe * (dp - dlt[8 * mb + 2 * t4 + (e & 1)]);  // dS^T
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        if constexpr (kDV) acc_to_a_frag<T>(pf[kk], st[2 * kk], st[2 * kk + 1]);
+        if constexpr (kDK) acc_to_a_frag<T>(dsf[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+      }
+      if constexpr (kDK) {
+        // dS^T -> shared memory as dS [query][key] (chunk wg: this warpgroup's 64 keys,
+        // 128-byte rows, the 128B swizzle of the wgmma atom)
+#pragma unroll
+        for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int q = 8 * mb + 2 * t4 + (e & 1), key = 16 * warp + g + 8 * (e >> 1);
+            uint32_t o = static_cast<uint32_t>(wg * kM * 128 + q * 128 + 2 * key);
+            o ^= ((o >> 7) & 7u) << 4;
+            *reinterpret_cast<T*>(sdS + o) = from_float<T>(dpt[mb][e]);
+          }
+        }
+        fence_proxy_async();
+        warpgroup_bar(1 + wg);
+      }
+
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk) {
+        if constexpr (kDV)
+          wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dv), pf[kk],
+                                do_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
+        if constexpr (kDK)
+          wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dk), dsf[kk],
+                                q_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
+      }
+      wgmma_commit();
+      if constexpr (kDK) {
+        // dQ (this warpgroup's 64 keys), 64 columns of D at a time: float atomics
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          float dq[8][4];
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            wgmma_ss<T, 64, true>(reinterpret_cast<float(&)[32]>(dq), ds_km0 + off(kk * 32),
+                                  k_mn0 + off(c * kKChunk + kk * 16 * 128), kk > 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+#pragma unroll
+          for (int r2 = 0; r2 < 2; ++r2) {
+            const int q = m0 + 16 * warp + g + 8 * r2;
+            if (q >= p.nq) continue;
+            float* row = dq_acc_g + int64_t(q) * d;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+              const int col = 64 * c + 8 * nb + 2 * t4;
+              if (col < d) atomicAdd(row + col, dq[nb][2 * r2]);
+              if (col + 1 < d) atomicAdd(row + col + 1, dq[nb][2 * r2 + 1]);
+            }
+          }
+          if (c + 1 < kChunks) wgmma_fence();
+        }
+      } else {
+        wgmma_wait<0>();
+      }
+      mbar_arrive(&qdo_empty[s]);  // Q_j, dO_j and dS read by every product of this step
     }
-    mbar_arrive(&qdo_empty[s]);  // Q_j, dO_j and dS read by every product of this step
   }
 
   // dK = scale dS^T Q, dV: rows kr_lo, kr_lo + 8
-  T* dk = reinterpret_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
-  T* dv = reinterpret_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
-  const bool pk = (reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(T)) == 0) && p.dk_sm % 2 == 0;
-  const bool pv = (reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(T)) == 0) && p.dv_sm % 2 == 0;
+  auto store = [&](uint64_t ptr, int64_t sb, int64_t sh, int64_t sm, const auto& acc, float scale) {
+    T* out = reinterpret_cast<T*>(ptr) + b * sb + h * sh;
+    const bool pair = (reinterpret_cast<uintptr_t>(out) % (2 * sizeof(T)) == 0) && sm % 2 == 0;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = kr_lo + 8 * i;
-    if (r >= p.nk) continue;
+    for (int i = 0; i < 2; ++i) {
+      const int r = kr_lo + 8 * i;
+      if (r >= p.nk) continue;
 #pragma unroll
-    for (int db = 0; db < kDB; ++db) {
-      if (db * 8 >= d) continue;
-      store2<T>(dk + r * p.dk_sm, db * 8 + 2 * t4, d, acc_dk[db][2 * i] * p.scale,
-                acc_dk[db][2 * i + 1] * p.scale, pk);
-      store2<T>(dv + r * p.dv_sm, db * 8 + 2 * t4, d, acc_dv[db][2 * i], acc_dv[db][2 * i + 1], pv);
+      for (int db = 0; db < kDB; ++db) {
+        if (db * 8 >= d) continue;
+        store2<T>(out + r * sm, db * 8 + 2 * t4, d, acc[db][2 * i] * scale, acc[db][2 * i + 1] * scale,
+                  pair);
+      }
     }
-  }
+  };
+
+  if constexpr (kDK) store(p.dk, p.dk_sb, p.dk_sh, p.dk_sm, acc_dk, p.scale);
+  if constexpr (kDV) store(p.dv, p.dv_sb, p.dv_sh, p.dv_sm, acc_dv, 1.0f);
 #endif
 }
 
@@ -312,7 +331,6 @@ __global__ void __launch_bounds__(256) attn_bwd_dq_convert_sm90_kernel(const Att
 
 std::string attention_bwd_sm90_why_not(const AttnArgs& a) {
   if (a.dtype != kFloat16 && a.dtype != kBFloat16) return "dtype is not float16/bfloat16";
-  if (a.d > 128) return "D > 128 (dK and dV accumulators would not fit in registers)";
   const int64_t n[4] = {a.nq, a.nk, a.nk, a.nq};
   const int64_t st[4][3] = {{a.q_sm, a.q_sh, a.q_sb},
                             {a.k_sm, a.k_sh, a.k_sb},
@@ -360,8 +378,17 @@ static std::string launch_attn_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
 #ifdef RECON_EMULATE
     ::rk::emu::SmemLimitSm90 sm90_limit;
 #endif
-    err = launch(attn_bwd_sm90_kernel<T, kD, kMask, kDrop>, "attention_bwd_sm90",
-                 dim3(static_cast<unsigned>(blocks)), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, prm);
+    const dim3 grid(static_cast<unsigned>(blocks)), block(Cfg::kThreads);
+    if constexpr (Cfg::kTwoPass) {
+      err = launch(attn_bwd_sm90_kernel<T, kD, kMask, kDrop, 1>, "attention_bwd_sm90", grid, block,
+                   Cfg::kSmemBytes, stream, prm);
+      if (err.empty())
+        err = launch(attn_bwd_sm90_kernel<T, kD, kMask, kDrop, 2>, "attention_bwd_sm90", grid, block,
+                     Cfg::kSmemBytes, stream, prm);
+    } else {
+      err = launch(attn_bwd_sm90_kernel<T, kD, kMask, kDrop, 0>, "attention_bwd_sm90", grid, block,
+                   Cfg::kSmemBytes, stream, prm);
+    }
   }
   if (!err.empty()) return err;
   return launch(attn_bwd_dq_convert_sm90_kernel<T>, "attention_bwd_sm90 (dq convert)",
@@ -386,10 +413,10 @@ std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
   };
   struct Half { using type = __half; };
   struct BF16 { using type = __nv_bfloat16; };
-  const bool d64 = a.d <= 64;
-  if (a.dtype == kFloat16)
-    return d64 ? go(Half{}, std::integral_constant<int, 64>{}) : go(Half{}, std::integral_constant<int, 128>{});
-  return d64 ? go(BF16{}, std::integral_constant<int, 64>{}) : go(BF16{}, std::integral_constant<int, 128>{});
+  if (a.dtype == kFloat16) {
+    RK_DISPATCH_HEAD_DIM(a.d, kD, return go(Half{}, std::integral_constant<int, kD>{});)
+  }
+  RK_DISPATCH_HEAD_DIM(a.d, kD, return go(BF16{}, std::integral_constant<int, kD>{});)
 }
 
 }  // namespace rk

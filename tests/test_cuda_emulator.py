@@ -122,10 +122,8 @@ def _fwd_path(emu, monkeypatch, path, kernel=SM90_KERNEL, var="RECON_CUDA_ATTN_F
 
 
 def _bwd_path(emu, monkeypatch, path, d):
-    """The backward likewise: the sm_90a backward takes D <= 128 only."""
-    return _fwd_path(
-        emu, monkeypatch, path, SM90_BWD_KERNEL, "RECON_CUDA_ATTN_BWD", path == "sm90" and d <= 128
-    )
+    """The backward likewise (every head dim: D = 256 in two launches, dV then dK + dQ)."""
+    return _fwd_path(emu, monkeypatch, path, SM90_BWD_KERNEL, "RECON_CUDA_ATTN_BWD")
 
 
 # The sm_90a forward's tiles (csrc/attention_fwd_sm90.cu): 128 query rows per block, 64 per
@@ -156,7 +154,7 @@ SM90_CASES = [
 def test_emulated_sm90_forward_matches_reference(emu, monkeypatch, dtype, case):
     """The sm_90a forward and backward (wgmma, TMA, mbarriers, warp specialisation, float
     atomics for dQ, in the emulator's PTX models) under the same oracle as the portable
-    ones (the backward for D <= 128; D = 256 runs the portable backward)."""
+    ones."""
     _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90")
 
 
@@ -179,7 +177,7 @@ def test_emulated_sm90_forward_choice(emu, monkeypatch):
         assert rkcuda.attention.bwd_choice(q, k, v, q) == "sm90"
         q2, k2, v2 = (_rand(1, 1, 9, 200, seed=i).half() for i in range(3))
         assert rkcuda.attention.fwd_choice(q2, k2, v2) == "sm90"
-        assert rkcuda.attention.bwd_choice(q2, k2, v2, q2).startswith("sm80: D > 128")
+        assert rkcuda.attention.bwd_choice(q2, k2, v2, q2) == "sm90"
         kx = k[:1].expand(2, 2, 9, 40)  # batch stride 0 with B = 2: no tensor map
         assert "TMA" in rkcuda.attention.fwd_choice(q, kx, v)
         with _fwd_path(emu, monkeypatch, "sm80"):  # falls back: the sm90 kernel must not run

@@ -49,8 +49,9 @@ KERNELS = {
     # csrc/attention_fwd_sm90.cu: fp16/bf16 x buckets 64/128/256 x masked x dropout (the
     # sm_80 pass builds the same names as trap stubs: the launcher never picks them there)
     "attn_fwd_sm90_kernel": 24,
-    # csrc/attention_bwd_sm90.cu: fp16/bf16 x D buckets 64/128 x masked x dropout, + convert
-    "attn_bwd_sm90_kernel": 16,
+    # csrc/attention_bwd_sm90.cu: fp16/bf16 x masked x dropout x (D 64, 128: one pass;
+    # D 256: the dV pass and the dK + dQ pass), + the dQ convert
+    "attn_bwd_sm90_kernel": 32,
     "attn_bwd_dq_convert_sm90_kernel": 2,
 }
 TENSOR_CORE_KERNELS = (
@@ -519,10 +520,11 @@ def test_generated_wgmma_wrappers_are_current():
 def test_sm90_attention_backward_sass(cuda_build):
     """Every sm_90a backward instantiation (csrc/attention_bwd_sm90.cu): 0 spills; HGMMA
     (SS for S^T and dP^T, RS for dV and dK, SS with an MN-major B for dQ), UTMALDG.4D,
-    USETMAXREG both ways, float reductions for dQ (REDG.E.ADD.F32) and, in the innermost
-    HGMMA loop, a wgmma wait of depth 1 (the exponentials of P^T under dP^T). The plain
-    kernels' loop holds the 5 GEMMs of the tile: 2 x D/16 (S^T, dP^T) + 2 x 64/16 (dV, dK)
-    + 4 x D/64 (dQ) HGMMAs, one MUFU.EX2 per score element, no per-element mask code."""
+    USETMAXREG both ways, float reductions for dQ (REDG.E.ADD.F32, not in D = 256's dV
+    pass) and, in the innermost HGMMA loop, a wgmma wait of depth 1 (the exponentials of
+    P^T under dP^T; not in the dV pass, which has no dP^T). The plain one-pass kernels' loop holds the 5 GEMMs of the tile:
+    2 x D/16 (S^T, dP^T) + 2 x 64/16 (dV, dK) + 4 x D/64 (dQ) HGMMAs, one MUFU.EX2 per
+    score element; D = 256's passes: S^T + dV, and S^T + dP^T + dK + dQ."""
     if "90a" not in _archs():
         pytest.skip("RECON_CUDA_ARCHS has no sm_90a target")
     reports = _ptxas_reports(os.path.dirname(cuda_build))
@@ -531,21 +533,30 @@ def test_sm90_attention_backward_sass(cuda_build):
     for name, body in funcs.items():
         rep = reports[(name, "sm_90a")]
         assert rep["spill_st"] == 0 and rep["spill_ld"] == 0 and rep["stack"] == 0, (name, rep)
-        for pat in (
-            r"\bHGMMA\.64x\d+x16\.F32",
-            r"\bUTMALDG\.4D\b",
-            r"\bUSETMAXREG\.TRY",
-            r"\bUSETMAXREG\.DEALLOC",
-            r"\bREDG\.E\.ADD\.F32",
-        ):
+        m = re.search(r"kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb(\d)ELb(\d)ELi(\d)E", name)
+        assert m, name
+        d, masked, drop, npass = (
+            int(m.group(2)),
+            m.group(3) == "1",
+            m.group(4) == "1",
+            int(m.group(5)),
+        )
+        assert (npass == 0) == (d <= 128), name
+        pats = [r"\bHGMMA\.64x\d+x16\.F32", r"\bUTMALDG\.4D\b", r"\bUSETMAXREG\.TRY"]
+        pats += [r"\bUSETMAXREG\.DEALLOC"] + ([r"\bREDG\.E\.ADD\.F32"] if npass != 1 else [])
+        for pat in pats:
             assert re.search(pat, body), f"{name}: no {pat}"
         loop = _innermost_mma_loop(body, r"\bHGMMA\.")
-        assert any(re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", t) for t in loop), name
-        m = re.search(r"kernelI(6__half|13__nv_bfloat16)Li(\d+)ELb(\d)ELb(\d)E", name)
-        d, masked, drop = int(m.group(2)), m.group(3) == "1", m.group(4) == "1"
+        if npass != 1:  # (the dV pass has no dP^T to overlap)
+            assert any(re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", t) for t in loop), name
         if masked or drop:
             continue
         hgmma = [t for t in loop if re.search(r"\bHGMMA\.", t)]
-        assert len(hgmma) == 2 * (d // 16) + 2 * 4 + 4 * (d // 64), (name, len(hgmma))
+        want = {
+            0: 2 * (d // 16) + 2 * 4 + 4 * (d // 64),
+            1: d // 16 + 4,
+            2: 2 * (d // 16) + 4 + 4 * (d // 64),
+        }
+        assert len(hgmma) == want[npass], (name, len(hgmma))
         ex2 = sum(bool(re.search(r"\bMUFU\.EX2\b", t)) for t in loop)
         assert ex2 == 32, (name, ex2)  # 64 keys x 64 queries / 128 threads

@@ -26,8 +26,8 @@ from ._loader import ext as extension_module
 # TMA, else the portable sm_80 one; "sm80" always the portable one; "sm90" the sm_90a one
 # wherever the arguments allow it (fp16/bf16, TMA-describable strides), an error when the
 # build or the GPU has no sm_90a (in tests, the emulator runs it on the CPU).
-# RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu: D <= 128;
-# the sm_90a backward accumulates dQ with float atomics in a float32 workspace).
+# RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu; the sm_90a
+# backward accumulates dQ with float atomics in a float32 workspace).
 FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
