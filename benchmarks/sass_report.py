@@ -539,11 +539,17 @@ def _compile_gemm(dtype: str, block, contiguous_k, flags: dict, extra=None, arch
         "szn": 1,
         "sc2n": 1,
     }
-    for k, v in G.static_constexprs().items():
+    for k, v in G.static_constexprs(contiguous_k).items():
         const.setdefault(k, v)
     const = {k: v for k, v in const.items() if k in fn.arg_names}
     ptrs = {n: p for n in ("A", "B", "C", "A2", "B2", "BIAS", "Z", "C2")}
     ptrs["CSUM"] = "*fp32"
+    # RECON_GEMM_TMA: host-side descriptors over the operand or its transpose (TMA_* = 2)
+    for n, blk in (("A", [bm, bk]), ("B", [bk, bn])):
+        code = const.get("TMA_" + n, 0)
+        if code:
+            b0, b1 = blk if code == 1 else blk[::-1]
+            ptrs[n] = f"tensordesc<{p[1:]}[{b0}, {b1}]>"
     ptrs = {k: v for k, v in ptrs.items() if k in fn.arg_names}
     return compile_kernel(fn, ptrs, const, warps, stages, ("alpha", "alpha2"), ints, arch=arch)
 

@@ -163,3 +163,36 @@ def assert_rule(
         base = (ref_lowp.detach().double() - ref64).abs().max().item()
     bound = 2 * base + ATOL[dtype]
     assert err <= bound, f"{name}: max error {err:.3e} > 2 x eager {dtype} error {base:.3e} + atol"
+
+
+# RECON_GEMM_TMA x RECON_GEMM_PERSISTENT: every value of the GEMM switches (auto is one of
+# the others: see _gemm.tma_mode)
+GEMM_SWITCHES = [
+    pytest.param(tma, pers, id=f"tma={tma}-persistent={pers}")
+    for tma in ("auto", "off", "host")
+    for pers in ("0", "1")
+]
+
+
+@pytest.fixture
+def gemm_switches(monkeypatch):
+    """Sets the GEMM switches; returns the descriptor codes (_gemm._operand_desc: 1 over the
+    operand, 2 over its transpose, 0 pointers) the launches chose."""
+    from recon_kernels.triton import _gemm as G
+
+    codes = []
+    real = G._operand_desc
+
+    def spy(t, k_dim):
+        d, code = real(t, k_dim)
+        codes.append(code)
+        return d, code
+
+    monkeypatch.setattr(G, "_operand_desc", spy)
+
+    def set_(tma, pers):
+        monkeypatch.setenv("RECON_GEMM_TMA", tma)
+        monkeypatch.setenv("RECON_GEMM_PERSISTENT", pers)
+        return codes
+
+    return set_

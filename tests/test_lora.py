@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import DTYPES, assert_rule, kernel_cases
+from conftest import DTYPES, GEMM_SWITCHES, assert_rule, kernel_cases
 from test_mlp import check_static_report, compile_report
 
 import recon_kernels as rk
@@ -62,6 +62,28 @@ def test_lora_linear_matches_reference(backend, device, dtype, case):
     """Output and the gradients of x, A, B, bias (and W when trainable) vs float64; the
     bound is 2x the error of eager PyTorch (reference.lora_linear) in the same dtype. A
     frozen W gets no gradient."""
+    check_against_reference(backend, device, dtype, case)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
+def test_gemm_switches_match_reference(backend, device, dtype, case, tma, pers, gemm_switches):
+    """lora_linear forward and backward (the rank-r second K segment with bias, the scaled
+    second store, split-K dA/dB, transposed operands) under every value of RECON_GEMM_TMA
+    and RECON_GEMM_PERSISTENT, same 2x rule; with descriptors both forms are taken."""
+    codes = gemm_switches(tma, pers)
+    check_against_reference(backend, device, dtype, case)
+    from recon_kernels.triton import _gemm as G
+
+    if G.tma_wanted(torch.tensor([], dtype=dtype).element_size()):
+        assert {1, 2} <= set(codes), codes
+    else:
+        assert not codes
+
+
+def check_against_reference(backend, device, dtype, case):
     _, shape, out_f, r, has_bias, w_trainable, layout = case
     torch.manual_seed(0)
     x = torch.randn(shape).to(dtype).to(device)
@@ -136,10 +158,12 @@ def test_lora_kernel_ops_match_eager_ops(backend, device):
 
 @pytest.mark.parametrize("backend,device", kernel_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_split_k_gemm(backend, device, dtype):
+@pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
+def test_split_k_gemm(backend, device, dtype, tma, pers, gemm_switches):
     """The split-K path of the shared GEMM (dA/dB: tiny outputs, K = tokens) against torch,
     for explicit split counts including more splits than K tiles (empty splits), into a
-    transposed output view."""
+    transposed output view, under every value of the GEMM switches."""
+    gemm_switches(tma, pers)
     if backend != "triton":
         pytest.skip("the split-K GEMM is the Triton backend's")
     from recon_kernels.triton._gemm import gemm
@@ -167,10 +191,12 @@ def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend,device", [*kernel_cases(), pytest.param("eager", "cpu")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_lora_exact_to_rounding(backend, device, dtype):
+@pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
+def test_merge_lora_exact_to_rounding(backend, device, dtype, tma, pers, gemm_switches):
     """merge_lora = W + s·B A correctly rounded from fp32 (<= half an ulp, plus fp32 noise,
     from the exact value); merge_lora_ gives the same bits in place; unmerging restores W
-    to within the two roundings."""
+    to within the two roundings. Under every value of the GEMM switches."""
+    gemm_switches(tma, pers)
     torch.manual_seed(2)
     w, _, a, bb = _weights(100, 72, 7, False, dtype, device)
     exact = w.cpu().double() + SCALE * (bb.cpu().double() @ a.cpu().double())

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import DTYPES, assert_rule, kernel_cases
+from conftest import DTYPES, GEMM_SWITCHES, assert_rule, kernel_cases
 
 import recon_kernels as rk
 from recon_kernels import reference
@@ -72,6 +72,55 @@ def test_conv1d_mlp_matches_reference(backend, device, dtype, case):
     """Output and the gradients of x, W1, b1, W2, b2 vs float64; the bound is 2x the error of
     eager PyTorch (reference.conv1d_mlp under autograd) in the same dtype."""
     check_against_reference(backend, device, dtype, case)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
+def test_gemm_switches_match_reference(backend, device, dtype, case, tma, pers, gemm_switches):
+    """conv1d_mlp forward and backward (bias, every activation, the act'(h) epilogue with
+    column sums, the activation prologue, transposed operands) under every value of
+    RECON_GEMM_TMA and RECON_GEMM_PERSISTENT, same 2x rule. With descriptors both forms
+    (over the operand and over its transpose) are taken."""
+    codes = gemm_switches(tma, pers)
+    check_against_reference(backend, device, dtype, case)
+    from recon_kernels.triton import _gemm as G
+
+    if G.tma_wanted(torch.tensor([], dtype=dtype).element_size()):
+        assert {1, 2} <= set(codes), codes
+    else:
+        assert not codes
+
+
+def test_gemm_switches_reject_bad_values(monkeypatch):
+    from recon_kernels.triton import _gemm as G
+
+    monkeypatch.setenv("RECON_GEMM_TMA", "on")
+    with pytest.raises(ValueError, match="RECON_GEMM_TMA: expected one of"):
+        G.tma_mode()
+    monkeypatch.setenv("RECON_GEMM_TMA", "off")
+    monkeypatch.setenv("RECON_GEMM_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="RECON_GEMM_PERSISTENT: expected 0 or 1, got 'yes'"):
+        G.persistent()
+
+
+def test_gemm_descriptor_fallback():
+    """Descriptors where the rules allow (unit stride, 16-byte strides and base), over the
+    transpose where the unit stride is along the other dim, pointers elsewhere."""
+    from recon_kernels.triton import _gemm as G
+
+    if not G.INTERPRET:
+        pytest.skip("the CPU interpreter emulates descriptors (on a GPU: sm_90+ only)")
+    x = torch.zeros(33, 48, dtype=torch.bfloat16)
+    assert G._operand_desc(x, 1)[1] == 1
+    assert G._operand_desc(x.t(), 0)[1] == 2
+    assert G._operand_desc(x[:, :40], 1)[1] == 1  # row stride 96 bytes: fine
+    assert G._operand_desc(x[:, 1:41], 1)[1] == 0  # base 2 bytes off alignment
+    y = torch.zeros(33, 44, dtype=torch.bfloat16)  # row stride 88 bytes
+    assert G._operand_desc(y, 1)[1] == 0
+    z = torch.zeros(4, 6, 8, dtype=torch.float32)[:, :, 0]  # no unit stride
+    assert G._operand_desc(z, 1)[1] == 0
 
 
 @pytest.fixture

@@ -21,6 +21,11 @@ variants are constexpr flags of one kernel, never copies:
 * split-K (grid axis 1): for small outputs with long K (LoRA dA/dB, dW of few features),
   each split writes an fp32 partial that the host sums.
 
+Switches (constexprs, in the autotune key): ``TMA_A`` / ``TMA_B`` (RECON_GEMM_TMA) read A
+and B through host-side tensor descriptors, over the operand or its transpose, with
+pointer fallback per operand; ``PERSISTENT`` (RECON_GEMM_PERSISTENT) runs at most one
+program per SM, each looping over tiles with the same epilogues.
+
 Accumulation is fp32; fp32 inputs use ``input_precision`` from ``dot_precision``.
 Grouped program order (GROUP_M row blocks share B tiles in L2); autotune keyed on the
 bucketed token count, N, K, the operand layout and the flags.
@@ -34,10 +39,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..codes import ACT_CODES as ACT_IDS  # the codes both backends share (csrc too)
 from ..codes import EPI_ADD, EPI_DACT, EPI_NONE  # noqa: F401  (mlp.py / lora.py use them)
 from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
+from .attention import _tma_ok  # the descriptor rules (strides, alignment, sm_90+)
 
 # --------------------------------------------------------------------------- activations
 
@@ -97,13 +104,29 @@ _SMEM_BUDGET = 160 * 1024  # fits A100 (164 KB) and H100/H200 (227 KB) per block
 
 def _configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config(dict(_INTERP_CONFIG), num_warps=4, num_stages=1)]
+        return [
+            triton.Config(dict(_INTERP_CONFIG), num_warps=4, num_stages=1, pre_hook=_desc_blocks)
+        ]
     return [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=_desc_blocks,
         )
         for bm, bn, bk, w, s in _GPU_CONFIGS
     ]
+
+
+def _desc_blocks(nargs) -> None:
+    """Config pre-hook: the A and B tensor descriptors (RECON_GEMM_TMA) get the blocks of
+    the config about to run, (BLOCK_M, BLOCK_K) / (BLOCK_K, BLOCK_N) or, for a transposed
+    view (TMA_* = 2), the reverse."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    for name, blk in (("A", [bm, bk]), ("B", [bk, bn])):
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            desc.block_shape = blk if nargs["TMA_" + name] == 1 else blk[::-1]
 
 
 def _arch_tile(bm: int, bn: int, bk: int, arch: int, pro_act: bool, ab2: bool = False):
@@ -174,10 +197,17 @@ def fit_configs(
                 {**kw, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                 num_warps=warps,
                 num_stages=stages,
+                pre_hook=c.pre_hook,
             )
         )
     if not out:
-        out = [triton.Config({**configs[-1].kwargs, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
+        last = configs[-1]
+        out = [
+            triton.Config(
+                {**last.kwargs, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
+                pre_hook=last.pre_hook,
+            )
+        ]
     return out
 
 
@@ -189,6 +219,7 @@ def _arch(index: int) -> int:
 
 def _prune(configs, named_args, **kwargs):
     a = named_args["A"]
+    a = a.base if isinstance(a, TensorDescriptor) else a
     kept = fit_configs(
         configs,
         named_args["M"],
@@ -216,6 +247,9 @@ _KEY = [
     "EPI",
     "STORE_C2",
     "HAS_CSUM",
+    "TMA_A",  # the load and schedule variants tune apart
+    "TMA_B",
+    "PERSISTENT",
 ]
 
 
@@ -393,7 +427,9 @@ def _epilogue_halves(
 
 
 @triton.jit
-def _gemm_kernel(
+def _gemm_tile(
+    tile,
+    pid_k,
     A,
     B,
     C,
@@ -443,18 +479,20 @@ def _gemm_kernel(
     CHUNK_ALL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
 ):
+    """One (BLOCK_M, BLOCK_N) output tile (linear id ``tile`` in grouped order) of split
+    ``pid_k``: the K loop, the LoRA segment and the fused epilogue."""
     # grouped order: GROUP_M consecutive row blocks sweep the column blocks together, so
     # the B tiles they share stay in L2
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
+    first_m = (tile // in_group) * GROUP_M
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m = first_m + (tile % in_group) % group_size
+    pid_n = (tile % in_group) // group_size
 
     # 64-bit offsets only for the scalar tile origins; offsets inside a tile are 32-bit
     # (the host checks stride * 256 < 2**31), which keeps register pressure down
@@ -472,22 +510,41 @@ def _gemm_kernel(
     k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
-    a_ptrs = A + (om64 * sam + k_lo.to(tl.int64) * sak) + (lm[:, None] * sam + rk[None, :] * sak)
-    b_ptrs = B + (k_lo.to(tl.int64) * sbk + on64 * sbn) + (rk[:, None] * sbk + ln[None, :] * sbn)
+    if TMA_A == 0:
+        a_ptrs = (
+            A + (om64 * sam + k_lo.to(tl.int64) * sak) + (lm[:, None] * sam + rk[None, :] * sak)
+        )
+    if TMA_B == 0:
+        b_ptrs = (
+            B + (k_lo.to(tl.int64) * sbk + on64 * sbn) + (rk[:, None] * sbk + ln[None, :] * sbn)
+        )
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         # "< K - k" (not k_hi): K is specialised divisible by 16 when it is, which keeps the
         # masks uniform over vector widths; interior splits never reach K anyway
         k_ok = rk < K - k
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        # descriptors (TMA_*): zero fill past M, N and K, no masks
+        if TMA_A == 1:  # (M, K) with unit stride along K
+            a = A.load([off_m, k])
+        elif TMA_A == 2:  # (K, M) with unit stride along M: a transposed view
+            a = tl.trans(A.load([k, off_m]))
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if TMA_B == 1:  # (K, N) with unit stride along N
+            b = B.load([k, off_n])
+        elif TMA_B == 2:  # (N, K) with unit stride along K: a transposed view
+            b = tl.trans(B.load([off_n, k]))
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if PRO_ACT:
             # act(0) == 0 for every activation, so the masked zeros stay zeros
             a = cast_rne(activate(a.to(tl.float32), ACT), b.dtype, UPCAST)
         acc = mma(a, b, acc, PRECISION, UPCAST)
-        a_ptrs += BLOCK_K * sak
-        b_ptrs += BLOCK_K * sbk
+        if TMA_A == 0:
+            a_ptrs += BLOCK_K * sak
+        if TMA_B == 0:
+            b_ptrs += BLOCK_K * sbk
 
     if HAS_AB2:
         rr = tl.arange(0, BLOCK_R)
@@ -637,6 +694,182 @@ def _gemm_kernel(
         )
 
 
+@triton.jit
+def _gemm_kernel(
+    A,
+    B,
+    C,
+    A2,
+    B2,
+    BIAS,
+    Z,
+    C2,
+    CSUM,
+    M,
+    N,
+    K,
+    R,
+    sam,
+    sak,
+    sbk,
+    sbn,
+    scs,
+    scm,
+    scn,
+    sa2m,
+    sa2r,
+    sb2r,
+    sb2n,
+    szm,
+    szn,
+    sc2m,
+    sc2n,
+    alpha,
+    alpha2,
+    SPLIT_K,
+    M_KEY,
+    LAYOUT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACT: tl.constexpr,
+    PRO_ACT: tl.constexpr,
+    HAS_AB2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPI: tl.constexpr,
+    STORE_C2: tl.constexpr,
+    HAS_CSUM: tl.constexpr,
+    EPI_CHUNK: tl.constexpr,
+    CHUNK_ALL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """The launch: one tile per program, or (PERSISTENT) a grid of at most one program per
+    SM, each walking the tiles pid, pid + programs, ... in grouped order; every split
+    (grid axis 1) walks the same tiles."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in range(pid, num_tiles, tl.num_programs(0)):
+            _gemm_tile(
+                tile,
+                pid_k,
+                A,
+                B,
+                C,
+                A2,
+                B2,
+                BIAS,
+                Z,
+                C2,
+                CSUM,
+                M,
+                N,
+                K,
+                R,
+                sam,
+                sak,
+                sbk,
+                sbn,
+                scs,
+                scm,
+                scn,
+                sa2m,
+                sa2r,
+                sb2r,
+                sb2n,
+                szm,
+                szn,
+                sc2m,
+                sc2n,
+                alpha,
+                alpha2,
+                SPLIT_K,
+                M_KEY,
+                LAYOUT,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                GROUP_M,
+                BLOCK_R,
+                ACT,
+                PRO_ACT,
+                HAS_AB2,
+                HAS_BIAS,
+                EPI,
+                STORE_C2,
+                HAS_CSUM,
+                EPI_CHUNK,
+                CHUNK_ALL,
+                PRECISION,
+                UPCAST,
+                TMA_A,
+                TMA_B,
+            )
+    else:
+        _gemm_tile(
+            pid,
+            pid_k,
+            A,
+            B,
+            C,
+            A2,
+            B2,
+            BIAS,
+            Z,
+            C2,
+            CSUM,
+            M,
+            N,
+            K,
+            R,
+            sam,
+            sak,
+            sbk,
+            sbn,
+            scs,
+            scm,
+            scn,
+            sa2m,
+            sa2r,
+            sb2r,
+            sb2n,
+            szm,
+            szn,
+            sc2m,
+            sc2n,
+            alpha,
+            alpha2,
+            SPLIT_K,
+            M_KEY,
+            LAYOUT,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP_M,
+            BLOCK_R,
+            ACT,
+            PRO_ACT,
+            HAS_AB2,
+            HAS_BIAS,
+            EPI,
+            STORE_C2,
+            HAS_CSUM,
+            EPI_CHUNK,
+            CHUNK_ALL,
+            PRECISION,
+            UPCAST,
+            TMA_A,
+            TMA_B,
+        )
+
+
 _gemm_tuned = triton.autotune(
     configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune}
 )(_gemm_kernel)
@@ -651,10 +884,60 @@ def chunk_all() -> bool:
     return v == "1"
 
 
-def static_constexprs() -> dict:
+GEMM_TMA_MODES = ("auto", "host", "off")
+
+
+def tma_mode() -> str:
+    """RECON_GEMM_TMA: how the K loop reads A and B.
+
+    * "host": through host-side tensor descriptors (triton.tools.tensor_descriptor.
+      TensorDescriptor over the 2-D operand, or over its transpose where the unit stride is
+      along M (A) or K (B), loaded and transposed: UTMALDG on sm_90, zero fill past M, N
+      and K, so no load needs a mask);
+    * "auto" (default): "host" for fp16/bf16 operands (benchmarks/results/static-sm90:
+      under triton 3.9 and 3.6 every GEMM variant's K loop drops from 111-165 to 73-90 SASS
+      instructions, 0 spills, wait depth >= 1), pointers for fp32 (there descriptors make
+      the "ieee" FMA path spill and the transposed tf32 operands wait after every wgmma);
+    * "off": pointer loads (cp.async) always.
+
+    Any mode falls back to pointers per operand and launch where a descriptor is not
+    allowed (attention._tma_ok: unit stride, 16-byte aligned base and strides, sm_90+)."""
+    mode = os.environ.get("RECON_GEMM_TMA", "auto")
+    if mode not in GEMM_TMA_MODES:
+        raise ValueError(f"RECON_GEMM_TMA: expected one of {GEMM_TMA_MODES}, got {mode!r}")
+    return mode
+
+
+def tma_wanted(esize: int = 2) -> bool:
+    """Whether the launcher tries descriptors (RECON_GEMM_TMA) for operands of ``esize``
+    bytes, before the per-operand checks."""
+    mode = tma_mode()
+    return mode == "host" or (mode == "auto" and esize == 2)
+
+
+def persistent() -> bool:
+    """RECON_GEMM_PERSISTENT=1: a persistent schedule (grid = min(tiles, SMs) programs, each
+    walking tiles pid, pid + programs, ... with every fused epilogue and split-K kept);
+    0 (default): one program per tile."""
+    v = os.environ.get("RECON_GEMM_PERSISTENT", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"RECON_GEMM_PERSISTENT: expected 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def static_constexprs(contiguous_k=(True, True)) -> dict:
     """Constexpr arguments the launcher passes besides tiles and variant flags, for the
-    current switches (benchmarks/sass_report.py compiles what a launch would run)."""
-    return {"CHUNK_ALL": chunk_all()}
+    current switches and operands whose unit stride is along K where ``contiguous_k`` says
+    (A, B), with descriptor-friendly strides (benchmarks/sass_report.py compiles what a
+    launch would run; TMA_A / TMA_B != 0: that operand is a tensor descriptor)."""
+    tma = tma_wanted()
+    ka, kb = contiguous_k
+    return {
+        "CHUNK_ALL": chunk_all(),
+        "TMA_A": (1 if ka else 2) if tma else 0,
+        "TMA_B": (2 if kb else 1) if tma else 0,
+        "PERSISTENT": persistent(),
+    }
 
 
 # --------------------------------------------------------------------------- host side
@@ -663,6 +946,25 @@ def static_constexprs() -> dict:
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(device: torch.device) -> int:
+    """Programs of a persistent launch: the SMs (a virtual 3 in the interpreter, so test
+    shapes give programs an uneven number of tiles)."""
+    if INTERPRET or device.type != "cuda":
+        return 3
+    return _num_sms(device.index or 0)
+
+
+def _operand_desc(t: torch.Tensor, k_dim: int):
+    """(descriptor or t, TMA code) for a GEMM operand (M, K) (k_dim=1) or (K, N) (k_dim=0):
+    code 1 over t itself (unit stride along its columns), 2 over its transpose (unit stride
+    along its rows), 0 (pointers) where neither view may be a descriptor. The blocks are
+    placeholders: _desc_blocks sets them per config."""
+    for code, view in ((1, t), (2, t.t())):
+        if view.stride(1) == 1 and _tma_ok(view):
+            return TensorDescriptor(view, list(view.shape), list(view.stride()), [16, 16]), code
+    return t, 0
 
 
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
@@ -760,10 +1062,16 @@ def gemm(
     if colsum:
         rows = triton.cdiv(M, _min_block_m(M, N, K, a.element_size()))
         csum = torch.zeros((rows, N), dtype=torch.float32, device=out.device)
+    tma_a = tma_b = 0
+    ad, bd = a, b
+    if tma_wanted(a.element_size()) and K > 0:
+        ad, tma_a = _operand_desc(a, 1)
+        bd, tma_b = _operand_desc(b, 0)
+    pers = persistent()
     layout = int(a.stride(1) == 1) | int(b.stride(0) == 1) << 1 | int(out.stride(1) == 1) << 2
     args = (
-        a,
-        b,
+        ad,
+        bd,
         target,
         a2,
         b2,
@@ -801,10 +1109,14 @@ def gemm(
         CHUNK_ALL=chunk_all(),
         PRECISION=dot_precision(a.dtype),
         UPCAST=INTERPRET,
+        TMA_A=tma_a,
+        TMA_B=tma_b,
+        PERSISTENT=pers,
     )
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, _programs(out.device)) if pers else tiles, split_k)
 
     if tune:
         _gemm_tuned[grid](*args, **flags)
@@ -812,6 +1124,7 @@ def gemm(
         # memory-bound uses (merge_lora): a mid-sized tile, no benchmarking
         fixed = _configs() if INTERPRET else [c for c in _configs() if c.kwargs["BLOCK_M"] == 64]
         cfg = fit_configs(fixed[:1], M, N, K, a.element_size())[0]
+        _desc_blocks({"A": ad, "B": bd, **flags, **cfg.kwargs})
         _gemm_kernel[grid(cfg.kwargs)](
             *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
         )
