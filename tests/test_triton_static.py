@@ -234,7 +234,7 @@ def test_gemm_keeps_wgmma_in_flight(report, filt):
 @pytest.mark.parametrize("filt", GEMM_FILTERS)
 def test_gemm_reads_operands_through_tma(report, filt):
     """RECON_GEMM_TMA=auto (the default): A and B through host-side descriptors (UTMALDG),
-    which keeps the K loop short (85-88 SASS instructions at 128 x 256 against 127-163 with
+    which keeps the K loop short (85-90 SASS instructions at 128 x 256 against 127-163 with
     cp.async pointers; the activation prologue adds its math)."""
     (r,) = _pick(report, filt)
     assert r["tma"] > 0, f"{r['case']}: no TMA instruction (RECON_GEMM_TMA=auto should use it)"
