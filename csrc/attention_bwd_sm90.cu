@@ -343,11 +343,7 @@ std::string attention_bwd_sm90_why_not(const AttnArgs& a) {
 }
 
 std::string attention_bwd_choice(const AttnArgs& a) {
-  if (a.path == 1) return "sm80: path = 1 asks for the portable kernels";
-  std::string why = attention_bwd_sm90_why_not(a);
-  if (a.path == 2) return why.empty() ? "sm90" : "sm80: " + why;
-  if (why.empty()) why = sm90_unavailable();
-  return why.empty() ? "sm90" : "sm80: " + why;
+  return sm90_choice(a, attention_bwd_sm90_why_not(a), "kernels");
 }
 
 template <class T, int kD, bool kMask, bool kDrop>
@@ -355,20 +351,12 @@ static std::string launch_attn_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
   using Cfg = BwdSm90Cfg<T, kD>;
   BwdSm90Params prm{};
   prm.a = a;
-  struct Op {
-    TmaDesc* out;
-    uint64_t ptr;
-    int64_t n, sm, sh, sb;
-    int rows;
-    const char* name;
-  } ops[] = {{&prm.tq, a.q, a.nq, a.q_sm, a.q_sh, a.q_sb, Cfg::kBlockM, "q"},
+  const TmaOperand ops[] = {{&prm.tq, a.q, a.nq, a.q_sm, a.q_sh, a.q_sb, Cfg::kBlockM, "q"},
              {&prm.tk, a.k, a.nk, a.k_sm, a.k_sh, a.k_sb, Cfg::kBlockN, "k"},
              {&prm.tv, a.v, a.nk, a.v_sm, a.v_sh, a.v_sb, Cfg::kBlockN, "v"},
              {&prm.tdo, a.dout, a.nq, a.do_sm, a.do_sh, a.do_sb, Cfg::kBlockM, "dout"}};
-  for (const Op& op : ops) {
-    std::string e = make_attn_tma(op.out, a, op.ptr, op.n, op.sm, op.sh, op.sb, op.rows);
-    if (!e.empty()) return std::string("attention_bwd (sm90) ") + op.name + ": " + e;
-  }
+  std::string tma_err = make_attn_tmas("attention_bwd (sm90)", a, ops);
+  if (!tma_err.empty()) return tma_err;
   const int64_t blocks = int64_t((a.nk + Cfg::kBlockN - 1) / Cfg::kBlockN) * a.b * a.h;
   const int64_t pairs = int64_t(a.b) * a.h * a.nq * ((a.d + 1) / 2);
   if (blocks > 0x7fffffff || (pairs + 255) / 256 > 0x7fffffff)
@@ -401,22 +389,10 @@ std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
   if (!err.empty()) return "attention_bwd (sm90): " + err;
   if (a.dq_accum == 0 || a.dq_accum % 16 != 0)
     return "attention_bwd (sm90): dq_accum must be a zeroed, 16-byte aligned float32 (B, H, Nq, D) workspace";
-  const bool masked = a.mask != 0 || a.kpm != 0 || a.causal, drop = a.drop_threshold != 0;
-  auto go = [&](auto tag, auto kd) -> std::string {
-    using T = typename decltype(tag)::type;
-    constexpr int kD = decltype(kd)::value;
-    if (masked)
-      return drop ? launch_attn_bwd_sm90<T, kD, true, true>(a, stream)
-                  : launch_attn_bwd_sm90<T, kD, true, false>(a, stream);
-    return drop ? launch_attn_bwd_sm90<T, kD, false, true>(a, stream)
-                : launch_attn_bwd_sm90<T, kD, false, false>(a, stream);
-  };
-  struct Half { using type = __half; };
-  struct BF16 { using type = __nv_bfloat16; };
-  if (a.dtype == kFloat16) {
-    RK_DISPATCH_HEAD_DIM(a.d, kD, return go(Half{}, std::integral_constant<int, kD>{});)
-  }
-  RK_DISPATCH_HEAD_DIM(a.d, kD, return go(BF16{}, std::integral_constant<int, kD>{});)
+  return dispatch_sm90(a, [&](auto t, auto kd, auto mask, auto drop) {
+    return launch_attn_bwd_sm90<typename decltype(t)::type, decltype(kd)::value, decltype(mask)::value,
+                                decltype(drop)::value>(a, stream);
+  });
 }
 
 }  // namespace rk

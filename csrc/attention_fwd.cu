@@ -345,13 +345,7 @@ std::vector<std::pair<std::string, int64_t>> emu_launch_counts() {
 }
 #endif
 
-std::string attention_fwd_choice(const AttnArgs& a) {
-  if (a.path == 1) return "sm80: path = 1 asks for the portable kernel";
-  std::string why = attention_fwd_sm90_why_not(a);
-  if (a.path == 2) return why.empty() ? "sm90" : "sm80: " + why;  // (the device: checked by the caller)
-  if (why.empty()) why = sm90_unavailable();
-  return why.empty() ? "sm90" : "sm80: " + why;
-}
+
 
 std::string attention_fwd(const AttnArgs& a, uintptr_t stream) {
   std::string err = check_attn_common(a);

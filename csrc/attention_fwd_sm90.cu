@@ -313,24 +313,20 @@ std::string attention_fwd_sm90_why_not(const AttnArgs& a) {
   return "";
 }
 
+std::string attention_fwd_choice(const AttnArgs& a) {
+  return sm90_choice(a, attention_fwd_sm90_why_not(a), "kernel");
+}
+
 template <class T, int kD, bool kMask, bool kDrop>
 static std::string launch_attn_fwd_sm90(const AttnArgs& a, uintptr_t stream) {
   using Cfg = FwdSm90Cfg<T, kD>;
   FwdSm90Params prm{};
   prm.a = a;
-  struct Op {
-    TmaDesc* out;
-    uint64_t ptr;
-    int64_t n, sm, sh, sb;
-    int rows;
-    const char* name;
-  } ops[] = {{&prm.tq, a.q, a.nq, a.q_sm, a.q_sh, a.q_sb, Cfg::kBlockM, "q"},
+  const TmaOperand ops[] = {{&prm.tq, a.q, a.nq, a.q_sm, a.q_sh, a.q_sb, Cfg::kBlockM, "q"},
              {&prm.tk, a.k, a.nk, a.k_sm, a.k_sh, a.k_sb, Cfg::kBlockN, "k"},
              {&prm.tv, a.v, a.nk, a.v_sm, a.v_sh, a.v_sb, Cfg::kBlockN, "v"}};
-  for (const Op& op : ops) {
-    std::string e = make_attn_tma(op.out, a, op.ptr, op.n, op.sm, op.sh, op.sb, op.rows);
-    if (!e.empty()) return std::string("attention_fwd (sm90) ") + op.name + ": " + e;
-  }
+  std::string tma_err = make_attn_tmas("attention_fwd (sm90)", a, ops);
+  if (!tma_err.empty()) return tma_err;
   const int64_t blocks = int64_t((a.nq + Cfg::kBlockM - 1) / Cfg::kBlockM) * a.b * a.h;
   if (blocks > 0x7fffffff) return "attention_fwd: too many blocks (B * H * Nq too large)";
 #ifdef RECON_EMULATE
@@ -343,22 +339,10 @@ static std::string launch_attn_fwd_sm90(const AttnArgs& a, uintptr_t stream) {
 std::string attention_fwd_sm90(const AttnArgs& a, uintptr_t stream) {
   std::string err = attention_fwd_sm90_why_not(a);
   if (!err.empty()) return "attention_fwd (sm90): " + err;
-  const bool masked = a.mask != 0 || a.kpm != 0 || a.causal, drop = a.drop_threshold != 0;
-  auto go = [&](auto tag, auto kd) -> std::string {
-    using T = typename decltype(tag)::type;
-    constexpr int kD = decltype(kd)::value;
-    if (masked)
-      return drop ? launch_attn_fwd_sm90<T, kD, true, true>(a, stream)
-                  : launch_attn_fwd_sm90<T, kD, true, false>(a, stream);
-    return drop ? launch_attn_fwd_sm90<T, kD, false, true>(a, stream)
-                : launch_attn_fwd_sm90<T, kD, false, false>(a, stream);
-  };
-  struct Half { using type = __half; };
-  struct BF16 { using type = __nv_bfloat16; };
-  if (a.dtype == kFloat16) {
-    RK_DISPATCH_HEAD_DIM(a.d, kD, return go(Half{}, std::integral_constant<int, kD>{});)
-  }
-  RK_DISPATCH_HEAD_DIM(a.d, kD, return go(BF16{}, std::integral_constant<int, kD>{});)
+  return dispatch_sm90(a, [&](auto t, auto kd, auto mask, auto drop) {
+    return launch_attn_fwd_sm90<typename decltype(t)::type, decltype(kd)::value, decltype(mask)::value,
+                                decltype(drop)::value>(a, stream);
+  });
 }
 
 }  // namespace rk

@@ -39,4 +39,50 @@ inline std::string make_attn_tma(TmaDesc* out, const AttnArgs& a, uint64_t ptr, 
   return make_tma_desc(out, reinterpret_cast<const void*>(ptr), 4, dims, strides, box, 128);
 }
 
+// The tensor maps of a launch: each operand's 4D map, or "<who> <name>: <why>".
+struct TmaOperand {
+  TmaDesc* out;
+  uint64_t ptr;
+  int64_t n, sm, sh, sb;
+  int rows;
+  const char* name;
+};
+template <size_t kN>
+inline std::string make_attn_tmas(const char* who, const AttnArgs& a, const TmaOperand (&ops)[kN]) {
+  for (const TmaOperand& op : ops) {
+    std::string e = make_attn_tma(op.out, a, op.ptr, op.n, op.sm, op.sh, op.sb, op.rows);
+    if (!e.empty()) return std::string(who) + " " + op.name + ": " + e;
+  }
+  return "";
+}
+
+// "sm90" or "sm80: <why>" for AttnArgs::path and what the arguments allow (why_not).
+inline std::string sm90_choice(const AttnArgs& a, std::string why_not, const char* portable) {
+  if (a.path == 1) return std::string("sm80: path = 1 asks for the portable ") + portable;
+  if (a.path != 2 && why_not.empty()) why_not = sm90_unavailable();  // (2: the caller checks)
+  return why_not.empty() ? "sm90" : "sm80: " + why_not;
+}
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls go(TypeTag<T>, kD, kMask, kDrop) (std::integral_constant / bool_constant tags) for
+// the dtype, head-dim bucket, masking and dropout of the arguments: the one dispatch of the
+// sm_90a launchers.
+template <class F>
+inline std::string dispatch_sm90(const AttnArgs& a, F&& go) {
+  const bool masked = a.mask != 0 || a.kpm != 0 || a.causal, drop = a.drop_threshold != 0;
+  auto variants = [&](auto t, auto kd) -> std::string {
+    if (masked)
+      return drop ? go(t, kd, std::true_type{}, std::true_type{}) : go(t, kd, std::true_type{}, std::false_type{});
+    return drop ? go(t, kd, std::false_type{}, std::true_type{}) : go(t, kd, std::false_type{}, std::false_type{});
+  };
+  if (a.dtype == kFloat16) {
+    RK_DISPATCH_HEAD_DIM(a.d, kD, return variants(TypeTag<__half>{}, std::integral_constant<int, kD>{});)
+  }
+  RK_DISPATCH_HEAD_DIM(a.d, kD, return variants(TypeTag<__nv_bfloat16>{}, std::integral_constant<int, kD>{});)
+}
+
 }  // namespace rk
