@@ -79,6 +79,11 @@ def kernel_cases():
     return cases
 
 
+def triton_cases():
+    """The Triton cases of kernel_cases() (tests of Triton-only machinery)."""
+    return [c for c in kernel_cases() if c.values[0] == "triton"]
+
+
 def attention_cases():
     """kernel_cases() plus the other CUDA attention kernels (csrc/attention_{fwd,bwd}_sm90.cu
     vs attention_{fwd,bwd}.cu, RECON_CUDA_ATTN_FWD / _BWD): without a GPU the emulator runs

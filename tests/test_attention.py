@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, LOW_PRECISION, assert_rule, attention_cases, kernel_cases
+from conftest import DTYPES, LOW_PRECISION, assert_rule, attention_cases, kernel_cases, triton_cases
 
 import recon_kernels as rk
 from recon_kernels import reference as R
@@ -638,7 +638,7 @@ def test_dropout_opcheck_and_compile():
 
 # --------------------------------------------------------------------------- deterministic=
 
-TRITON_CASES = [c for c in kernel_cases() if c.values[0] == "triton"]
+TRITON_CASES = triton_cases()
 BWD_KERNELS = (
     "_attn_bwd_atomic_kernel",
     "_bwd_dq_convert_kernel",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import DTYPES, GEMM_SWITCHES, assert_rule, kernel_cases
+from conftest import DTYPES, GEMM_SWITCHES, assert_rule, kernel_cases, triton_cases
 from test_mlp import check_static_report, compile_report
 
 import recon_kernels as rk
@@ -65,7 +65,7 @@ def test_lora_linear_matches_reference(backend, device, dtype, case):
     check_against_reference(backend, device, dtype, case)
 
 
-@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", triton_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
@@ -156,7 +156,7 @@ def test_lora_kernel_ops_match_eager_ops(backend, device):
         assert t.abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", triton_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
 def test_split_k_gemm(backend, device, dtype, tma, pers, gemm_switches):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import DTYPES, GEMM_SWITCHES, assert_rule, kernel_cases
+from conftest import DTYPES, GEMM_SWITCHES, assert_rule, kernel_cases, triton_cases
 
 import recon_kernels as rk
 from recon_kernels import reference
@@ -74,7 +74,7 @@ def test_conv1d_mlp_matches_reference(backend, device, dtype, case):
     check_against_reference(backend, device, dtype, case)
 
 
-@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", triton_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("tma,pers", GEMM_SWITCHES)
@@ -132,7 +132,7 @@ def dw2_store():
     triton_mlp.set_dw2_strategy(prev)
 
 
-@pytest.mark.parametrize("backend,device", [c for c in kernel_cases() if c.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", triton_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES[1:3], ids=[c[0] for c in CASES[1:3]])
 def test_triton_dw2_store_strategy_matches_reference(backend, device, dtype, case, dw2_store):
