@@ -788,10 +788,54 @@ def test_deterministic_backward_is_bit_reproducible(backend, device, mode):
     torch.testing.assert_close(dq1, dq2, rtol=2**-6, atol=1e-3)
 
 
+CUDA_ATTN_CASES = [c for c in attention_cases() if c.values[0] == "cuda"]
+
+
+@pytest.mark.parametrize("backend,device", CUDA_ATTN_CASES)
+@pytest.mark.parametrize("mode", ["mask_kpm", "causal"])
+def test_cuda_deterministic_keeps_off_the_atomic_backward(backend, device, mode):
+    """cuda: deterministic=True runs the portable, atomic-free backward even where the sm_90a
+    one (atomic dQ) would run ("cuda-emu-sm90" asks for it, as does auto on a Hopper GPU):
+    the choice says so, the emulator's launch counts show which kernel ran, two runs are
+    bit-identical, and the gradients pass the 2x rule; deterministic=False runs the sm_90a
+    backward where the case asks for it."""
+    from recon_kernels import cuda as rkcuda
+    from recon_kernels.cuda import _loader
+
+    dtype = torch.bfloat16
+    B, H, NQ, NK, D = (2, 4, 700, 700, 64) if device == "cuda" else (1, 2, 70, 65, 40)
+    q, k, v, do = (t.to(device=device, dtype=dtype) for t in _inputs(B, H, NQ, NK, D))
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK, device=device)
+    why = rkcuda.attention.bwd_choice(q, k, v, do, deterministic=True)
+    assert why == "sm80: " + rkcuda.attention.DETERMINISTIC_WHY
+    sm90 = rkcuda.attention.bwd_choice(q, k, v, do) == "sm90"
+    emu = _loader.emulator()
+    count = lambda: emu.launch_counts().get("attention_bwd_sm90", 0) if emu else 0  # noqa: E731
+
+    def grads(deterministic):
+        before = count()
+        g = _run(
+            lambda q, k, v: _call(q, k, v, mask, kpm, causal, backend, deterministic),
+            (q, k, v),
+            do,
+        )[1]
+        return g, count() - before
+
+    (a, ran_a), (b, ran_b) = grads(True), grads(True)
+    assert ran_a == ran_b == 0
+    for name, x, y in zip(("dq", "dk", "dv"), a, b):
+        assert torch.equal(x, y), f"{name}: deterministic=True differs between two runs"
+    _, ran = grads(False)
+    if emu is not None:
+        assert (ran > 0) == sm90, f"attention_bwd_sm90 ran {ran} times, choice sm90={sm90}"
+    _check_kernel(backend, device, dtype, (B, H, NQ, NK, D), mode, deterministic=True)
+
+
 @pytest.mark.parametrize("backend,device", [*kernel_cases(), pytest.param("eager", "cpu")])
 def test_every_backend_accepts_deterministic(backend, device):
-    """eager and cuda have only deterministic backwards: the flag is accepted and changes
-    nothing; triton's two backwards agree under the tolerance rule elsewhere."""
+    """The flag is accepted everywhere. eager has only a deterministic backward, and cuda's
+    float32 one is the portable kernel either way: the flag changes nothing there; triton's
+    two backwards agree under the tolerance rule elsewhere."""
     q, k, v, do = (t.float().to(device) for t in _inputs(2, 2, 9, 12, 16))
     kpm = torch.ones(2, 12, dtype=torch.bool, device=device)
     kpm[1, 7:] = False

@@ -27,7 +27,9 @@ from ._loader import ext as extension_module
 # wherever the arguments allow it (fp16/bf16, TMA-describable strides), an error when the
 # build or the GPU has no sm_90a (in tests, the emulator runs it on the CPU).
 # RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu; the sm_90a
-# backward accumulates dQ with float atomics in a float32 workspace).
+# backward accumulates dQ with float atomics in a float32 workspace, so its dQ may differ in
+# the last bits run to run: attention_bwd(deterministic=True) always runs the portable,
+# atomic-free backward, whatever the variable says).
 FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
@@ -51,8 +53,20 @@ def fwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return ext.attention_fwd_choice(args)
 
 
-def bwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> str:
+DETERMINISTIC_WHY = "deterministic=True (the sm_90a backward adds dQ with float atomics)"
+
+
+def bwd_choice(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    deterministic: bool = False,
+) -> str:
     """Which backward kernels attention_bwd would run: "sm90" or "sm80: <why not sm90>"."""
+    path = fwd_path("RECON_CUDA_ATTN_BWD")
+    if deterministic:
+        return "sm80: " + DETERMINISTIC_WHY
     ext = extension_module()
     args = ext.AttnArgs()
     for prefix, t in (("q", aligned(q)), ("k", aligned(k)), ("v", aligned(v))):
@@ -60,7 +74,7 @@ def bwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Te
     _attn_operand(args, "do", aligned(dout), ptr_field="dout")
     B, H, NQ, D = q.shape
     put(args, b=B, h=H, nq=NQ, nk=k.shape[2], d=D, dtype=DTYPE_CODES[q.dtype])
-    put(args, path=FWD_PATHS[fwd_path("RECON_CUDA_ATTN_BWD")])
+    put(args, path=FWD_PATHS[path])
     return ext.attention_bwd_choice(args)
 
 
@@ -194,9 +208,12 @@ def attention_bwd(
     causal: bool,
     dropout_p: float = 0.0,
     seed: int = 0,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward;
-    dropout_p and seed: the forward's (the same keep mask is drawn again)."""
+    dropout_p and seed: the forward's (the same keep mask is drawn again). deterministic:
+    True keeps off the sm_90a backward (atomic dQ) for the portable one, bit-reproducible
+    run to run; False lets RECON_CUDA_ATTN_BWD choose."""
     drop = _attn_dropout(dropout_p, seed)
     _check_attn(q, k, v)
     check("dout", dout, q, ndim=4)
@@ -236,7 +253,8 @@ def attention_bwd(
     sb, sh, sm = strides(lse)
     put(args, lse=lse.data_ptr(), lse_sb=sb, lse_sh=sh, lse_sm=sm)
     keep = _attn_common(args, q, k, mask, key_padding_mask, scale, causal)
-    put(args, path=FWD_PATHS[fwd_path("RECON_CUDA_ATTN_BWD")])
+    path = fwd_path("RECON_CUDA_ATTN_BWD")
+    put(args, path=FWD_PATHS["sm80" if deterministic else path])
     if ext.attention_bwd_choice(args) == "sm90":  # dQ by float atomics into a zeroed workspace
         dq_accum = torch.zeros((B, H, NQ, D), dtype=torch.float32, device=q.device)
         put(args, dq_accum=dq_accum.data_ptr())

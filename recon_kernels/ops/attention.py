@@ -7,9 +7,10 @@ validate, resolve the backend and call the forward op, so torch.compile sees one
 node per call and autograd reaches the backward op.
 
 ``deterministic`` (a plain bool of both custom ops' schemas, so torch.compile keys on it)
-picks the Triton backward: False (default, as FlashAttention) the fused atomic-dQ kernel,
-True the atomic-free two-kernel one, bit-reproducible run to run. ``eager`` and ``cuda``
-accept it and ignore it: their backwards are deterministic whatever its value.
+picks the backward: on triton, False (default, as FlashAttention) the fused atomic-dQ
+kernel, True the atomic-free two-kernel one, bit-reproducible run to run; on cuda, False
+lets the sm_90a backward (atomic dQ) run on Hopper, True keeps to the portable atomic-free
+one. ``eager`` accepts it and ignores it: its backward is deterministic whatever its value.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> dict:
 
 
 def _bwd_args(backend: str, deterministic: bool) -> dict:
-    """Only the triton backward has an atomic variant; eager and cuda are deterministic."""
-    return {"deterministic": deterministic} if backend == "triton" else {}
+    """triton and cuda have atomic-dQ backwards beside atomic-free ones; eager has none."""
+    return {"deterministic": deterministic} if backend in ("triton", "cuda") else {}
 
 
 @attention_fwd.register_fake
@@ -350,10 +351,11 @@ def masked_softmax_attention(
     The mask is a hash of (seed, batch, head, query, key) (reference.dropout_keep), the
     seed drawn from torch's default CPU generator per call: torch.manual_seed repeats it,
     and backward regenerates the mask instead of storing it. Pass 0 in eval.
-    deterministic: False (default, as FlashAttention) lets the triton backward add dQ with
-    float32 atomics (one fused kernel, 5 GEMMs per tile; dQ's last bits vary run to run);
-    True runs the atomic-free two-kernel backward, bit-reproducible run to run, as does
-    torch.use_deterministic_algorithms(True). eager and cuda are deterministic either way.
+    deterministic: False (default, as FlashAttention) lets the triton backward, and the
+    cuda one on Hopper (sm_90a), add dQ with float32 atomics (5 GEMMs per tile; dQ's last
+    bits vary run to run); True runs the atomic-free backwards (triton: two kernels; cuda:
+    the portable one), bit-reproducible run to run, as does
+    torch.use_deterministic_algorithms(True). eager is deterministic either way.
     Returns (B, H, Nq, D) in q's dtype, laid out (B, Nq, H, D)-contiguous so that merging
     the heads afterwards is free. Saves q, k, v, out and the
     log-sum-exp (B, H, Nq) for backward.
