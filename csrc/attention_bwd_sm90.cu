@@ -14,9 +14,13 @@
 //   dV += (P^T o Z) dO, dK += dS^T Q     (wgmma RS: A from registers, dO / Q MN-major)
 //   dQ += dS K                           (dS^T stored transposed to shared memory as the
 //                                          K-major A operand, K MN-major; 64-column chunks
-//                                          of dQ, float atomics into dq_accum)
+//                                          of dQ, each staged in shared memory and added
+//                                          to dq_accum by one bulk reduction,
+//                                          cp.reduce.async.bulk .add.f32, 16 KiB)
 // then dK = scale dK, dV, stored from registers; attn_bwd_dq_convert_sm90_kernel writes
-// dq = scale dq_accum in the input dtype. Keys past Nk and columns past D are TMA zero
+// dq = scale dq_accum in the input dtype. dq_accum is tile-ordered (DqTile): the staging
+// layout is the accumulator fragment's, so the stores to it are conflict-free 16-byte ones
+// and each reduction is one contiguous block. Keys past Nk and columns past D are TMA zero
 // fill: their dS^T rows meet zero K rows in dQ, and their dK / dV rows are never stored,
 // so the plain kernel needs no per-element test at all; masks / causal / key padding /
 // dropout are compile-time variants as in the forward. At D = 256 dK and dV alone would be
@@ -24,6 +28,29 @@
 #include "attention_sm90.cuh"
 
 namespace rk {
+
+// One 64-query x 64-column chunk of dQ in dq_accum, float32 in the order of the m64n64
+// accumulator fragment: [n8 block nb][thread wt of the warpgroup][4], the 4 floats of
+// thread wt being rows r, r + 8 (r = 16 (wt / 32) + (wt % 32) / 4) and columns
+// 8 nb + 2 (wt % 4) + {0, 1}. A head's tiles: [query tile][chunk], queries padded to 64
+// and D to its bucket.
+struct DqTile {
+  static constexpr int kFloats = 64 * 64;
+  struct alignas(16) F4 {
+    float x, y, z, w;
+  };
+  // float offset of element (query i, column c) in a head's tiles
+  __host__ __device__ static int64_t offset(int i, int c, int d_bucket) {
+    const int r = i % 64, cc = c % 64;
+    const int wt = 32 * (r / 16) + 4 * (r % 8) + (cc % 8) / 2;
+    const int e = 2 * ((r % 16) / 8) + (cc % 2);
+    return (int64_t(i / 64) * (d_bucket / 64) + c / 64) * kFloats + (cc / 8) * 512 + wt * 4 + e;
+  }
+};
+
+__host__ __device__ inline int64_t dq_tiles_per_head(int nq, int d_bucket) {
+  return int64_t((nq + 63) / 64) * (d_bucket / 64);
+}
 
 template <class T, int kD>
 struct BwdSm90Cfg {
@@ -39,10 +66,15 @@ struct BwdSm90Cfg {
   static constexpr int kKBytes = kBlockN * kD * 2;  // K (and V)
   static constexpr int kQBytes = kBlockM * kD * 2;  // one Q (or dO) stage
   static constexpr int kdSBytes = kBlockM * kBlockN * 2;
+  // dQ staging buffers (DqTile) per consumer: one per 64-column chunk, except at D = 256,
+  // where only one fits (the chunks then wait for each other's reduction to read it)
+  static constexpr int kStageBufs = kD <= 128 ? kD / 64 : 1;
+  static constexpr int kStageBytes = kConsumers * kStageBufs * 16384;
   static constexpr int kProducerRegs = 40, kConsumerRegs = kConsumers == 1 ? 256 : 232;
   static constexpr int kLdBytes = 2 * kBlockM * 4;  // lse * log2(e) and delta of one stage
   static constexpr size_t kSmemBytes = 1024 + 2 * size_t(kKBytes) + 2 * size_t(kStages) * kQBytes +
-                                       size_t(kdSBytes) + size_t(kStages) * kLdBytes + 1024;
+                                       size_t(kdSBytes) + size_t(kStageBytes) +
+                                       size_t(kStages) * kLdBytes + 1024;
   static constexpr bool kTwoPass = kD > 128;  // dV, then dK + dQ: see kPass
 };
 
@@ -73,8 +105,9 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   unsigned char* sQ = sV + Cfg::kKBytes;         // kS stages
   unsigned char* sdO = sQ + kS * Cfg::kQBytes;   // kS stages
   unsigned char* sdS = sdO + kS * Cfg::kQBytes;  // dS (kM queries x kN keys), K-major
-  float* sLd = reinterpret_cast<float*>(sdS + Cfg::kdSBytes);  // [kS][lse2 kM | delta kM]
-  uint64_t* bars = reinterpret_cast<uint64_t*>(sdS + Cfg::kdSBytes + kS * Cfg::kLdBytes);
+  float* sStage = reinterpret_cast<float*>(sdS + Cfg::kdSBytes);  // [consumer][buf] DqTile
+  float* sLd = reinterpret_cast<float*>(sdS + Cfg::kdSBytes + Cfg::kStageBytes);  // [kS][lse2 | delta]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(sdS + Cfg::kdSBytes + Cfg::kStageBytes + kS * Cfg::kLdBytes);
   uint64_t* kv_full = bars;
   uint64_t* q_full = bars + 1;             // [kS]
   uint64_t* do_full = bars + 1 + kS;       // [kS]
@@ -149,7 +182,9 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   const DropoutView drop = make_dropout_view(p, bh);
   const float sl2 = p.scale * kLog2e;
   const int d = p.d;
-  float* dq_acc_g = reinterpret_cast<float*>(p.dq_accum) + bh * int64_t(p.nq) * d;
+  // this (batch, head)'s DqTiles: [query tile of 64][chunk of 64 columns]
+  float* dq_acc_g = reinterpret_cast<float*>(p.dq_accum) + bh * dq_tiles_per_head(p.nq, kD) * DqTile::kFloats;
+  float* stage = sStage + wg * Cfg::kStageBufs * DqTile::kFloats;
 
   // Descriptors (start-address field plus byte offset / 16, as in the forward).
   //  K-major, rows of this warpgroup: K (A of S^T), V (A of dP^T); rows of the stage: Q, dO
@@ -234,18 +269,18 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       }
       if constexpr (kDK) {
         // dS^T -> shared memory as dS [query][key] (chunk wg: this warpgroup's 64 keys,
-        // 128-byte rows, the 128B swizzle of the wgmma atom)
+        // 128-byte rows, the 128B swizzle of the wgmma atom) by stmatrix.trans: dsf[kk]
+        // register i is the 8 x 8 block keys 16 warp + 8 (i % 2).., queries 16 kk +
+        // 8 (i / 2)..; lane l addresses query row l % 8 of block l / 8 (16 bytes of keys)
 #pragma unroll
-        for (int mb = 0; mb < kMB; ++mb) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int q = 8 * mb + 2 * t4 + (e & 1), key = 16 * warp + g + 8 * (e >> 1);
-            uint32_t o = static_cast<uint32_t>(wg * kM * 128 + q * 128 + 2 * key);
-            o ^= ((o >> 7) & 7u) << 4;
-            *reinterpret_cast<T*>(sdS + o) = from_float<T>(dpt[mb][e]);
-          }
+        for (int kk = 0; kk < kM / 16; ++kk) {
+          const int q = 16 * kk + 8 * (lane / 16) + lane % 8;
+          uint32_t o = static_cast<uint32_t>(wg * kM * 128 + q * 128 + 2 * (16 * warp + 8 * ((lane / 8) % 2)));
+          o ^= ((o >> 7) & 7u) << 4;
+          stsm_x4_trans(sdS + o, dsf[kk]);
         }
         fence_proxy_async();
+        if (wt == 0) bulk_wait_read<0>();  // the last step's reductions have read the staging
         warpgroup_bar(1 + wg);
       }
 
@@ -261,7 +296,9 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       }
       wgmma_commit();
       if constexpr (kDK) {
-        // dQ (this warpgroup's 64 keys), 64 columns of D at a time: float atomics
+        // dQ (this warpgroup's 64 keys), 64 columns of D at a time: the fragment goes to
+        // a staging buffer, one thread adds it to dq_accum with a bulk reduction. Queries
+        // past Nq have dS = 0 (P = 0 there): their rows of the padded tile add zeros.
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           float dq[8][4];
@@ -270,18 +307,23 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
             wgmma_ss<T, 64, true>(reinterpret_cast<float(&)[32]>(dq), ds_km0 + off(kk * 32),
                                   k_mn0 + off(c * kKChunk + kk * 16 * 128), kk > 0);
           wgmma_commit();
-          wgmma_wait<0>();
-#pragma unroll
-          for (int r2 = 0; r2 < 2; ++r2) {
-            const int q = m0 + 16 * warp + g + 8 * r2;
-            if (q >= p.nq) continue;
-            float* row = dq_acc_g + int64_t(q) * d;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-              const int col = 64 * c + 8 * nb + 2 * t4;
-              if (col < d) atomicAdd(row + col, dq[nb][2 * r2]);
-              if (col + 1 < d) atomicAdd(row + col + 1, dq[nb][2 * r2 + 1]);
+          if constexpr (Cfg::kStageBufs < kChunks) {
+            if (c >= Cfg::kStageBufs) {  // (under the wgmma) the buffer's last reduction has read it
+              if (wt == 0) bulk_wait_read<0>();
+              warpgroup_bar(1 + wg);
             }
+          }
+          wgmma_wait<0>();
+          float* buf = stage + (c % Cfg::kStageBufs) * DqTile::kFloats;
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb)
+            reinterpret_cast<DqTile::F4*>(buf)[nb * 128 + wt] = DqTile::F4{dq[nb][0], dq[nb][1], dq[nb][2], dq[nb][3]};
+          fence_proxy_async();
+          warpgroup_bar(1 + wg);
+          if (wt == 0) {
+            bulk_reduce_add_f32(dq_acc_g + (int64_t(m0 / kM) * kChunks + c) * DqTile::kFloats, buf,
+                                DqTile::kFloats * 4);
+            bulk_commit();
           }
           if (c + 1 < kChunks) wgmma_fence();
         }
@@ -290,6 +332,9 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       }
       mbar_arrive(&qdo_empty[s]);  // Q_j, dO_j and dS read by every product of this step
     }
+  }
+  if constexpr (kDK) {
+    if (wt == 0) bulk_wait_read<0>();  // shared memory outlives the last reduction's read
   }
 
   // dK = scale dS^T Q, dV: rows kr_lo, kr_lo + 8
@@ -314,19 +359,29 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
 #endif
 }
 
-// dq = scale * dq_accum in the input dtype (one thread per element pair).
+struct DqConvertParams {
+  AttnArgs a;
+  int d_bucket;
+};
+
+// dq = scale * dq_accum in the input dtype (one thread per element pair; DqTile order).
 template <class T>
-__global__ void __launch_bounds__(256) attn_bwd_dq_convert_sm90_kernel(const AttnArgs p) {
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_sm90_kernel(const DqConvertParams prm) {
+  const AttnArgs& p = prm.a;
   const int64_t half = int64_t(p.d + 1) / 2;
   const int64_t idx = int64_t(blockIdx.x) * 256 + threadIdx.x;
   const int64_t rows = int64_t(p.b) * p.h * p.nq;
   if (idx >= rows * half) return;
-  const int64_t row = idx / half, c = 2 * (idx % half);
-  const int64_t bh = row / p.nq, i = row % p.nq, b = bh / p.h, h = bh % p.h;
-  const float* acc = reinterpret_cast<const float*>(p.dq_accum) + row * p.d;
+  const int64_t row = idx / half;
+  const int c = static_cast<int>(2 * (idx % half));
+  const int64_t bh = row / p.nq, b = bh / p.h, h = bh % p.h;
+  const int i = static_cast<int>(row % p.nq);
+  const float* acc = reinterpret_cast<const float*>(p.dq_accum) +
+                     bh * dq_tiles_per_head(p.nq, prm.d_bucket) * DqTile::kFloats +
+                     DqTile::offset(i, c, prm.d_bucket);
   T* dq = reinterpret_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + i * p.dq_sm;
-  dq[c] = from_float<T>(acc[c] * p.scale);
-  if (c + 1 < p.d) dq[c + 1] = from_float<T>(acc[c + 1] * p.scale);
+  dq[c] = from_float<T>(acc[0] * p.scale);
+  if (c + 1 < p.d) dq[c + 1] = from_float<T>(acc[1] * p.scale);
 }
 
 std::string attention_bwd_sm90_why_not(const AttnArgs& a) {
@@ -340,6 +395,11 @@ std::string attention_bwd_sm90_why_not(const AttnArgs& a) {
     if (!tma_describable(a, n[i], st[i][0], st[i][1], st[i][2]))
       return "a q/k/v/dout stride is not a positive multiple of 16 bytes (TMA)";
   return "";
+}
+
+int64_t attention_bwd_workspace(const AttnArgs& a) {
+  const int bucket = a.d <= 64 ? 64 : a.d <= 128 ? 128 : 256;
+  return int64_t(a.b) * a.h * dq_tiles_per_head(a.nq, bucket) * DqTile::kFloats;
 }
 
 std::string attention_bwd_choice(const AttnArgs& a) {
@@ -379,8 +439,9 @@ static std::string launch_attn_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
     }
   }
   if (!err.empty()) return err;
+  const DqConvertParams cp{a, kD};
   return launch(attn_bwd_dq_convert_sm90_kernel<T>, "attention_bwd_sm90 (dq convert)",
-                dim3(static_cast<unsigned>((pairs + 255) / 256)), dim3(256), 0, stream, a);
+                dim3(static_cast<unsigned>((pairs + 255) / 256)), dim3(256), 0, stream, cp);
 }
 
 // After the delta kernel (attention_bwd.cu).
@@ -388,7 +449,8 @@ std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream) {
   std::string err = attention_bwd_sm90_why_not(a);
   if (!err.empty()) return "attention_bwd (sm90): " + err;
   if (a.dq_accum == 0 || a.dq_accum % 16 != 0)
-    return "attention_bwd (sm90): dq_accum must be a zeroed, 16-byte aligned float32 (B, H, Nq, D) workspace";
+    return "attention_bwd (sm90): dq_accum must be a zeroed, 16-byte aligned float32 workspace of "
+           "attention_bwd_workspace(args) elements";
   return dispatch_sm90(a, [&](auto t, auto kd, auto mask, auto drop) {
     return launch_attn_bwd_sm90<typename decltype(t)::type, decltype(kd)::value, decltype(mask)::value,
                                 decltype(drop)::value>(a, stream);

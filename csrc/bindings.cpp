@@ -116,6 +116,9 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
   m.def(
       "attention_bwd_choice", [](const rk::AttnArgs& a) { return rk::attention_bwd_choice(a); },
       py::arg("args"), "which backward kernels attention_bwd runs: 'sm90' or 'sm80: <why>'");
+  m.def(
+      "attention_bwd_workspace", [](const rk::AttnArgs& a) { return rk::attention_bwd_workspace(a); },
+      py::arg("args"), "float32 elements of the zeroed dq_accum workspace of the sm_90a backward");
   bind_launcher(m, "attention_bwd", &rk::attention_bwd, "delta, then dq, dk, dv");
   bind_launcher(m, "gemm", &rk::gemm, "the fused-epilogue GEMM");
   bind_launcher(m, "conv1d_mlp_fwd", &rk::conv1d_mlp_fwd, "y, h (and act(h) workspace)");

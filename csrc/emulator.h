@@ -49,7 +49,7 @@ namespace emu {
 constexpr size_t kMaxSmem = 166912;  // sm_80 opt-in limit per block
 constexpr size_t kStackBytes = 512 * 1024;
 
-enum Op : int { kOpShfl = 1, kOpSyncwarp, kOpLdsm, kOpLdsmT, kOpMma };
+enum Op : int { kOpShfl = 1, kOpSyncwarp, kOpLdsm, kOpLdsmT, kOpMma, kOpStsm, kOpStsmT };
 
 struct Copy {
   unsigned char* dst;
@@ -287,6 +287,7 @@ namespace emu {
 inline void fiber_entry() {
   State& s = st();
   s.body();
+  hopper_thread_exit();
   s.cur->done = true;
   // returning resumes uc_link: the scheduler
 }

@@ -25,6 +25,8 @@
 //     out of bounds and the same swizzle; a copy lands (and completes its bytes on the
 //     barrier) only when a thread waits on that barrier: reading before the wait sees stale
 //     shared memory (0xFF bytes: NaN).
+//   * cp.reduce.async.bulk (global += shared, .add.f32) in per-thread bulk async-groups,
+//     applied at the cp.async.bulk.wait_group.read that covers the group (see below).
 //   * setmaxnreg.inc/dec: warpgroup-collective, every thread the same count, 24..256, a
 //     multiple of 8 (no numeric effect).
 // A warpgroup is 128 consecutive threads (4 warps); its collectives park the fibers until
@@ -81,10 +83,23 @@ struct WarpGroup {
   std::deque<std::vector<WgmmaOp>> groups;
 };
 
+struct BulkReduce {
+  float* dst;
+  uint32_t src;  // shared-memory offset
+  int bytes;
+};
+
+// One thread's bulk async-groups (cp.reduce.async.bulk ... .bulk_group).
+struct BulkGroups {
+  std::vector<BulkReduce> open;
+  std::deque<std::vector<BulkReduce>> groups;
+};
+
 struct HopperState {
   std::map<uint32_t, MBar> bars;
   std::vector<BulkCopy> copies;
   std::vector<WarpGroup> wgs;
+  std::vector<BulkGroups> bulk;  // per thread
 };
 
 inline HopperState& hs() {
@@ -98,6 +113,7 @@ inline void hopper_reset(int nthreads) {
   h.copies.clear();
   h.wgs.clear();
   h.wgs.resize((nthreads + 127) / 128);
+  h.bulk.assign(static_cast<size_t>(nthreads), BulkGroups());
 }
 
 inline uint32_t smem_off(const void* p, size_t bytes, const char* what) {
@@ -421,6 +437,83 @@ inline void mbar_wait(void* p, int parity) {
     f.wait_gen = bar_at(p, "mbarrier.try_wait").phase;
     yield();
   }
+}
+
+// ------------------------------------------------------------------ stmatrix
+// stmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane l supplies the address of row l % 8
+// of matrix l / 8 (16 bytes) and register i of matrix i in the mma fragment layout (lane l
+// holds row l / 4, columns 2 (l % 4), +1). Without .trans row r of matrix i is stored as
+// held; with .trans the transpose: stored row r, column c is fragment element (c, r).
+struct StsmIn {
+  void* row;
+  uint32_t r[4];
+};
+
+inline void stsm_x4(void* p, const uint32_t (&r)[4], bool trans) {
+  check_smem(p, 16, trans ? "stmatrix.trans" : "stmatrix");
+  StsmIn in{p, {r[0], r[1], r[2], r[3]}};
+  const unsigned char* all = exchange(trans ? kOpStsmT : kOpStsm, in);
+  const int l = st().cur->lane, i = l / 8, row = l % 8;
+  unsigned char* out = static_cast<unsigned char*>(p);
+  for (int c = 0; c < 8; ++c) {
+    const int src = trans ? 4 * c + row / 2 : 4 * row + c / 2;
+    const int half = trans ? row % 2 : c % 2;
+    const uint16_t v = static_cast<uint16_t>(slot<StsmIn>(all, src).r[i] >> (16 * half));
+    memcpy(out + 2 * c, &v, 2);
+  }
+}
+
+// ------------------------------------------------------------------ bulk reductions
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: the source is read, and the
+// sums land in global memory, only when a cp.async.bulk.wait_group.read of the issuing
+// thread covers the group (the latest moment the PTX ISA allows): shared memory rewritten
+// before that wait changes the result. A thread that exits with a group not waited for is
+// an error (its shared memory would be released under a pending read).
+
+inline BulkGroups& bulk_of_current() {
+  State& s = st();
+  return hs().bulk[static_cast<size_t>(s.cur - s.fibers.data())];
+}
+
+inline void bulk_reduce_add(float* gdst, const void* ssrc, int bytes) {
+  if (bytes <= 0 || bytes % 16 != 0) fail("cp.reduce.async.bulk: size not a positive multiple of 16");
+  if (reinterpret_cast<uintptr_t>(gdst) % 16 != 0)
+    fail("cp.reduce.async.bulk: global destination not 16-byte aligned");
+  const uint32_t src = smem_off(ssrc, static_cast<size_t>(bytes), "cp.reduce.async.bulk source");
+  if (src % 16 != 0) fail("cp.reduce.async.bulk: shared source not 16-byte aligned");
+  bulk_of_current().open.push_back(BulkReduce{gdst, src, bytes});
+}
+
+inline void bulk_commit() {
+  BulkGroups& b = bulk_of_current();
+  b.groups.push_back(std::move(b.open));
+  b.open.clear();
+}
+
+inline void bulk_wait_read(int n) {
+  BulkGroups& b = bulk_of_current();
+  while (b.groups.size() > static_cast<size_t>(n)) {
+    for (const BulkReduce& r : b.groups.front()) {
+      const unsigned char* src = st().smem + r.src;
+      for (int i = 0; i < r.bytes / 4; ++i) {
+        float v;
+        memcpy(&v, src + 4 * i, 4);
+        r.dst[i] += v;
+      }
+    }
+    b.groups.pop_front();
+  }
+}
+
+// At a thread's exit: every bulk group must have been waited for.
+inline void hopper_thread_exit() {
+  State& s = st();
+  if (hs().bulk.empty()) return;
+  const BulkGroups& b = bulk_of_current();
+  if (!b.open.empty() || !b.groups.empty())
+    fail("thread " + std::to_string(s.cur - s.fibers.data()) +
+         " exited with cp.reduce.async.bulk not covered by cp.async.bulk.wait_group.read " +
+         "(uncommitted or not waited for)");
 }
 
 inline bool hopper_runnable(const Fiber& f) {

@@ -1,4 +1,5 @@
-// Hopper (sm_90a) primitives: wgmma, TMA (cp.async.bulk.tensor), mbarrier, setmaxnreg,
+// Hopper (sm_90a) primitives: wgmma, TMA (cp.async.bulk.tensor), bulk reductions
+// (cp.reduce.async.bulk), mbarrier, setmaxnreg,
 // as hand-written PTX wrappers (no CUTLASS: the emulator replaces each wrapper by a model of
 // its PTX ISA semantics, csrc/emulator_hopper.h, which a CuTe/CUTLASS header would make
 // impossible; and the GPU image cannot install packages).
@@ -100,6 +101,19 @@ inline float ex2_approx(float x) { return exp2f(x); }
 // operands, TMA); then every thread of the warpgroup meets at named barrier `id`.
 inline void fence_proxy_async() {}
 inline void warpgroup_bar(int) { ::rk::emu::warpgroup_bar(); }
+// cp.reduce.async.bulk (non-tensor) of `bytes` float32 from shared memory added into global
+// memory, in the thread's bulk async-group; commit_group closes the group; wait_group.read N
+// returns once at most N of the thread's groups may still read their shared memory.
+inline void bulk_reduce_add_f32(float* gdst, const void* ssrc, int bytes) {
+  ::rk::emu::bulk_reduce_add(gdst, ssrc, bytes);
+}
+inline void bulk_commit() { ::rk::emu::bulk_commit(); }
+// stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 (sm_90): lane l gives the address of row
+// l % 8 of matrix l / 8; register i of every lane holds matrix i in the mma fragment layout,
+// stored transposed (a warp's m16n8k16 A fragment of rows x k lands as k x rows).
+inline void stsm_x4_trans(void* p, const uint32_t (&r)[4]) { ::rk::emu::stsm_x4(p, r, true); }
+template <int N>
+inline void bulk_wait_read() { ::rk::emu::bulk_wait_read(N); }
 template <int kCount>
 inline void setmaxnreg_inc() { ::rk::emu::setmaxnreg<true>(kCount); }
 template <int kCount>
@@ -175,6 +189,21 @@ RK_DEVICE void tma_load_4d(void* dst, const TmaDesc* d, uint64_t* bar, int c0, i
       "l"(reinterpret_cast<uint64_t>(d)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
+RK_DEVICE void bulk_reduce_add_f32(float* gdst, const void* ssrc, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
+               "r"(smem_u32(ssrc)), "r"(bytes)
+               : "memory");
+}
+RK_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+RK_DEVICE void stsm_x4_trans(void* p, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_u32(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+template <int N>
+RK_DEVICE void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
 template <int kCount>
 RK_DEVICE void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kCount));
@@ -217,6 +246,11 @@ RK_DEVICE void wgmma_ss(float (&)[N / 2], uint64_t, uint64_t, int) { __trap(); }
 template <class T, int N, bool kTransB = false>
 RK_DEVICE void wgmma_rs(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) { __trap(); }
 RK_DEVICE void tma_load_4d(void*, const TmaDesc*, uint64_t*, int, int, int, int) { __trap(); }
+RK_DEVICE void bulk_reduce_add_f32(float*, const void*, int) { __trap(); }
+RK_DEVICE void bulk_commit() { __trap(); }
+RK_DEVICE void stsm_x4_trans(void*, const uint32_t (&)[4]) { __trap(); }
+template <int N>
+RK_DEVICE void bulk_wait_read() { __trap(); }
 
 #endif  // RK_SM90_DEVICE
 #endif  // RECON_EMULATE

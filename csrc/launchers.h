@@ -124,9 +124,12 @@ std::string attention_fwd_tiles(int dtype, int d, AttnFwdTiles* out);
 std::string attention_fwd_choice(const AttnArgs& a);
 std::string attention_fwd_sm90(const AttnArgs& a, uintptr_t stream);
 std::string attention_fwd_sm90_why_not(const AttnArgs& a);
-// The backward likewise ("sm90" or "sm80: <why>"); the sm_90a backward accumulates dQ with
-// float atomics in dq_accum, a zeroed float32 (B, H, Nq, D) contiguous workspace.
+// The backward likewise ("sm90" or "sm80: <why>"); the sm_90a backward accumulates dQ by
+// bulk float reductions into dq_accum, a zeroed float32 workspace of
+// attention_bwd_workspace(a) elements (tiles of 64 queries x 64 columns, in the order of
+// csrc/attention_bwd_sm90.cu's DqTile).
 std::string attention_bwd_choice(const AttnArgs& a);
+int64_t attention_bwd_workspace(const AttnArgs& a);
 std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream);
 std::string attention_bwd_sm90_why_not(const AttnArgs& a);
 

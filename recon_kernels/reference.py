@@ -199,8 +199,11 @@ def attention_bwd(
     causal: bool,
     dropout_p: float = 0.0,
     seed: int = 0,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager kernel backward (FlashAttention formulas): returns dq, dk, dv. With dropout,
+    """Eager kernel backward (FlashAttention formulas): returns dq, dk, dv (deterministic:
+    the kernel backends' choice between atomic and atomic-free backwards; this one is
+    deterministic whatever its value). With dropout,
     Z = keep / (1 - p): out = (P∘Z) V, so dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z and, as
     rowsum(P∘dP) = rowsum(dO∘out) still, dS = P∘(dP - delta)."""
     acc = _acc_dtype(q.dtype)

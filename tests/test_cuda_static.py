@@ -516,15 +516,27 @@ def test_generated_wgmma_wrappers_are_current():
     assert r.returncode == 0, "csrc/wgmma_ops.inc is stale: run python csrc/gen_wgmma.py"
 
 
+# The sm_90a backward's steady step (csrc/attention_bwd_sm90.cu, the plain kernels: 64
+# queries against each consumer's 64 keys) per (head-dim bucket, pass): bound on SASS
+# instructions per score element per thread, as measured when written + ~1% (15.0, 19.4,
+# 8.0, 29.3). With per-element float atomics for dQ (REDG) and scalar dS stores the
+# one-pass steps were about 28 (D = 64) and 41 (D = 128).
+SM90_BWD_LOOP = {(64, 0): 15.2, (128, 0): 19.7, (256, 1): 8.1, (256, 2): 29.6}
+
+
 @needs_nvcc
 def test_sm90_attention_backward_sass(cuda_build):
     """Every sm_90a backward instantiation (csrc/attention_bwd_sm90.cu): 0 spills; HGMMA
     (SS for S^T and dP^T, RS for dV and dK, SS with an MN-major B for dQ), UTMALDG.4D,
-    USETMAXREG both ways, float reductions for dQ (REDG.E.ADD.F32, not in D = 256's dV
-    pass) and, in the innermost HGMMA loop, a wgmma wait of depth 1 (the exponentials of
-    P^T under dP^T; not in the dV pass, which has no dP^T). The plain one-pass kernels' loop holds the 5 GEMMs of the tile:
-    2 x D/16 (S^T, dP^T) + 2 x 64/16 (dV, dK) + 4 x D/64 (dQ) HGMMAs, one MUFU.EX2 per
-    score element; D = 256's passes: S^T + dV, and S^T + dP^T + dK + dQ."""
+    USETMAXREG both ways, dQ added by bulk reductions from shared memory
+    (UBLKRED.G.S.ADD.F32, no per-element REDG; not in D = 256's dV pass), dS stored
+    transposed by stmatrix (STSM.16.MT88.4, kM / 16 per step) and, in the
+    innermost HGMMA loop, a wgmma wait of depth 1 (the exponentials of P^T under dP^T; not
+    in the dV pass, which has no dP^T). The plain one-pass kernels' loop holds the 5 GEMMs
+    of the tile: 2 x D/16 (S^T, dP^T) + 2 x 64/16 (dV, dK) + 4 x D/64 (dQ) HGMMAs, one
+    MUFU.EX2 per score element, one UBLKRED per 64-column chunk of dQ, and at most the
+    recorded instructions per score element; D = 256's passes: S^T + dV, and S^T + dP^T +
+    dK + dQ."""
     if "90a" not in _archs():
         pytest.skip("RECON_CUDA_ARCHS has no sm_90a target")
     reports = _ptxas_reports(os.path.dirname(cuda_build))
@@ -543,9 +555,10 @@ def test_sm90_attention_backward_sass(cuda_build):
         )
         assert (npass == 0) == (d <= 128), name
         pats = [r"\bHGMMA\.64x\d+x16\.F32", r"\bUTMALDG\.4D\b", r"\bUSETMAXREG\.TRY"]
-        pats += [r"\bUSETMAXREG\.DEALLOC"] + ([r"\bREDG\.E\.ADD\.F32"] if npass != 1 else [])
+        pats += [r"\bUSETMAXREG\.DEALLOC"] + ([r"\bUBLKRED\.G\.S\.ADD\.F32"] if npass != 1 else [])
         for pat in pats:
             assert re.search(pat, body), f"{name}: no {pat}"
+        assert not re.search(r"\bRED(G|UX)?\.", body), f"{name}: per-element global reductions"
         loop = _innermost_mma_loop(body, r"\bHGMMA\.")
         if npass != 1:  # (the dV pass has no dP^T to overlap)
             assert any(re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", t) for t in loop), name
@@ -560,3 +573,9 @@ def test_sm90_attention_backward_sass(cuda_build):
         assert len(hgmma) == want[npass], (name, len(hgmma))
         ex2 = sum(bool(re.search(r"\bMUFU\.EX2\b", t)) for t in loop)
         assert ex2 == 32, (name, ex2)  # 64 keys x 64 queries / 128 threads
+        if npass != 1:
+            red = sum(bool(re.search(r"\bUBLKRED\.", t)) for t in loop)
+            assert red == d // 64, (name, red)
+            stsm = sum(bool(re.search(r"\bSTSM\.16\.MT88\.4\b", t)) for t in loop)
+            assert stsm == 4, (name, stsm)  # 64 queries / 16
+        assert len(loop) / 32 <= SM90_BWD_LOOP[(d, npass)], (name, len(loop) / 32)

@@ -26,10 +26,11 @@ from ._loader import ext as extension_module
 # TMA, else the portable sm_80 one; "sm80" always the portable one; "sm90" the sm_90a one
 # wherever the arguments allow it (fp16/bf16, TMA-describable strides), an error when the
 # build or the GPU has no sm_90a (in tests, the emulator runs it on the CPU).
-# RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu; the sm_90a
-# backward accumulates dQ with float atomics in a float32 workspace, so its dQ may differ in
-# the last bits run to run: attention_bwd(deterministic=True) always runs the portable,
-# atomic-free backward, whatever the variable says).
+# RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu). The sm_90a
+# backward adds dQ into a float32 workspace by bulk reductions (cp.reduce.async.bulk) whose
+# order varies, so its dQ may differ in the last bits run to run:
+# attention_bwd(deterministic=True) always runs the portable, atomic-free backward,
+# whatever the variable says.
 FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
@@ -53,7 +54,9 @@ def fwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return ext.attention_fwd_choice(args)
 
 
-DETERMINISTIC_WHY = "deterministic=True (the sm_90a backward adds dQ with float atomics)"
+DETERMINISTIC_WHY = (
+    "deterministic=True (the sm_90a backward adds dQ in an unordered float32 reduction)"
+)
 
 
 def bwd_choice(
@@ -212,7 +215,7 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward;
     dropout_p and seed: the forward's (the same keep mask is drawn again). deterministic:
-    True keeps off the sm_90a backward (atomic dQ) for the portable one, bit-reproducible
+    True keeps off the sm_90a backward (unordered dQ sums) for the portable one, bit-reproducible
     run to run; False lets RECON_CUDA_ATTN_BWD choose."""
     drop = _attn_dropout(dropout_p, seed)
     _check_attn(q, k, v)
@@ -255,8 +258,9 @@ def attention_bwd(
     keep = _attn_common(args, q, k, mask, key_padding_mask, scale, causal)
     path = fwd_path("RECON_CUDA_ATTN_BWD")
     put(args, path=FWD_PATHS["sm80" if deterministic else path])
-    if ext.attention_bwd_choice(args) == "sm90":  # dQ by float atomics into a zeroed workspace
-        dq_accum = torch.zeros((B, H, NQ, D), dtype=torch.float32, device=q.device)
+    if ext.attention_bwd_choice(args) == "sm90":  # dQ by bulk float adds into a zeroed workspace
+        n = ext.attention_bwd_workspace(args)
+        dq_accum = torch.zeros(n, dtype=torch.float32, device=q.device)
         put(args, dq_accum=dq_accum.data_ptr())
         keep.append(dq_accum)
     launch(q, ext.attention_bwd, args)

@@ -75,7 +75,7 @@ def _bwd_body(
         scale,
         causal,
         **_dropout_args(dropout_p, seed),
-        **_bwd_args(backend, deterministic),
+        deterministic=deterministic,
     )
 
 
@@ -103,11 +103,6 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None) -> dict:
     if dropout_p <= 0:
         return {}
     return {"dropout_p": dropout_p, "seed": int(seed.item())}  # the kernels keep 32 bits
-
-
-def _bwd_args(backend: str, deterministic: bool) -> dict:
-    """triton and cuda have atomic-dQ backwards beside atomic-free ones; eager has none."""
-    return {"deterministic": deterministic} if backend in ("triton", "cuda") else {}
 
 
 @attention_fwd.register_fake

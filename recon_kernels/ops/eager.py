@@ -61,9 +61,22 @@ def attention_fwd(q, k, v, mask, key_padding_mask, scale, causal, dropout_p=0.0,
 
 
 def attention_bwd(
-    dout, q, k, v, out, lse, mask, key_padding_mask, scale, causal, dropout_p=0.0, seed=0
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    key_padding_mask,
+    scale,
+    causal,
+    dropout_p=0.0,
+    seed=0,
+    deterministic=False,
 ):
-    """(dq, dk, dv), contiguous, in the input dtypes."""
+    """(dq, dk, dv), contiguous, in the input dtypes (deterministic whatever
+    ``deterministic`` says: both routes below are)."""
     if not (
         _flash_ok(q, k, mask, key_padding_mask, causal, dropout_p)
         and v.stride(-1) == 1
