@@ -281,6 +281,12 @@ def analyse(compiled, num_warps: int, dots, elems: int | None) -> dict:
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     m = sass_metrics(sass)
     main = m.pop("main") or {}
+    # warp specialisation (USETMAXREG) launches more warps than the config asks for: a
+    # producer warpgroup (TMA, no MMA) and consumer warpgroups, each running its own copy of
+    # the main loop over its 64-row slice; the per-thread metrics count the consumers
+    launched = getattr(compiled.metadata, "num_warps", num_warps)
+    if m["setmaxreg"] and launched > num_warps:
+        num_warps = launched - 4
     threads = 32 * num_warps
     wg = max(1, num_warps // 4)
     tile_work = sum(a * b * c for a, b, c in dots)
@@ -294,6 +300,7 @@ def analyse(compiled, num_warps: int, dots, elems: int | None) -> dict:
         hmma_per_iter=main.get("hmma"),
         # the ideal applies to wgmma tiles (>= 64 rows); mma.sync tiles report None
         hgmma_ideal=ideal_hgmma(dots, num_warps) if main.get("hgmma") else None,
+        mma_warps=num_warps,
         # HMMA tiles are per warp, HGMMA per warpgroup: scale the SASS work to the CTA
         mma_work_ratio=(
             round(main["mma_work"] * (wg if main["hgmma"] else num_warps) / tile_work, 3)
@@ -356,7 +363,7 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                         DROPOUT=drop,
                         CAUSAL=causal,
                         # FAST, TMA: the forward loop's tiles
-                        **A.static_constexprs(kname, d, mask, kpm, drop),
+                        **A.static_constexprs(kname, d, mask, kpm, drop, causal),
                     )
                     configs = A._pruner(kname)(kern.configs, named)
                     if dt not in all_configs_for:
@@ -483,10 +490,10 @@ def compile_case(c: dict):
         )
         const = {k: v for k, v in const.items() if k in fn.arg_names}
         flags = (c["D"], c["mask"], c["kpm"], c["dropout"])
-        for k, v in A.static_constexprs(c["kernel"], *flags).items():
+        for k, v in A.static_constexprs(c["kernel"], *flags, c["causal"]).items():
             if k in fn.arg_names:
                 const.setdefault(k, v)
-        if const.get("TMA"):  # host-side tensor descriptors of the 4-D K and V
+        if const.get("TMA") and not const.get("DEV_DESC"):  # host descriptors of 4-D K, V
             for n in ("K", "V"):
                 ptrs[n] = f"tensordesc<{p[1:]}[1, 1, {c['BN']}, {c['D']}]>"
         floats = tuple(n for n in ("qk_scale", "sm_scale", "drop_scale") if n in fn.arg_names)

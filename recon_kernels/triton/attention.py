@@ -22,6 +22,7 @@ of two (>= 16) inside the kernel and masked. Scores use exp2 with scale·log2(e)
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -93,6 +94,9 @@ _TILES = {
             (64, 64, 4, 2),
             (64, 32, 4, 3),
             (32, 32, 4, 2),
+            # RECON_ATTN_FWD_WS=1 only (pruned otherwise): 4 warps the warp-specialisation
+            # pass turns into a producer and two 64-row consumer warpgroups
+            (128, 128, 4, 2),
         ],
         # dK/dV: the MMA rows are the BLOCK_N keys (128 over two warpgroups)
         "dkdv": [
@@ -263,9 +267,15 @@ def _pruner(kind: str):
                     (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != (128, 128, 8)
                 ),
             )
+        ws = kind == "fwd" and flag("WS")
+        if ws:  # RECON_ATTN_FWD_WS=1: the warp-specialised 128 x 128 on 4 (-> 12) warps first
+            configs = sorted(configs, key=lambda c: not _ws_tile(c))
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if ws and _ws_tile(c):
+                kept.append(c)  # the consumers hold 128 x 128 x 2 / 256 = 128 per thread
+                continue
             # tiles much larger than the sequence only waste work
             if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
                 continue
@@ -303,6 +313,11 @@ def _pruner(kind: str):
     return prune
 
 
+def _ws_tile(c) -> bool:
+    """The forward's warp-specialised tile (RECON_ATTN_FWD_WS=1)."""
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 128, 4)
+
+
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
 
 
@@ -318,7 +333,7 @@ def fwd_mode() -> str:
     return mode
 
 
-FWD_TMA_MODES = ("auto", "host", "off")
+FWD_TMA_MODES = ("auto", "host", "device", "off")
 
 
 def fwd_tma_mode() -> str:
@@ -327,10 +342,17 @@ def fwd_tma_mode() -> str:
     * "host": through host-side tensor descriptors (triton.tools.tensor_descriptor.
       TensorDescriptor over the 4-D (B, H, Nk, D) tensors: UTMALDG on sm_90, zero fill past
       Nk and the head dim, so no load needs a mask), whatever the head dim and masks;
-    * "auto" (default): "host" where the static sweep finds it better (BLOCK_D = 128 with no
-      general mask, key padding or dropout: there it takes the 128 x 128 tile, 8.1 / 7.7
-      instructions per score element under triton 3.9 / 3.6 against 11.2 / 10.5 for the
-      cp.async 128 x 64; elsewhere descriptors add instructions), pointers elsewhere;
+    * "device": the same loads through descriptors the kernel makes itself
+      (tl.make_tensor_descriptor over the (Nk, D) slice of its (batch, head); the 128-byte
+      tensor maps live in a global scratch buffer, see _desc_scratch): the descriptor
+      address is a uniform register, not a kernel-parameter address recomputed every
+      iteration, so the loop is shorter (BLOCK_D = 128, 128 x 128: 7.97 / 7.48 instructions
+      per score element under triton 3.9 / 3.6 against 8.12 / 7.67 with "host");
+    * "auto" (default): "device" where the static sweep finds descriptors better (BLOCK_D =
+      128 with no general mask, key padding or dropout: there they take the 128 x 128 tile,
+      7.97 / 7.48 instructions per score element under triton 3.9 / 3.6 against 11.2 / 10.5
+      for the cp.async 128 x 64; at BLOCK_D = 64 "device" is 7.22 / 7.03 against 7.27 / 7.00
+      with pointers, not better under 3.6), pointers elsewhere;
     * "off": pointer loads (cp.async) always.
 
     Any mode falls back to pointers per launch where a descriptor is not allowed (_tma_ok)."""
@@ -340,13 +362,41 @@ def fwd_tma_mode() -> str:
     return mode
 
 
+def fwd_desc_kind(block_d: int, has_mask: bool, has_kpm: bool, dropout: bool) -> str:
+    """How the fast forward reads K and V (RECON_ATTN_FWD_TMA), before the per-launch checks
+    of _tma_ok: "host" or "device" descriptors, or "off" (pointers)."""
+    mode = fwd_tma_mode()
+    if mode == "auto":
+        return "device" if block_d == 128 and not (has_mask or has_kpm or dropout) else "off"
+    return mode
+
+
 def fwd_tma_wanted(block_d: int, has_mask: bool, has_kpm: bool, dropout: bool) -> bool:
     """Whether the fast forward reads K and V through descriptors (RECON_ATTN_FWD_TMA), before
     the per-launch checks of _tma_ok."""
-    mode = fwd_tma_mode()
-    if mode == "auto":
-        return block_d == 128 and not (has_mask or has_kpm or dropout)
-    return mode == "host"
+    return fwd_desc_kind(block_d, has_mask, has_kpm, dropout) != "off"
+
+
+FWD_WS_MODES = ("0", "1")
+
+
+def fwd_ws_mode() -> bool:
+    """RECON_ATTN_FWD_WS=1: warp-specialise the full-block loop of the fast forward
+    (tl.range(..., warp_specialize=True): a TMA producer warpgroup and two consumer
+    warpgroups of 64 query rows each, USETMAXREG on sm_90) where its loads go through device
+    descriptors (RECON_ATTN_FWD_TMA=device; Q is then read through one too) and there is no
+    general mask, key padding or dropout: the 128 x 128 tile on 4 warps, which the pass
+    turns into 12. "0" (default): no warp specialisation (a GPU A/B switch: the static
+    report cannot time it)."""
+    mode = os.environ.get("RECON_ATTN_FWD_WS", "0")
+    if mode not in FWD_WS_MODES:
+        raise ValueError(f"RECON_ATTN_FWD_WS: expected one of {FWD_WS_MODES}, got {mode!r}")
+    return mode == "1"
+
+
+def fwd_ws_wanted(kind: str, has_mask: bool, has_kpm: bool, dropout: bool) -> bool:
+    """Whether the fast forward with K/V loads of ``kind`` (fwd_desc_kind) is warp-specialised."""
+    return fwd_ws_mode() and kind == "device" and not (has_mask or has_kpm or dropout)
 
 
 FWD_BN_MODES = ("128", "64")
@@ -365,16 +415,25 @@ def fwd_bn_mode() -> str:
 
 
 def static_constexprs(
-    kind: str, block_d: int = 128, has_mask=False, has_kpm=False, dropout=False
+    kind: str, block_d: int = 128, has_mask=False, has_kpm=False, dropout=False, causal=False
 ) -> dict:
     """Constexpr arguments the launchers pass besides the tile and the mask flags, for the
     current switches (benchmarks/sass_report.py compiles what a launch would run, for a
-    power-of-two head dim with descriptor-friendly strides). TMA=True: K and V are tensor
-    descriptors (the report gives them the type tensordesc<dtype[1, 1, BLOCK_N, BLOCK_D]>)."""
+    power-of-two head dim with descriptor-friendly strides). TMA=True: K and V are read
+    through descriptors: host-side ones (the report gives them the type
+    tensordesc<dtype[1, 1, BLOCK_N, BLOCK_D]>), or, DEV_DESC=True, pointers the kernel makes
+    descriptors of; WS=True: the warp-specialised loop."""
     if kind == "fwd":
         fast = fwd_mode() == "fast"
-        tma = fast and fwd_tma_wanted(block_d, has_mask, has_kpm, dropout)
-        return {"FAST": fast, "EVEN_D": True, "TMA": tma}
+        desc = fwd_desc_kind(block_d, has_mask, has_kpm, dropout) if fast else "off"
+        ws = fwd_ws_wanted(desc, has_mask, has_kpm, dropout) and block_d <= 128 and not causal
+        return {
+            "FAST": fast,
+            "EVEN_D": True,
+            "TMA": desc != "off",
+            "DEV_DESC": desc == "device",
+            "WS": ws,
+        }
     return {}
 
 
@@ -506,13 +565,15 @@ def _fwd_inner(
     FAST: tl.constexpr,
     EVEN_D: tl.constexpr,
     TMA: tl.constexpr,
+    DEV_DESC: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     if FAST:
         acc, l_i, m_i = _fwd_inner_fast(
             acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
             smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key,
             drop_thresh, lo, hi, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, BOUNDS, DROPOUT,
-            PRECISION, UPCAST, EVEN_D, TMA,
+            PRECISION, UPCAST, EVEN_D, TMA, DEV_DESC, WS,
         )  # fmt: skip
     else:
         d_ok = offs_d < HEAD_DIM
@@ -609,6 +670,8 @@ def _fwd_inner_fast(
     UPCAST: tl.constexpr,
     EVEN_D: tl.constexpr,
     TMA: tl.constexpr,
+    DEV_DESC: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     """_fwd_inner with fewer instructions per score element (RECON_ATTN_FWD=fast):
 
@@ -618,7 +681,10 @@ def _fwd_inner_fast(
       (EVEN_D), through pointers advanced by BLOCK_N rows instead of recomputed;
     * rows of a full block without masks always have a finite max: no -inf guard;
     * TMA (RECON_ATTN_FWD_TMA=host): K and V are (B, H, Nk, D) tensor descriptors with
-      blocks (1, 1, BLOCK_N, BLOCK_D), zero-filled past Nk and the head dim."""
+      blocks (1, 1, BLOCK_N, BLOCK_D), zero-filled past Nk and the head dim; DEV_DESC
+      (RECON_ATTN_FWD_TMA=device): (Nk, D) descriptors of this (batch, head) with blocks
+      (BLOCK_N, BLOCK_D), made by the kernel;
+    * WS (RECON_ATTN_FWD_WS=1, with DEV_DESC): the loop is warp-specialised."""
     offs_j = tl.arange(0, BLOCK_N)
     BLOCK_D: tl.constexpr = q.shape[1]
     if TMA:
@@ -632,9 +698,11 @@ def _fwd_inner_fast(
         v_ptrs = V + lo * svn
         d_ok = offs_d < HEAD_DIM
     GUARD: tl.constexpr = HAS_MASK or HAS_KPM or BOUNDS
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         offs_n = start_n + offs_j
-        if TMA:
+        if DEV_DESC:
+            kt = tl.trans(K.load([start_n, 0]))
+        elif TMA:
             kt = tl.trans(K.load([b32, h32, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
         elif BOUNDS or not EVEN_D:
             n_ok = offs_n < NK
@@ -676,7 +744,9 @@ def _fwd_inner_fast(
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser: before dropout
         if DROPOUT:
             p = tl.where(_keep(drop_key, offs_m, offs_n, NK, drop_thresh, False), p, 0.0)
-        if TMA:
+        if DEV_DESC:
+            v = V.load([start_n, 0])
+        elif TMA:
             v = V.load([b32, h32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         elif BOUNDS or not EVEN_D:
             v = tl.load(v_ptrs + v_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -692,7 +762,7 @@ def _fwd_inner_fast(
 
 @triton.autotune(
     configs=_configs("fwd"),
-    key=_KEY + ["FAST", "TMA"],  # the loop variants tune apart
+    key=_KEY + ["FAST", "TMA", "DEV_DESC", "WS"],  # the loop variants tune apart
     prune_configs_by={"early_config_prune": _pruner("fwd")},
 )
 @triton.jit(do_not_specialize=["seed"])
@@ -752,6 +822,8 @@ def _attn_fwd_kernel(
     FAST: tl.constexpr = False,
     EVEN_D: tl.constexpr = False,
     TMA: tl.constexpr = False,
+    DEV_DESC: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid = tl.program_id(0)
@@ -765,12 +837,27 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < NQ
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if not TMA:  # descriptors take (b, h) as coordinates
+    if WS:
+        # the warp-specialisation pass fails on a pointer-loaded operand of the loop's dot
+        # (NVGPUWarpSpecialization: "expected non-null blocks", triton 3.6 and 3.9)
+        q_desc = tl.make_tensor_descriptor(
+            Q + b * sqb + h * sqh, [NQ, HEAD_DIM], [sqm, 1], [BLOCK_M, BLOCK_D]
+        )
+        q = q_desc.load([pid_m * BLOCK_M, 0])
+    else:
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+    if DEV_DESC:  # (Nk, D) descriptors of this (batch, head), zero fill past Nk and D
+        K = tl.make_tensor_descriptor(
+            K + b * skb + h * skh, [NK, HEAD_DIM], [skn, 1], [BLOCK_N, BLOCK_D]
+        )
+        V = tl.make_tensor_descriptor(
+            V + b * svb + h * svh, [NK, HEAD_DIM], [svn, 1], [BLOCK_N, BLOCK_D]
+        )
+    elif not TMA:  # host descriptors take (b, h) as coordinates
         K += b * skb + h * skh
         V += b * svb + h * svh
 
@@ -834,50 +921,58 @@ def _attn_fwd_kernel(
         FAST,
         EVEN_D,
         TMA,
+        DEV_DESC,
+        WS,
     )
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        K,
-        V,
-        MASK,
-        KPM,
-        offs_m,
-        offs_d,
-        b,
-        h,
-        skn,
-        skd,
-        svn,
-        svd,
-        smb,
-        smh,
-        smm,
-        smn,
-        skpb,
-        skpn,
-        NQ,
-        NK,
-        HEAD_DIM,
-        qk_scale,
-        drop_key,
-        drop_thresh,
-        n_full,
-        hi,
-        BLOCK_N,
-        HAS_MASK,
-        HAS_KPM,
-        CAUSAL,
-        True,
-        DROPOUT,
-        PRECISION,
-        UPCAST,
-        FAST,
-        EVEN_D,
-        TMA,
-    )
+    if not WS:
+        # the tail: keys [n_full, hi). WS launches have none (non-causal, Nk a multiple
+        # of 128, no key padding); a loop after the warp-specialised one fails the
+        # pass (NVGPUWarpSpecialization: "expected non-null blocks", triton 3.6 and 3.9)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            MASK,
+            KPM,
+            offs_m,
+            offs_d,
+            b,
+            h,
+            skn,
+            skd,
+            svn,
+            svd,
+            smb,
+            smh,
+            smm,
+            smn,
+            skpb,
+            skpn,
+            NQ,
+            NK,
+            HEAD_DIM,
+            qk_scale,
+            drop_key,
+            drop_thresh,
+            n_full,
+            hi,
+            BLOCK_N,
+            HAS_MASK,
+            HAS_KPM,
+            CAUSAL,
+            True,
+            DROPOUT,
+            PRECISION,
+            UPCAST,
+            FAST,
+            EVEN_D,
+            TMA,
+            DEV_DESC,
+            WS,
+        )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -1503,6 +1598,27 @@ def _tma_ok(*ts) -> bool:
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
+@contextlib.contextmanager
+def _desc_scratch(device, needed: bool):
+    """Device-side descriptors (RECON_ATTN_FWD_TMA=device) keep their tensor maps in a global
+    scratch buffer the launch allocates through triton's allocator: a torch one for this
+    launch where the caller has set none (triton.set_allocator is left as it was)."""
+    from triton.runtime import _allocation as alloc
+
+    if not needed or not isinstance(alloc._allocator.get(), alloc.NullAllocator):
+        yield
+        return
+
+    def scratch(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    token = alloc._allocator.set(scratch)
+    try:
+        yield
+    finally:
+        alloc._allocator.reset(token)
+
+
 def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, float]:
     """(seed as a signed int32, 24-bit threshold, 1 / (1 - p)) for the kernels."""
     from ..reference import dropout_params
@@ -1528,53 +1644,62 @@ def attention_fwd(
     # the fast loop takes the row max of the raw scores (max(s) * scale): right only for
     # scale > 0; a negative scale (allowed, as in torch) runs the legacy loop
     fast = fwd_mode() == "fast" and scale > 0
-    tma = (
-        fast
-        and fwd_tma_wanted(
-            _block_d(D), mask is not None, key_padding_mask is not None, dropout_p > 0
-        )
-        and _tma_ok(k, v)
+    flags = (mask is not None, key_padding_mask is not None, dropout_p > 0)
+    desc = fwd_desc_kind(_block_d(D), *flags) if fast else "off"
+    if desc != "off" and not _tma_ok(k, v):
+        desc = "off"
+    # the warp-specialised loop has no tail loop after it (see _attn_fwd_kernel): every key
+    # block full (Nk a multiple of the largest BLOCK_N), no causal diagonal
+    ws = (
+        fwd_ws_wanted(desc, *flags)
+        and _block_d(D) <= 128
+        and not causal
+        and NK % 128 == 0
+        and _tma_ok(q)
     )
     kd, vd = k, v
-    if tma:  # block shapes: set per config by _desc_blocks
+    if desc == "host":  # block shapes: set per config by _desc_blocks
         blk = [1, 1, 16, _block_d(D)]
         kd = TensorDescriptor(k, list(k.shape), list(k.stride()), blk)
         vd = TensorDescriptor(v, list(v.shape), list(v.stride()), list(blk))
-    _attn_fwd_kernel[grid](
-        q,
-        kd,
-        vd,
-        out,
-        lse,
-        mask_t,
-        kpm_t,
-        kvhi,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *lse.stride(),
-        *mstr,
-        *kstr,
-        H,
-        NQ,
-        NK,
-        D,
-        _bucket(NQ),
-        _bucket(NK),
-        scale * LOG2E,
-        *_drop_args(dropout_p, seed),
-        BLOCK_D=_block_d(D),
-        HAS_MASK=mask is not None,
-        HAS_KPM=key_padding_mask is not None,
-        CAUSAL=causal,
-        DROPOUT=dropout_p > 0,
-        PRECISION=dot_precision(q.dtype),
-        UPCAST=INTERPRET,
-        FAST=fast,
-        EVEN_D=D == _block_d(D),
-        TMA=tma,
-    )
+    with _desc_scratch(q.device, desc == "device"):
+        _attn_fwd_kernel[grid](
+            q,
+            kd,
+            vd,
+            out,
+            lse,
+            mask_t,
+            kpm_t,
+            kvhi,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            *lse.stride(),
+            *mstr,
+            *kstr,
+            H,
+            NQ,
+            NK,
+            D,
+            _bucket(NQ),
+            _bucket(NK),
+            scale * LOG2E,
+            *_drop_args(dropout_p, seed),
+            BLOCK_D=_block_d(D),
+            HAS_MASK=mask is not None,
+            HAS_KPM=key_padding_mask is not None,
+            CAUSAL=causal,
+            DROPOUT=dropout_p > 0,
+            PRECISION=dot_precision(q.dtype),
+            UPCAST=INTERPRET,
+            FAST=fast,
+            EVEN_D=D == _block_d(D),
+            TMA=desc != "off",
+            DEV_DESC=desc == "device",
+            WS=ws,
+        )
     return out, lse
 
 
