@@ -25,6 +25,9 @@
 // so the plain kernel needs no per-element test at all; masks / causal / key padding /
 // dropout are compile-time variants as in the forward. At D = 256 dK and dV alone would be
 // 256 registers per thread: two launches (kPass), dV first, then dK and dQ.
+// a.deterministic orders the reductions into each dQ tile (key block, then consumer: the
+// counters after the DqTiles, dq_order_offset), so dQ is the same bits run to run: the
+// FA3 scheme, at the cost of one wait for the sums to land per tile and step.
 #include "attention_sm90.cuh"
 
 namespace rk {
@@ -50,6 +53,16 @@ struct DqTile {
 
 __host__ __device__ inline int64_t dq_tiles_per_head(int nq, int d_bucket) {
   return int64_t((nq + 63) / 64) * (d_bucket / 64);
+}
+
+__host__ __device__ inline int dq_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+// The workspace after the DqTiles: one int32 counter per (batch, head, 64-query tile), the
+// number of (key block, consumer) reductions already added into the tile. Deterministic
+// launches add in the order ticket = key block * consumers + consumer: each waits for the
+// counter to reach its ticket, adds, waits for its sums to land, then increments it.
+__host__ __device__ inline int64_t dq_order_offset(const AttnArgs& a) {
+  return int64_t(a.b) * a.h * dq_tiles_per_head(a.nq, dq_bucket(a.d)) * DqTile::kFloats;
 }
 
 template <class T, int kD>
@@ -185,6 +198,12 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   // this (batch, head)'s DqTiles: [query tile of 64][chunk of 64 columns]
   float* dq_acc_g = reinterpret_cast<float*>(p.dq_accum) + bh * dq_tiles_per_head(p.nq, kD) * DqTile::kFloats;
   float* stage = sStage + wg * Cfg::kStageBufs * DqTile::kFloats;
+  // deterministic: this consumer's turn in each tile's order (the blocks of one (batch, head)
+  // start in key-block order, so every ticket before this one belongs to a started block)
+  int* dq_order = p.deterministic ? reinterpret_cast<int*>(p.dq_accum) + dq_order_offset(p) +
+                                        bh * ((p.nq + kM - 1) / kM)
+                                  : nullptr;
+  const int ticket = n_block * Cfg::kConsumers + wg;
 
   // Descriptors (start-address field plus byte offset / 16, as in the forward).
   //  K-major, rows of this warpgroup: K (A of S^T), V (A of dP^T); rows of the stage: Q, dO
@@ -320,10 +339,22 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
             reinterpret_cast<DqTile::F4*>(buf)[nb * 128 + wt] = DqTile::F4{dq[nb][0], dq[nb][1], dq[nb][2], dq[nb][3]};
           fence_proxy_async();
           warpgroup_bar(1 + wg);
+          // the tile's earlier tickets have landed (every thread spins, so that the loop
+          // is warp-uniform: a divergent one would make ptxas serialize every wgmma, C7520;
+          // warp 0 may pass the turn on before warp 3 has looked: hence >=)
+          if (dq_order != nullptr && c == 0) {
+            flag_wait_ge(dq_order + m0 / kM, ticket);
+            fence_proxy_async_global();
+          }
           if (wt == 0) {
             bulk_reduce_add_f32(dq_acc_g + (int64_t(m0 / kM) * kChunks + c) * DqTile::kFloats, buf,
                                 DqTile::kFloats * 4);
             bulk_commit();
+            if (dq_order != nullptr && c + 1 == kChunks) {  // this one's sums in global memory
+              bulk_wait<0>();
+              fence_proxy_async_global();
+              flag_release_add(dq_order + m0 / kM, 1);
+            }
           }
           if (c + 1 < kChunks) wgmma_fence();
         }
@@ -398,8 +429,7 @@ std::string attention_bwd_sm90_why_not(const AttnArgs& a) {
 }
 
 int64_t attention_bwd_workspace(const AttnArgs& a) {
-  const int bucket = a.d <= 64 ? 64 : a.d <= 128 ? 128 : 256;
-  return int64_t(a.b) * a.h * dq_tiles_per_head(a.nq, bucket) * DqTile::kFloats;
+  return dq_order_offset(a) + int64_t(a.b) * a.h * ((a.nq + 63) / 64);
 }
 
 std::string attention_bwd_choice(const AttnArgs& a) {

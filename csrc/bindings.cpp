@@ -142,6 +142,13 @@ PYBIND11_MODULE(RK_MODULE_NAME, m) {
       py::arg("mode"), py::arg("dtype"), py::arg("n"), py::arg("swizzle"), py::arg("a"),
       py::arg("rows_a"), py::arg("b"), py::arg("rows_b"), py::arg("out"), py::arg("out2"),
       "wgmma / TMA / mbarrier / setmaxnreg self-test (csrc/hopper_selftest.cu)");
+  m.def(
+      "flag_selftest",
+      [](uint64_t counter, uint64_t order, int blocks, bool reverse) {
+        raise_if(rk::flag_selftest(counter, order, blocks, reverse));
+      },
+      py::arg("counter"), py::arg("order"), py::arg("blocks"), py::arg("reverse"),
+      "global-flag turns self-test (csrc/hopper_selftest.cu: flag_wait_ge, flag_release_add)");
   m.def("device_status", &rk::device_status,
         "'' when a CUDA device can run the kernels, else why not (never raises)");
   m.def(

@@ -3,7 +3,7 @@
 // math that cannot be tested otherwise: fragment layouts, tile offsets, masks, pipelines.
 //
 // Every CUDA thread of a block runs as a fiber (ucontext) on one OS thread; blocks run one
-// after another. __syncthreads and the warp-collective primitives (ldmatrix, mma.sync,
+// after another, or RECON_EMU_BLOCKS of them resident at once, newest first (launch()). __syncthreads and the warp-collective primitives (ldmatrix, mma.sync,
 // shfl, __syncwarp) switch fibers until all participants arrive, then compute each lane's
 // result from the PTX ISA definitions, independently of the kernels' own index math:
 //   * ldmatrix: lane l supplies the address of row l % 8 of matrix l / 8; without .trans
@@ -49,7 +49,7 @@ namespace emu {
 constexpr size_t kMaxSmem = 166912;  // sm_80 opt-in limit per block
 constexpr size_t kStackBytes = 512 * 1024;
 
-enum Op : int { kOpShfl = 1, kOpSyncwarp, kOpLdsm, kOpLdsmT, kOpMma, kOpStsm, kOpStsmT };
+enum Op : int { kOpShfl = 1, kOpSyncwarp, kOpLdsm, kOpLdsmT, kOpMma, kOpStsm, kOpStsmT, kOpVote };
 
 struct Copy {
   unsigned char* dst;
@@ -63,9 +63,11 @@ struct Fiber {
   dim3 tidx;
   int lane = 0, warp = 0;
   bool done = false;
-  int wait = 0;  // 0 runnable, 1 block barrier, 2 warp collective, 4 warpgroup, 5 mbarrier
+  // 0 runnable, 1 block barrier, 2 warp collective, 4 warpgroup, 5 mbarrier, 6 global flag
+  int wait = 0;
   uint64_t wait_gen = 0;
   uint32_t wait_key = 0;  // warpgroup / mbarrier offset (emulator_hopper.h)
+  const volatile int* wait_flag = nullptr;  // wait 6: until *wait_flag >= wait_key
   std::vector<Copy> open;
   std::deque<std::vector<Copy>> groups;
 };
@@ -77,6 +79,8 @@ struct Warp {
   alignas(16) unsigned char slots[2][32][64];
 };
 
+// One resident block: its threads, warps, shared memory and barrier state. A launch keeps
+// RECON_EMU_BLOCKS of them resident (default 1, see launch()).
 struct State {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
@@ -84,26 +88,44 @@ struct State {
   size_t smem_size = 0;
   size_t smem_cap = 0;
   dim3 block_idx, grid, block;
+  int64_t linear = -1;  // blockIdx in launch order; -1: slot empty
+  int slot = 0;
   int nthreads = 0;
   int arrived = 0;
   uint64_t gen = 0;
   ucontext_t sched;
   Fiber* cur = nullptr;
+};
+
+// What a launch shares across its resident blocks: the kernel body and the first error.
+struct Launch {
   std::string error;
   std::function<void()> body;
 };
 
-inline State& st() {
-  static State s;
+inline Launch& lc() {
+  static Launch l;
+  return l;
+}
+
+inline std::vector<std::unique_ptr<State>>& slots() {
+  static std::vector<std::unique_ptr<State>> v;
+  return v;
+}
+
+inline State*& cur_state() {
+  static State* s = nullptr;
   return s;
 }
+
+// The block whose thread runs now.
+inline State& st() { return *cur_state(); }
 
 inline void yield() { swapcontext(&st().cur->ctx, &st().sched); }
 
 // Records the first error and parks the fiber for good (the scheduler stops the launch).
 [[noreturn]] inline void fail(const std::string& msg) {
-  State& s = st();
-  if (s.error.empty()) s.error = msg;
+  if (lc().error.empty()) lc().error = msg;
   for (;;) yield();
 }
 
@@ -285,10 +307,9 @@ namespace rk {
 namespace emu {
 
 inline void fiber_entry() {
-  State& s = st();
-  s.body();
+  lc().body();
   hopper_thread_exit();
-  s.cur->done = true;
+  st().cur->done = true;
   // returning resumes uc_link: the scheduler
 }
 
@@ -296,13 +317,40 @@ inline bool runnable(const State& s, const Fiber& f) {
   if (f.done) return false;
   if (f.wait == 1) return s.gen != f.wait_gen;
   if (f.wait == 2) return s.warps[f.warp].gen != f.wait_gen;
+  if (f.wait == 6) return *f.wait_flag >= static_cast<int>(f.wait_key);
   return hopper_runnable(f);
 }
 
-inline void run_block(State& s) {
+// Spins until *flag >= value (a global-memory counter other blocks advance), as the GPU
+// version does: every lane of the warp reads the flag and the warp leaves on a vote
+// (__all_sync), so all 32 lanes leave together; while the vote fails the lanes park until
+// the flag reaches `value`. A launch whose every resident thread waits is a deadlock.
+inline void wait_flag_ge(const volatile int* flag, int value) {
+  for (;;) {
+    const int seen = *flag >= value;
+    const unsigned char* all = exchange(kOpVote, seen);
+    bool every = true;
+    for (int l = 0; l < 32; ++l) every = every && slot<int>(all, l) != 0;
+    if (every) return;
+    Fiber& f = *st().cur;
+    if (*flag < value) {
+      f.wait = 6;
+      f.wait_flag = flag;
+      f.wait_key = static_cast<uint32_t>(value);
+      yield();
+    }
+  }
+}
+
+inline void start_block(State& s, int64_t linear) {
+  const dim3 g = s.grid;
+  s.linear = linear;
+  s.block_idx = dim3(static_cast<unsigned>(linear % g.x), static_cast<unsigned>((linear / g.x) % g.y),
+                     static_cast<unsigned>(linear / (int64_t(g.x) * g.y)));
   memset(s.smem, 0xFF, s.smem_size);  // NaN everywhere: reading unwritten smem shows up
   s.arrived = 0;
   s.gen = 0;
+  cur_state() = &s;
   hopper_reset(s.nthreads);
   for (Warp& w : s.warps) {
     w.arrived = 0;
@@ -324,38 +372,61 @@ inline void run_block(State& s) {
     f.ctx.uc_link = &s.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  for (;;) {
-    bool all_done = true, progressed = false;
-    for (int i = 0; i < s.nthreads; ++i) {
-      Fiber& f = s.fibers[i];
-      if (f.done) continue;
-      all_done = false;
-      if (!runnable(s, f)) continue;
-      f.wait = 0;
-      s.cur = &f;
-      swapcontext(&s.sched, &f.ctx);
-      progressed = true;
-      if (!s.error.empty()) return;
-    }
-    if (all_done) return;
-    if (!progressed) {
-      int at_barrier = 0, at_warp = 0, at_wg = 0, at_bar = 0, exited = 0;
-      for (int i = 0; i < s.nthreads; ++i) {
-        const Fiber& f = s.fibers[i];
-        exited += f.done;
-        at_barrier += !f.done && f.wait == 1;
-        at_warp += !f.done && f.wait == 2;
-        at_wg += !f.done && f.wait == 4;
-        at_bar += !f.done && f.wait == 5;
-      }
-      s.error = "deadlock: " + std::to_string(at_barrier) + " threads at __syncthreads, " +
-                std::to_string(at_warp) + " at a warp collective, " + std::to_string(at_wg) +
-                " at a warpgroup collective, " + std::to_string(at_bar) +
-                " waiting on an mbarrier, " + std::to_string(exited) +
-                " exited";
-      return;
-    }
+}
+
+// One pass over a block's runnable threads: 2 when every thread has exited, 1 when one
+// ran, 0 when none could (all wait).
+inline int step_block(State& s) {
+  cur_state() = &s;
+  bool all_done = true, progressed = false;
+  for (int i = 0; i < s.nthreads; ++i) {
+    Fiber& f = s.fibers[i];
+    if (f.done) continue;
+    all_done = false;
+    if (!runnable(s, f)) continue;
+    f.wait = 0;
+    s.cur = &f;
+    swapcontext(&s.sched, &f.ctx);
+    progressed = true;
+    if (!lc().error.empty()) return 1;
   }
+  return all_done ? 2 : progressed ? 1 : 0;
+}
+
+inline std::string waits_of(const State& s) {
+  int at_barrier = 0, at_warp = 0, at_wg = 0, at_bar = 0, at_flag = 0, exited = 0;
+  for (int i = 0; i < s.nthreads; ++i) {
+    const Fiber& f = s.fibers[i];
+    exited += f.done;
+    at_barrier += !f.done && f.wait == 1;
+    at_warp += !f.done && f.wait == 2;
+    at_wg += !f.done && f.wait == 4;
+    at_bar += !f.done && f.wait == 5;
+    at_flag += !f.done && f.wait == 6;
+  }
+  return std::to_string(at_barrier) + " threads at __syncthreads, " + std::to_string(at_warp) +
+         " at a warp collective, " + std::to_string(at_wg) + " at a warpgroup collective, " +
+         std::to_string(at_bar) + " waiting on an mbarrier, " +
+         (at_flag ? std::to_string(at_flag) + " on a global flag, " : std::string()) +
+         std::to_string(exited) + " exited";
+}
+
+inline std::string block_name(const State& s) {
+  return "block (" + std::to_string(s.block_idx.x) + ", " + std::to_string(s.block_idx.y) + ", " +
+         std::to_string(s.block_idx.z) + ")";
+}
+
+// RECON_EMU_BLOCKS (default 1): blocks resident at once. With more than one the scheduler
+// runs the newest resident block that can make progress first (blocks start in blockIdx
+// order, as on the GPU, each into the first free slot): blocks that start together run in
+// reverse order, so a kernel whose blocks depend on each other's global-memory writes
+// without waiting for them (a flag, a semaphore) sees them late, and one that waits on an
+// older block works only if that block still gets to run.
+inline int resident_blocks() {
+  const char* v = std::getenv("RECON_EMU_BLOCKS");
+  if (v == nullptr || *v == 0) return 1;
+  const int n = std::atoi(v);
+  return n < 1 ? 1 : n > 64 ? 64 : n;
 }
 
 // The per-block shared-memory limit launches are checked against: sm_80's unless an sm_90a
@@ -379,7 +450,6 @@ inline std::map<std::string, int64_t>& launch_counts() {
 template <class P>
 inline std::string launch(void (*kernel)(P), const char* name, dim3 grid, dim3 block,
                           size_t smem_bytes, const P& p) {
-  State& s = st();
   ++launch_counts()[name];
   const int nthreads = static_cast<int>(block.x * block.y * block.z);
   if (nthreads < 1 || nthreads > 1024 || nthreads % 32 != 0)
@@ -389,32 +459,69 @@ inline std::string launch(void (*kernel)(P), const char* name, dim3 grid, dim3 b
     return std::string(name) + ": emulator: " + std::to_string(smem_bytes) +
            " bytes of shared memory exceed the " + (smem_limit() == kMaxSmem ? "sm_80" : "sm_90") +
            " limit of " + std::to_string(smem_limit());
-  if (s.smem_cap < smem_bytes + 16) {
-    std::free(s.smem);
-    s.smem_cap = std::max<size_t>(smem_bytes + 16, 4096);
-    s.smem = static_cast<unsigned char*>(std::aligned_alloc(1024, (s.smem_cap + 1023) / 1024 * 1024));
+  const int64_t total = int64_t(grid.x) * grid.y * grid.z;
+  const int resident = static_cast<int>(std::min<int64_t>(resident_blocks(), std::max<int64_t>(total, 1)));
+  auto& all = slots();
+  while (static_cast<int>(all.size()) < resident) {
+    all.emplace_back(new State());
+    all.back()->slot = static_cast<int>(all.size()) - 1;
   }
-  s.smem_size = smem_bytes;
-  if (static_cast<int>(s.fibers.size()) < nthreads) {
-    s.fibers.resize(nthreads);
-    for (Fiber& f : s.fibers)
-      if (!f.stack) f.stack.reset(new char[kStackBytes]);
+  for (int r = 0; r < resident; ++r) {
+    State& s = *all[r];
+    if (s.smem_cap < smem_bytes + 16) {
+      std::free(s.smem);
+      s.smem_cap = std::max<size_t>(smem_bytes + 16, 4096);
+      s.smem = static_cast<unsigned char*>(std::aligned_alloc(1024, (s.smem_cap + 1023) / 1024 * 1024));
+    }
+    s.smem_size = smem_bytes;
+    if (static_cast<int>(s.fibers.size()) < nthreads) {
+      s.fibers.resize(nthreads);
+      for (Fiber& f : s.fibers)
+        if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    }
+    s.warps.assign(nthreads / 32, Warp());
+    s.nthreads = nthreads;
+    s.block = block;
+    s.grid = grid;
+    s.linear = -1;
   }
-  s.warps.assign(nthreads / 32, Warp());
-  s.nthreads = nthreads;
-  s.block = block;
-  s.grid = grid;
-  s.error.clear();
-  s.body = [kernel, p]() { kernel(p); };
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        s.block_idx = dim3(x, y, z);
-        run_block(s);
-        if (!s.error.empty())
-          return std::string(name) + ": emulator: block (" + std::to_string(x) + ", " +
-                 std::to_string(y) + ", " + std::to_string(z) + "): " + s.error;
+  Launch& l = lc();
+  l.error.clear();
+  l.body = [kernel, p]() { kernel(p); };
+  int64_t next = 0;
+  for (int r = 0; r < resident && next < total; ++r) start_block(*all[r], next++);
+  auto failed = [&](const State& s) {
+    return std::string(name) + ": emulator: " + block_name(s) + ": " + l.error;
+  };
+  for (;;) {
+    // the newest resident block first; after any progress, look again from the newest
+    State* order[64];
+    int active = 0;
+    for (int r = 0; r < resident; ++r)
+      if (all[r]->linear >= 0) order[active++] = all[r].get();
+    if (active == 0) break;
+    std::sort(order, order + active, [](const State* a, const State* b) { return a->linear > b->linear; });
+    bool progressed = false;
+    for (int i = 0; i < active && !progressed; ++i) {
+      State& s = *order[i];
+      const int r = step_block(s);
+      if (!l.error.empty()) return failed(s);
+      if (r == 0) continue;
+      progressed = true;
+      if (r == 2) {
+        cur_state() = &s;
+        hopper_block_exit();
+        if (!l.error.empty()) return failed(s);
+        s.linear = -1;
+        if (next < total) start_block(s, next++);
       }
+    }
+    if (!progressed) {
+      std::string msg = std::string(name) + ": emulator: ";
+      for (int i = active - 1; i >= 0; --i)
+        msg += (i == active - 1 ? "" : "; ") + block_name(*order[i]) + ": " +
+               (i == active - 1 ? "deadlock: " : "") + waits_of(*order[i]);
+      return msg;
     }
   }
   return "";

@@ -25,8 +25,9 @@
 //     out of bounds and the same swizzle; a copy lands (and completes its bytes on the
 //     barrier) only when a thread waits on that barrier: reading before the wait sees stale
 //     shared memory (0xFF bytes: NaN).
-//   * cp.reduce.async.bulk (global += shared, .add.f32) in per-thread bulk async-groups,
-//     applied at the cp.async.bulk.wait_group.read that covers the group (see below).
+//   * cp.reduce.async.bulk (global += shared, .add.f32) in per-thread bulk async-groups:
+//     the source read at the wait_group.read that covers the group, the sums added to
+//     global memory at a wait_group (no .read) or at the block's exit (see below).
 //   * setmaxnreg.inc/dec: warpgroup-collective, every thread the same count, 24..256, a
 //     multiple of 8 (no numeric effect).
 // A warpgroup is 128 consecutive threads (4 warps); its collectives park the fibers until
@@ -89,10 +90,18 @@ struct BulkReduce {
   int bytes;
 };
 
+// The sums of a group whose source has been read (wait_group.read) but that need not have
+// landed in global memory yet.
+struct BulkSum {
+  float* dst;
+  std::vector<float> add;
+};
+
 // One thread's bulk async-groups (cp.reduce.async.bulk ... .bulk_group).
 struct BulkGroups {
   std::vector<BulkReduce> open;
   std::deque<std::vector<BulkReduce>> groups;
+  std::vector<BulkSum> read;  // read, not yet written
 };
 
 struct HopperState {
@@ -102,9 +111,12 @@ struct HopperState {
   std::vector<BulkGroups> bulk;  // per thread
 };
 
+// One per resident block (State::slot).
 inline HopperState& hs() {
-  static HopperState h;
-  return h;
+  static std::vector<std::unique_ptr<HopperState>> v;
+  const size_t i = static_cast<size_t>(st().slot);
+  while (v.size() <= i) v.emplace_back(new HopperState());
+  return *v[i];
 }
 
 inline void hopper_reset(int nthreads) {
@@ -464,11 +476,14 @@ inline void stsm_x4(void* p, const uint32_t (&r)[4], bool trans) {
 }
 
 // ------------------------------------------------------------------ bulk reductions
-// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: the source is read, and the
-// sums land in global memory, only when a cp.async.bulk.wait_group.read of the issuing
-// thread covers the group (the latest moment the PTX ISA allows): shared memory rewritten
-// before that wait changes the result. A thread that exits with a group not waited for is
-// an error (its shared memory would be released under a pending read).
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32, at the latest moments the PTX
+// ISA allows: the source is read only when a cp.async.bulk.wait_group.read of the issuing
+// thread covers the group (shared memory rewritten before that wait changes the result),
+// and the sums land in global memory only at a cp.async.bulk.wait_group (no .read) that
+// covers it, or else when the block exits (so another block that reads or adds to the same
+// memory after a mere .read wait of this one sees the sums late). A thread that exits with
+// a group not waited for is an error (its shared memory would be released under a pending
+// read).
 
 inline BulkGroups& bulk_of_current() {
   State& s = st();
@@ -490,19 +505,31 @@ inline void bulk_commit() {
   b.open.clear();
 }
 
-inline void bulk_wait_read(int n) {
-  BulkGroups& b = bulk_of_current();
+inline void bulk_read_groups(BulkGroups& b, int n) {
   while (b.groups.size() > static_cast<size_t>(n)) {
     for (const BulkReduce& r : b.groups.front()) {
-      const unsigned char* src = st().smem + r.src;
-      for (int i = 0; i < r.bytes / 4; ++i) {
-        float v;
-        memcpy(&v, src + 4 * i, 4);
-        r.dst[i] += v;
-      }
+      BulkSum sum{r.dst, std::vector<float>(static_cast<size_t>(r.bytes / 4))};
+      memcpy(sum.add.data(), st().smem + r.src, static_cast<size_t>(r.bytes));
+      b.read.push_back(std::move(sum));
     }
     b.groups.pop_front();
   }
+}
+
+inline void bulk_land(BulkGroups& b) {
+  for (const BulkSum& sum : b.read)
+    for (size_t i = 0; i < sum.add.size(); ++i) sum.dst[i] += sum.add[i];
+  b.read.clear();
+}
+
+inline void bulk_wait_read(int n) { bulk_read_groups(bulk_of_current(), n); }
+
+// wait_group N: every group but the newest N complete, its sums in global memory (the read
+// groups are all older than the pending ones: they land too).
+inline void bulk_wait(int n) {
+  BulkGroups& b = bulk_of_current();
+  bulk_read_groups(b, n);
+  bulk_land(b);
 }
 
 // At a thread's exit: every bulk group must have been waited for.
@@ -514,6 +541,12 @@ inline void hopper_thread_exit() {
     fail("thread " + std::to_string(s.cur - s.fibers.data()) +
          " exited with cp.reduce.async.bulk not covered by cp.async.bulk.wait_group.read " +
          "(uncommitted or not waited for)");
+}
+
+// When the block's last thread has exited (outside any thread): the sums still in flight
+// land, thread by thread.
+inline void hopper_block_exit() {
+  for (BulkGroups& b : hs().bulk) bulk_land(b);
 }
 
 inline bool hopper_runnable(const Fiber& f) {

@@ -114,6 +114,21 @@ inline void bulk_commit() { ::rk::emu::bulk_commit(); }
 inline void stsm_x4_trans(void* p, const uint32_t (&r)[4]) { ::rk::emu::stsm_x4(p, r, true); }
 template <int N>
 inline void bulk_wait_read() { ::rk::emu::bulk_wait_read(N); }
+// wait_group N (no .read): the older groups complete, their sums in global memory.
+template <int N>
+inline void bulk_wait() { ::rk::emu::bulk_wait(N); }
+// fence.proxy.async.global: global-memory accesses of the generic proxy (a flag's acquire /
+// release) ordered with the async proxy's (bulk reductions) of this thread.
+inline void fence_proxy_async_global() {}
+// A flag in global memory other blocks advance (the order of the deterministic backward):
+// spin (ld.acquire.gpu) until *flag >= value, called by all 32 lanes of a warp (the GPU
+// version exits on a warp vote); add v with release semantics (red.release.gpu). (>=, not
+// ==: several warps may wait for one turn and the first may pass it on before the last
+// has looked.)
+inline void flag_wait_ge(const int* flag, int value) {
+  ::rk::emu::wait_flag_ge(reinterpret_cast<const volatile int*>(flag), value);
+}
+inline void flag_release_add(int* flag, int v) { *flag += v; }
 template <int kCount>
 inline void setmaxnreg_inc() { ::rk::emu::setmaxnreg<true>(kCount); }
 template <int kCount>
@@ -204,6 +219,23 @@ template <int N>
 RK_DEVICE void bulk_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
 }
+template <int N>
+RK_DEVICE void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+RK_DEVICE void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+// (by every lane of the warp: the exit is a warp vote, so the loop is not divergent)
+RK_DEVICE void flag_wait_ge(const int* flag, int value) {
+  for (;;) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
+    if (__all_sync(0xffffffffu, v >= value)) return;
+    __nanosleep(64);
+  }
+}
+RK_DEVICE void flag_release_add(int* flag, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(flag), "r"(v) : "memory");
+}
 template <int kCount>
 RK_DEVICE void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kCount));
@@ -251,6 +283,11 @@ RK_DEVICE void bulk_commit() { __trap(); }
 RK_DEVICE void stsm_x4_trans(void*, const uint32_t (&)[4]) { __trap(); }
 template <int N>
 RK_DEVICE void bulk_wait_read() { __trap(); }
+template <int N>
+RK_DEVICE void bulk_wait() { __trap(); }
+RK_DEVICE void fence_proxy_async_global() { __trap(); }
+RK_DEVICE void flag_wait_ge(const int*, int) { __trap(); }
+RK_DEVICE void flag_release_add(int*, int) { __trap(); }
 
 #endif  // RK_SM90_DEVICE
 #endif  // RECON_EMULATE

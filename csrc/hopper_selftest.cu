@@ -17,6 +17,9 @@
 // consumers wait on the full barrier with parity 1: out2 = D of the shifted A; 6 (emulator
 // only): wgmma.mma_async without a wgmma.fence (must raise); 7: mode 0 with B loaded by 3D
 // TMA (B viewed as (128 / W chunks, rows_b, W / 2 elements), strides W and 128 bytes).
+// flag_selftest_kernel: blocks taking turns on a global counter (flag_wait_ge, then
+// flag_release_add), recording the order; the emulator runs it with RECON_EMU_BLOCKS
+// resident blocks, newest first.
 #include "hopper.cuh"
 
 #ifndef RECON_EMULATE
@@ -190,6 +193,41 @@ std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_
   if (r != CUDA_SUCCESS) return "cuTensorMapEncodeTiled failed with CUresult " + std::to_string(r);
   return "";
 #endif
+}
+
+struct FlagSelftestParams {
+  int* counter;
+  int* order;
+  int blocks;
+  bool reverse;
+};
+
+__global__ void __launch_bounds__(32) flag_selftest_kernel(const FlagSelftestParams p) {
+#if RK_SM90_DEVICE || defined(RECON_EMULATE)
+  const int b = static_cast<int>(blockIdx.x), turn = p.reverse ? p.blocks - 1 - b : b;
+  flag_wait_ge(p.counter, turn);  // (the whole warp)
+  if (threadIdx.x == 0) {
+    p.order[turn] = b;
+    flag_release_add(p.counter, 1);  // (release: the store above is seen before the turn)
+  }
+#endif
+}
+
+std::string flag_selftest(uint64_t counter, uint64_t order, int blocks, bool reverse) {
+  if (blocks < 1 || blocks > 4096) return "blocks: expected 1..4096, got " + std::to_string(blocks);
+  if (counter == 0 || counter % 4 != 0 || order == 0 || order % 4 != 0)
+    return "counter / order: expected 4-byte aligned int32 pointers";
+#ifndef RECON_EMULATE
+  if (reverse) return "reverse: emulator only (a block would wait for one that may not be resident)";
+  std::string dev = device_status();
+  if (!dev.empty()) return "flag_selftest: " + dev;
+  int dev_id = 0, major = 0;
+  cudaGetDevice(&dev_id);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id);
+  if (major != 9) return "flag_selftest: needs a compute capability 9.x GPU, got " + std::to_string(major);
+#endif
+  const FlagSelftestParams p{reinterpret_cast<int*>(counter), reinterpret_cast<int*>(order), blocks, reverse};
+  return launch(flag_selftest_kernel, "flag_selftest_kernel", dim3(static_cast<unsigned>(blocks)), dim3(32), 0, 0, p);
 }
 
 std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a, int rows_a,

@@ -49,7 +49,7 @@
   X(int, b, 0) X(int, h, 0) X(int, nq, 0) X(int, nk, 0) X(int, d, 0)                       \
   X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
   X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)      \
-  X(int, path, 0) X(uint64_t, dq_accum, 0)
+  X(int, path, 0) X(uint64_t, dq_accum, 0) X(bool, deterministic, false)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))
@@ -127,7 +127,8 @@ std::string attention_fwd_sm90_why_not(const AttnArgs& a);
 // The backward likewise ("sm90" or "sm80: <why>"); the sm_90a backward accumulates dQ by
 // bulk float reductions into dq_accum, a zeroed float32 workspace of
 // attention_bwd_workspace(a) elements (tiles of 64 queries x 64 columns, in the order of
-// csrc/attention_bwd_sm90.cu's DqTile).
+// csrc/attention_bwd_sm90.cu's DqTile, then one int32 counter per tile that orders the
+// reductions when a.deterministic).
 std::string attention_bwd_choice(const AttnArgs& a);
 int64_t attention_bwd_workspace(const AttnArgs& a);
 std::string attention_bwd_sm90(const AttnArgs& a, uintptr_t stream);
@@ -175,5 +176,9 @@ std::string device_status();
 // of A (rows_a x 64) and B (rows_b x 64), 16-bit, contiguous, zero-padded to 64 / n rows.
 std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a, int rows_a,
                             uint64_t b, int rows_b, uint64_t out, uint64_t out2);
+// Self-test of the global flags (flag_wait_ge / flag_release_add): `blocks` blocks take turns
+// on one int32 counter (zeroed), block b at turn b (reverse: blocks - 1 - b, emulator only:
+// every block must be resident) writing order[turn] = b.
+std::string flag_selftest(uint64_t counter, uint64_t order, int blocks, bool reverse);
 
 }  // namespace rk

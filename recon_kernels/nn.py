@@ -73,7 +73,7 @@ class MultiheadAttention(nn.Module):
     which attend to the cached ones and themselves (causal=True, no masks).
     ``dropout``: on the attention probabilities, in training only (as nn.MultiheadAttention).
     ``deterministic``: passed to the attention op (False: the triton backward, and the cuda
-    one on Hopper, may add dQ with atomics; True: the bit-reproducible atomic-free ones).
+    one on Hopper, may add dQ in a varying order; True: bit-reproducible backwards).
     ``bias`` sets both projections' biases; ``qkv_bias`` / ``proj_bias`` override it per
     projection (GPT-2 and ViT use both, some models only the input one).
     """

@@ -255,6 +255,129 @@ def test_emulated_sm90_forward_dropout_matches_reference(emu, monkeypatch, dtype
     _check_emulated_dropout(emu, dtype, case, monkeypatch, "sm90")
 
 
+# (B, H, Nq, Nk, D, mode): three or more (key block, consumer) sums per dQ tile (two add
+# up to the same bits in either order): D = 64 (two consumers per 128-key block), D = 128
+# causal with Nq < Nk (key blocks whose first query tile is past 0: tiles with 2..5
+# sums), D = 256 (two launches, dQ in the second)
+ORDER_CASES = [
+    (1, 2, 130, 300, 64, "none"),
+    (2, 1, 200, 260, 128, "causal"),
+    (2, 1, 70, 200, 256, "mask_kpm"),
+]
+
+
+def _dq_sums(q, k, case):
+    """Expected counters of bwd_workspace: (key block, consumer) sums per 64-query tile."""
+    B, H, NQ, NK, D, mode = case
+    consumers = 2 if D <= 64 else 1
+    block = 64 * consumers
+    tiles = (NQ + 63) // 64
+    count = torch.zeros(tiles, dtype=torch.int32)
+    for n in range((NK + block - 1) // block):
+        first = max(0, n * block - (NK - NQ)) // 64 if "causal" in mode else 0
+        count[first:] += consumers
+    return count.repeat(B * H)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_sm90_backward_deterministic_order(emu, monkeypatch, dtype, case):
+    """deterministic=True orders the dQ sums of the sm_90a backward: with eight blocks
+    resident, newest first (RECON_EMU_BLOCKS=8, every case's key blocks of a head started
+    together: a block that adds into a dQ tile without
+    waiting for the older ones, or passes its turn on before its sums have landed, gets
+    there first), the float32 dQ sums are bit-identical to the one-block-at-a-time run and
+    the counters show every sum taken its turn; deterministic=False under the same schedule
+    gives other bits (so the schedule does reorder, and this test can fail)."""
+    B, H, NQ, NK, D, mode = case
+    q, k, v, do = (
+        _rand(*s, seed=i).to(dtype)
+        for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
+    )
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    args = (mask, kpm, D**-0.5, causal)
+    monkeypatch.setenv("RECON_CUDA_ATTN_BWD", "sm90")
+    with rkcuda.use_emulator(emu):
+        out, lse = rkcuda.attention_fwd(q, k, v, *args)
+        tiles = rkcuda.attention.bwd_workspace(q).numel() - B * H * ((NQ + 63) // 64)  # floats
+
+        def run(blocks, deterministic):
+            monkeypatch.setenv("RECON_EMU_BLOCKS", str(blocks))
+            ws = rkcuda.attention.bwd_workspace(q)
+            with _bwd_path(emu, monkeypatch, "sm90", D):
+                g = rkcuda.attention.attention_bwd_with_workspace(
+                    do, q, k, v, out, lse, *args, deterministic=deterministic, dq_workspace=ws
+                )
+            return ws[:tiles], ws[tiles:].view(torch.int32), g
+
+        in_order, count, g = run(1, True)
+        assert torch.equal(count, _dq_sums(q, k, case)), "counters: one turn per (block, consumer)"
+        ref, ref_g = _grad_ref(
+            lambda q, k, v: R.attention(q, k, v, *args),
+            [t.double() for t in (q, k, v)],
+            do.double(),
+        )
+        low, low_g = _grad_ref(lambda q, k, v: R.attention(q, k, v, *args), (q, k, v), do)
+        for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
+            assert_rule(name, a, b, c, dtype)
+        newest_first, count4, g4 = run(8, True)
+        assert torch.equal(newest_first, in_order), "deterministic dQ sums depend on the schedule"
+        assert torch.equal(count4, count)
+        assert all(torch.equal(a, b) for a, b in zip(g4, g))
+        unordered, count0, _ = run(8, False)
+        assert not torch.equal(unordered, in_order), "the newest-first schedule did not reorder"
+        assert torch.equal(count0, torch.zeros_like(count0)), "deterministic=False: no counters"
+        torch.testing.assert_close(unordered, in_order, rtol=1e-5, atol=1e-5)
+
+
+def test_emulated_sm90_backward_workspace_is_validated(emu, monkeypatch):
+    q = _rand(1, 1, 70, 64).to(torch.float16)
+    monkeypatch.setenv("RECON_CUDA_ATTN_BWD", "sm90")
+    with rkcuda.use_emulator(emu):
+        ws = rkcuda.attention.bwd_workspace(q)
+        assert ws.numel() == 2 * 4096 + 2 and ws.dtype == torch.float32  # 2 tiles, 2 counters
+        out, lse = rkcuda.attention_fwd(q, q, q, None, None, 0.125, False)
+        for bad, msg in (
+            (ws.double(), "float32 tensor of at least 8194 elements .* got torch.float64"),
+            (ws[:-1], "of at least 8194 elements .* got torch.float32 of 8193"),
+            (torch.zeros(2 * 8194)[::2], "not contiguous"),
+            (torch.zeros(8195)[1:], "16-byte aligned"),
+        ):
+            with pytest.raises(ValueError, match="dq_workspace: expected .*" + msg):
+                rkcuda.attention.attention_bwd_with_workspace(
+                    q, q, q, q, out, lse, None, None, 0.125, False, dq_workspace=bad
+                )
+
+
+def test_emulated_multiblock_schedule_runs_every_kernel(emu, monkeypatch):
+    """Several blocks resident (RECON_EMU_BLOCKS=3, newest first) change no result of the
+    kernels whose blocks are independent: forward, backward (both paths), GEMMs."""
+    B, H, NQ, NK, D = 2, 2, 70, 150, 72
+    q, k, v, do = (
+        _rand(*s, seed=i).to(torch.bfloat16)
+        for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
+    )
+    mask, kpm, causal = _masks("mask_kpm", B, H, NQ, NK)
+    args = (mask, kpm, D**-0.5, causal)
+    x, w = _rand(70, 40, seed=7).to(torch.bfloat16), _rand(48, 40, seed=8).to(torch.bfloat16)
+    a, b = _rand(4, 40, seed=9).to(torch.bfloat16), _rand(48, 4, seed=10).to(torch.bfloat16)
+
+    def run(blocks):
+        monkeypatch.setenv("RECON_EMU_BLOCKS", str(blocks))
+        res = []
+        with rkcuda.use_emulator(emu):
+            for path in ("sm80", "sm90"):
+                monkeypatch.setenv("RECON_CUDA_ATTN_FWD", path)
+                monkeypatch.setenv("RECON_CUDA_ATTN_BWD", path)
+                out, lse = rkcuda.attention_fwd(q, k, v, *args)
+                res += [out, lse, *rkcuda.attention_bwd(do, q, k, v, out, lse, *args)]
+            res += [*rkcuda.lora_linear_fwd(x, w, None, a, b, 2.0)]
+        return res
+
+    for i, (x1, x3) in enumerate(zip(run(1), run(3))):
+        assert torch.equal(x1, x3), f"result {i} changed with 3 blocks resident"
+
+
 def _check_emulated_dropout(emu, dtype, case, monkeypatch=None, path="sm80"):
     B, H, NQ, NK, D, mode, p, seed = case
     q, k, v, do = (

@@ -108,3 +108,27 @@ def test_selftest_rejects_bad_arguments(emu, kw, msg):
     args.update(kw)
     with pytest.raises(RuntimeError, match=msg):
         _run(emu, args["mode"], args["dtype"], args["n"], args["swizzle"], 64, args["rows_b"])
+
+
+def _turns(emu, monkeypatch, blocks, reverse, resident):
+    monkeypatch.setenv("RECON_EMU_BLOCKS", str(resident))
+    counter = torch.zeros(1, dtype=torch.int32)
+    order = torch.full((blocks,), -1, dtype=torch.int32)
+    emu.flag_selftest(counter.data_ptr(), order.data_ptr(), blocks, reverse)
+    return counter.item(), order.tolist()
+
+
+@pytest.mark.parametrize("resident", [1, 2, 5])
+def test_flag_turns_in_block_order(emu, monkeypatch, resident):
+    """Block b waits for turn b, writes order[b] = b, passes the turn on: any residency."""
+    assert _turns(emu, monkeypatch, 5, False, resident) == (5, [0, 1, 2, 3, 4])
+
+
+def test_flag_turns_waiting_on_newer_blocks(emu, monkeypatch):
+    """Block b waits for blocks b + 1..: it works only with every block resident (the
+    scheduler runs the newest first), and with fewer the emulator reports the deadlock a GPU
+    would hang in, naming the threads that spin on the flag."""
+    assert _turns(emu, monkeypatch, 5, True, 5) == (5, [4, 3, 2, 1, 0])
+    for resident in (1, 3):
+        with pytest.raises(RuntimeError, match=r"deadlock: .* 32 on a global flag"):
+            _turns(emu, monkeypatch, 5, True, resident)

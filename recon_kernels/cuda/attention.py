@@ -28,9 +28,10 @@ from ._loader import ext as extension_module
 # build or the GPU has no sm_90a (in tests, the emulator runs it on the CPU).
 # RECON_CUDA_ATTN_BWD: the same for the backward (csrc/attention_bwd_sm90.cu). The sm_90a
 # backward adds dQ into a float32 workspace by bulk reductions (cp.reduce.async.bulk) whose
-# order varies, so its dQ may differ in the last bits run to run:
-# attention_bwd(deterministic=True) always runs the portable, atomic-free backward,
-# whatever the variable says.
+# order varies, so its dQ may differ in the last bits run to run; with
+# attention_bwd(deterministic=True) it adds them in key-block order (a counter per dQ tile,
+# as FlashAttention-3 does), the same bits every run, at some speed. The portable backward
+# has no atomics: deterministic either way.
 FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
@@ -54,22 +55,10 @@ def fwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return ext.attention_fwd_choice(args)
 
 
-DETERMINISTIC_WHY = (
-    "deterministic=True (the sm_90a backward adds dQ in an unordered float32 reduction)"
-)
-
-
-def bwd_choice(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dout: torch.Tensor,
-    deterministic: bool = False,
-) -> str:
-    """Which backward kernels attention_bwd would run: "sm90" or "sm80: <why not sm90>"."""
+def bwd_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor) -> str:
+    """Which backward kernels attention_bwd would run: "sm90" or "sm80: <why not sm90>"
+    (either way with deterministic=True or False)."""
     path = fwd_path("RECON_CUDA_ATTN_BWD")
-    if deterministic:
-        return "sm80: " + DETERMINISTIC_WHY
     ext = extension_module()
     args = ext.AttnArgs()
     for prefix, t in (("q", aligned(q)), ("k", aligned(k)), ("v", aligned(v))):
@@ -79,6 +68,36 @@ def bwd_choice(
     put(args, b=B, h=H, nq=NQ, nk=k.shape[2], d=D, dtype=DTYPE_CODES[q.dtype])
     put(args, path=FWD_PATHS[path])
     return ext.attention_bwd_choice(args)
+
+
+def bwd_workspace(q: torch.Tensor) -> torch.Tensor:
+    """A zeroed workspace for attention_bwd(dq_workspace=) with queries q (B, H, Nq, D):
+    float32, per (batch, head) ceil(Nq / 64) x ceil(D / 64) tiles of 64 x 64 dQ sums in the
+    order of csrc/attention_bwd_sm90.cu's DqTile (D rounded up to 64, 128 or 256), then one
+    int32 counter per (batch, head, 64-query tile): the reductions added into it in order
+    (deterministic=True; they stay 0 otherwise)."""
+    check("q", q, ndim=4)
+    ext = extension_module()
+    args = ext.AttnArgs()
+    B, H, NQ, D = q.shape
+    put(args, b=B, h=H, nq=NQ, d=D)
+    return torch.zeros(ext.attention_bwd_workspace(args), dtype=torch.float32, device=q.device)
+
+
+def _check_workspace(w: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"dq_workspace: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype != torch.float32 or not w.is_contiguous() or w.numel() < n:
+        raise ValueError(
+            f"dq_workspace: expected a contiguous float32 tensor of at least {n} elements "
+            f"(bwd_workspace(q)), got {w.dtype} of {w.numel()} elements"
+            + ("" if w.is_contiguous() else ", not contiguous")
+        )
+    if w.device != device:
+        raise ValueError(f"dq_workspace: expected a tensor on {device}, got {w.device}")
+    if w.data_ptr() % 16 != 0:
+        raise ValueError("dq_workspace: expected a 16-byte aligned tensor (bulk reductions)")
+    return w
 
 
 def _attn_operand(args, prefix: str, t: torch.Tensor, ptr_field: str | None = None) -> None:
@@ -215,8 +234,45 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, input dtype). lse: (B, H, Nq) float32 from forward;
     dropout_p and seed: the forward's (the same keep mask is drawn again). deterministic:
-    True keeps off the sm_90a backward (unordered dQ sums) for the portable one, bit-reproducible
-    run to run; False lets RECON_CUDA_ATTN_BWD choose."""
+    True makes the sm_90a backward add its dQ partial sums in a fixed order (bit-reproducible
+    run to run, somewhat slower); the portable backward is deterministic either way."""
+    return attention_bwd_with_workspace(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        key_padding_mask,
+        scale,
+        causal,
+        dropout_p,
+        seed,
+        deterministic,
+    )
+
+
+def attention_bwd_with_workspace(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    deterministic: bool = False,
+    dq_workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_bwd with the zeroed float32 workspace of the sm_90a backward given
+    (``bwd_workspace``): to reuse a buffer, or to read its float32 dQ sums and counters
+    afterwards. None allocates one when that backward runs; the portable backward leaves a
+    given one untouched."""
     drop = _attn_dropout(dropout_p, seed)
     _check_attn(q, k, v)
     check("dout", dout, q, ndim=4)
@@ -256,11 +312,13 @@ def attention_bwd(
     sb, sh, sm = strides(lse)
     put(args, lse=lse.data_ptr(), lse_sb=sb, lse_sh=sh, lse_sm=sm)
     keep = _attn_common(args, q, k, mask, key_padding_mask, scale, causal)
-    path = fwd_path("RECON_CUDA_ATTN_BWD")
-    put(args, path=FWD_PATHS["sm80" if deterministic else path])
+    put(args, path=FWD_PATHS[fwd_path("RECON_CUDA_ATTN_BWD")], deterministic=bool(deterministic))
     if ext.attention_bwd_choice(args) == "sm90":  # dQ by bulk float adds into a zeroed workspace
         n = ext.attention_bwd_workspace(args)
-        dq_accum = torch.zeros(n, dtype=torch.float32, device=q.device)
+        if dq_workspace is None:
+            dq_accum = torch.zeros(n, dtype=torch.float32, device=q.device)
+        else:
+            dq_accum = _check_workspace(dq_workspace, n, q.device)
         put(args, dq_accum=dq_accum.data_ptr())
         keep.append(dq_accum)
     launch(q, ext.attention_bwd, args)

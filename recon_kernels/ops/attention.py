@@ -8,9 +8,9 @@ node per call and autograd reaches the backward op.
 
 ``deterministic`` (a plain bool of both custom ops' schemas, so torch.compile keys on it)
 picks the backward: on triton, False (default, as FlashAttention) the fused atomic-dQ
-kernel, True the atomic-free two-kernel one, bit-reproducible run to run; on cuda, False
-lets the sm_90a backward (atomic dQ) run on Hopper, True keeps to the portable atomic-free
-one. ``eager`` accepts it and ignores it: its backward is deterministic whatever its value.
+kernel, True the atomic-free two-kernel one, bit-reproducible run to run; on cuda, True
+makes the sm_90a backward (Hopper) add its dQ partial sums in key-block order, the same
+bits every run (the portable backward is deterministic either way). ``eager`` accepts it and ignores it: its backward is deterministic whatever its value.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def attention_bwd(
     seed: torch.Tensor | None = None,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the input dtypes. deterministic=False lets the triton backend sum dQ
-    with atomics (see the module docstring)."""
+    """(dq, dk, dv) in the input dtypes. deterministic=False lets the triton and cuda (sm_90a)
+    backends sum dQ in a varying order (see the module docstring)."""
     return _bwd_body(
         dout,
         q,
