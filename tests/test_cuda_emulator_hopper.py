@@ -17,13 +17,13 @@ LOW = (torch.float16, torch.bfloat16)
 CODE = {torch.float16: 1, torch.bfloat16: 2}
 
 
-def _run(emu, mode, dtype, n, swizzle, rows_a, rows_b, seed=0):
+def _run(emu, mode, dtype, n, swizzle, rows_a, rows_b, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(rows_a, 64, generator=g, dtype=torch.float64)
     b = torch.randn(rows_b, 64, generator=g, dtype=torch.float64)
-    al, bl = a.to(dtype).contiguous(), b.to(dtype).contiguous()
-    out = torch.full((64, n), 12345.0)
-    out2 = torch.full((64, n), 12345.0)
+    al, bl = a.to(dtype).contiguous().to(device), b.to(dtype).contiguous().to(device)
+    out = torch.full((64, n), 12345.0, device=device)
+    out2 = torch.full((64, n), 12345.0, device=device)
     emu.hopper_selftest(
         mode,
         CODE[dtype],
@@ -36,6 +36,9 @@ def _run(emu, mode, dtype, n, swizzle, rows_a, rows_b, seed=0):
         out.data_ptr(),
         out2.data_ptr(),
     )
+    if device != "cpu":
+        torch.cuda.synchronize()
+    al, bl, out, out2 = al.cpu(), bl.cpu(), out.cpu(), out2.cpu()
     ref = torch.zeros(64, n, dtype=torch.float64)
     ref[:rows_a, :rows_b] = al.double() @ bl.double().T
     low = torch.zeros(64, n, dtype=torch.float64)
@@ -132,3 +135,39 @@ def test_flag_turns_waiting_on_newer_blocks(emu, monkeypatch):
     for resident in (1, 3):
         with pytest.raises(RuntimeError, match=r"deadlock: .* 32 on a global flag"):
             _turns(emu, monkeypatch, 5, True, resident)
+
+
+def _hopper_gpu():
+    """The built extension on an sm_90 GPU, or a skip naming the missing hardware."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs an sm_90 (Hopper) CUDA GPU to run the self-tests (none visible)")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs an sm_90 (Hopper) GPU, got " + torch.cuda.get_device_name())
+    from recon_kernels.cuda import _loader
+
+    return _loader.extension()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("mode", [0, 1, 5, 7], ids=["ss", "rs", "ring", "ss-tma3d"])
+def test_hopper_selftest_on_gpu(dtype, mode):
+    """The same self-tests on the real instructions (H100 / H200)."""
+    ext = _hopper_gpu()
+    out, out2, ref, low = _run(ext, mode, dtype, 64, 128, 50, 40, seed=2, device="cuda")
+    assert_rule("D", out, ref, low, dtype)
+    if mode == 5:
+        shifted, shifted_low = torch.zeros_like(ref), torch.zeros_like(low)
+        shifted[8:], shifted_low[8:] = ref[:-8], low[:-8]
+        assert_rule("D phase 1", out2, shifted, shifted_low, dtype)
+
+
+def test_flag_turns_on_gpu():
+    """4096 blocks, each waiting for the previous one's turn: completes (the blocks start in
+    blockIdx order, which the deterministic backward relies on) in block order."""
+    ext = _hopper_gpu()
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    order = torch.full((4096,), -1, dtype=torch.int32, device="cuda")
+    ext.flag_selftest(counter.data_ptr(), order.data_ptr(), 4096, False)
+    torch.cuda.synchronize()
+    assert counter.item() == 4096
+    assert torch.equal(order.cpu(), torch.arange(4096, dtype=torch.int32))
