@@ -621,7 +621,9 @@ def run_cases(cases: list[dict], jobs: int = 1, log=None) -> list[dict]:
         return rows
     import multiprocessing as mp
 
-    with mp.get_context("fork").Pool(jobs) as pool:
+    # fresh workers every few dozen compiles: one long-lived process that compiled a few
+    # hundred kernels has crashed (SIGSEGV) in triton's compiler
+    with mp.get_context("fork").Pool(jobs, maxtasksperchild=40) as pool:
         rows = []
         for r in pool.imap(run_case, cases):
             rows.append(r)

@@ -2,10 +2,11 @@
 // (the FA3 scheme: 5 GEMMs per tile, one pass over the queries per key block).
 //
 // One block = 128 keys of one (batch, head) at D <= 64 (64 at D = 128), 384 threads (256):
-// warpgroup 0 the producer
-// (setmaxnreg.dec 24; one thread issues the TMA loads: K and V once, then Q_j and dO_j,
-// 64 queries each, into a two-stage ring with full / empty mbarriers), warpgroups 1 and 2
-// the consumers (setmaxnreg.inc 240; 256 with one consumer), 64 keys each. Per query tile, in each consumer (rows
+// warpgroup 0 the producer (setmaxnreg.dec 40; warp 0: one thread issues the TMA loads, K
+// and V once, then Q_j and dO_j, 64 queries each, into a two-stage ring with full / empty
+// mbarriers, and the warp stages lse / delta; warp 1: the dQ writer, dq_writer below),
+// warpgroups 1 and 2 the consumers (setmaxnreg.inc 232; 256 with one consumer), 64 keys
+// each. Per query tile, in each consumer (rows
 // = its keys, so P^T and dS^T come out of the accumulators in the A-operand layout):
 //   S^T = K Q^T and dP^T = V dO^T        (wgmma SS, K-major operands; two commit groups:
 //                                          the exponentials of P^T run under dP^T)
@@ -14,8 +15,9 @@
 //   dV += (P^T o Z) dO, dK += dS^T Q     (wgmma RS: A from registers, dO / Q MN-major)
 //   dQ += dS K                           (dS^T stored transposed to shared memory as the
 //                                          K-major A operand, K MN-major; 64-column chunks
-//                                          of dQ, each staged in shared memory and added
-//                                          to dq_accum by one bulk reduction,
+//                                          of dQ, each staged in shared memory and handed
+//                                          to the writer warp (named barriers), which adds
+//                                          it to dq_accum by one bulk reduction,
 //                                          cp.reduce.async.bulk .add.f32, 16 KiB)
 // then dK = scale dK, dV, stored from registers; attn_bwd_dq_convert_sm90_kernel writes
 // dq = scale dq_accum in the input dtype. dq_accum is tile-ordered (DqTile): the staging
@@ -27,7 +29,8 @@
 // 256 registers per thread: two launches (kPass), dV first, then dK and dQ.
 // a.deterministic orders the reductions into each dQ tile (key block, then consumer: the
 // counters after the DqTiles, dq_order_offset), so dQ is the same bits run to run: the
-// FA3 scheme, at the cost of one wait for the sums to land per tile and step.
+// FA3 scheme; the waits for the turn and for the sums to land are the writer's, so the
+// consumers only feel them when the writer falls a whole buffer behind.
 #include "attention_sm90.cuh"
 
 namespace rk {
@@ -65,11 +68,12 @@ __host__ __device__ inline int64_t dq_order_offset(const AttnArgs& a) {
   return int64_t(a.b) * a.h * dq_tiles_per_head(a.nq, dq_bucket(a.d)) * DqTile::kFloats;
 }
 
-template <class T, int kD>
+template <class T, int kD_>
 struct BwdSm90Cfg {
   // consumer warpgroups, 64 keys each: one at D = 128 (a 256-thread block, whose threads
   // ptxas may give 255 registers: dK and dV alone take 128; with 384 threads it allots 168
   // and spills 150-250 bytes)
+  static constexpr int kD = kD_;
   static constexpr int kConsumers = kD <= 64 ? 2 : 1;  // (D = 256: one, two sweeps)
   static constexpr int kBlockN = 64 * kConsumers;  // keys per block
   static constexpr int kBlockM = 64;   // queries per step
@@ -89,7 +93,61 @@ struct BwdSm90Cfg {
                                        size_t(kdSBytes) + size_t(kStageBytes) +
                                        size_t(kStages) * kLdBytes + 1024;
   static constexpr bool kTwoPass = kD > 128;  // dV, then dK + dQ: see kPass
+  // named barriers of the dQ handshake, per staging buffer j = consumer * kStageBufs + buf
+  // (ids 1, 2: the consumers' own warpgroup barriers): "full" (consumer -> writer) and
+  // "empty" (writer -> consumer), of the consumer warpgroup and the writer warp
+  static constexpr int kBufs = kConsumers * kStageBufs;
+  static constexpr int kHandshake = 128 + 32;
+  __host__ __device__ static constexpr int bar_full(int j) { return 3 + 2 * j; }
+  __host__ __device__ static constexpr int bar_empty(int j) { return 4 + 2 * j; }
+  static_assert(4 + 2 * (kBufs - 1) <= 15, "out of named barriers");
 };
+
+// The dQ writer (warp 1 of the producer warpgroup): per query step, consumer and 64-column
+// chunk, in the consumers' order, waits for the staging buffer to be full, adds it to
+// dq_accum by one bulk reduction (lane 0) and, once the reduction has read it, gives the
+// buffer back (each buffer starts out given; its last use is not given back, so that no
+// barrier phase is left open). deterministic: before a tile's first chunk the warp waits
+// for its turn (ticket = key block * consumers + consumer) on the tile's counter; after the
+// last one it waits for the sums to land (wait_group 0, not .read) and passes the turn on.
+// The consumers never wait for either: only for a buffer to come back.
+template <class Cfg>
+__device__ inline void dq_writer(const AttnArgs& p, float* sStage, int64_t bh, int n_block, int m_first,
+                                 int m_count, int lane) {
+  constexpr int kM = Cfg::kBlockM, kChunks = Cfg::kChunks, kStageBufs = Cfg::kStageBufs;
+  if (m_count == 0) return;
+  float* dq_acc_g = reinterpret_cast<float*>(p.dq_accum) + bh * dq_tiles_per_head(p.nq, Cfg::kD) * DqTile::kFloats;
+  int* order = p.deterministic ? reinterpret_cast<int*>(p.dq_accum) + dq_order_offset(p) + bh * ((p.nq + kM - 1) / kM)
+                               : nullptr;
+  for (int j = 0; j < Cfg::kBufs; ++j) named_bar_arrive(Cfg::bar_empty(j), Cfg::kHandshake);
+  for (int it = 0; it < m_count; ++it) {
+    const int m = m_first + it;  // query tile
+    for (int wg = 0; wg < Cfg::kConsumers; ++wg) {
+      for (int c = 0; c < kChunks; ++c) {
+        const int j = wg * kStageBufs + c % kStageBufs;
+        named_bar_sync(Cfg::bar_full(j), Cfg::kHandshake);
+        if (order != nullptr && c == 0) {  // the tile's earlier tickets have landed
+          flag_wait_ge(order + m, n_block * Cfg::kConsumers + wg);
+          fence_proxy_async_global();
+        }
+        if (lane == 0) {
+          bulk_reduce_add_f32(dq_acc_g + (int64_t(m) * kChunks + c) * DqTile::kFloats,
+                              sStage + j * DqTile::kFloats, DqTile::kFloats * 4);
+          bulk_commit();
+          if (order != nullptr && c + 1 == kChunks) {  // this ticket's sums in global memory
+            bulk_wait<0>();
+            fence_proxy_async_global();
+            flag_release_add(order + m, 1);
+          } else {
+            bulk_wait_read<0>();
+          }
+        }
+        syncwarp();
+        if (it + 1 < m_count || c + kStageBufs < kChunks) named_bar_arrive(Cfg::bar_empty(j), Cfg::kHandshake);
+      }
+    }
+  }
+}
 
 struct BwdSm90Params {
   TmaDesc tq, tk, tv, tdo;
@@ -107,6 +165,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   constexpr int kMB = kM / 8;  // n8 blocks of an S^T row fragment (queries)
   constexpr int kDB = kD / 8;  // n8 blocks of a dK / dV row fragment
   constexpr int kKChunk = kN * 128, kQChunk = kM * 128;  // bytes per 64-column chunk
+  constexpr bool kDV = kPass != 2, kDK = kPass != 1;  // (D = 256: pass 1 dV, pass 2 dK + dQ)
   const AttnArgs& p = prm.a;
 
   unsigned char* base = smem_base();
@@ -182,28 +241,24 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
         }
         mbar_arrive(&ld_full[s]);
       }
+    } else if (tid < 64 && kDK) {  // warp 1: the dQ writer
+      dq_writer<Cfg>(p, sStage, bh, n_block, m_first, m_count, tid % 32);
     }
     return;
   }
 
   // ------------------------------------------------------------------------ consumers
   setmaxnreg_inc<Cfg::kConsumerRegs>();
-  const int wg = tid / 128 - 1;  // keys 64 wg .. 64 wg + 63 of the block
+  // keys 64 wg .. 64 wg + 63 of the block (a constant with one consumer: the descriptors
+  // and barrier ids fold, and D = 128 keeps clear of spills at 255 registers)
+  const int wg = Cfg::kConsumers == 1 ? 0 : tid / 128 - 1;
   const int wt = tid % 128, warp = wt / 32, lane = wt % 32, g = lane / 4, t4 = lane % 4;
   const int kr_lo = n0 + 64 * wg + 16 * warp + g;  // this thread's keys kr_lo, kr_lo + 8
   const MaskView mv = make_mask_view(p, b, h);
   const DropoutView drop = make_dropout_view(p, bh);
   const float sl2 = p.scale * kLog2e;
   const int d = p.d;
-  // this (batch, head)'s DqTiles: [query tile of 64][chunk of 64 columns]
-  float* dq_acc_g = reinterpret_cast<float*>(p.dq_accum) + bh * dq_tiles_per_head(p.nq, kD) * DqTile::kFloats;
   float* stage = sStage + wg * Cfg::kStageBufs * DqTile::kFloats;
-  // deterministic: this consumer's turn in each tile's order (the blocks of one (batch, head)
-  // start in key-block order, so every ticket before this one belongs to a started block)
-  int* dq_order = p.deterministic ? reinterpret_cast<int*>(p.dq_accum) + dq_order_offset(p) +
-                                        bh * ((p.nq + kM - 1) / kM)
-                                  : nullptr;
-  const int ticket = n_block * Cfg::kConsumers + wg;
 
   // Descriptors (start-address field plus byte offset / 16, as in the forward).
   //  K-major, rows of this warpgroup: K (A of S^T), V (A of dP^T); rows of the stage: Q, dO
@@ -220,7 +275,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   auto off = [](int bytes) { return uint64_t(bytes >> 4); };
   auto km_step = [](int kk, int chunk_bytes) { return (kk / 4) * chunk_bytes + (kk % 4) * 32; };
 
-  constexpr bool kDV = kPass != 2, kDK = kPass != 1;
   float acc_dv[kDV ? kDB : 1][4], acc_dk[kDK ? kDB : 1][4];
   for (auto& r : acc_dv)
     for (float& x : r) x = 0.0f;
@@ -299,7 +353,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
           stsm_x4_trans(sdS + o, dsf[kk]);
         }
         fence_proxy_async();
-        if (wt == 0) bulk_wait_read<0>();  // the last step's reductions have read the staging
         warpgroup_bar(1 + wg);
       }
 
@@ -316,7 +369,8 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       wgmma_commit();
       if constexpr (kDK) {
         // dQ (this warpgroup's 64 keys), 64 columns of D at a time: the fragment goes to
-        // a staging buffer, one thread adds it to dq_accum with a bulk reduction. Queries
+        // a staging buffer (once the dQ writer has given it back: "empty"), handed to the
+        // writer ("full"), which adds it to dq_accum with a bulk reduction. Queries
         // past Nq have dS = 0 (P = 0 there): their rows of the padded tile add zeros.
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
@@ -326,36 +380,15 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
             wgmma_ss<T, 64, true>(reinterpret_cast<float(&)[32]>(dq), ds_km0 + off(kk * 32),
                                   k_mn0 + off(c * kKChunk + kk * 16 * 128), kk > 0);
           wgmma_commit();
-          if constexpr (Cfg::kStageBufs < kChunks) {
-            if (c >= Cfg::kStageBufs) {  // (under the wgmma) the buffer's last reduction has read it
-              if (wt == 0) bulk_wait_read<0>();
-              warpgroup_bar(1 + wg);
-            }
-          }
+          const int j = wg * Cfg::kStageBufs + c % Cfg::kStageBufs;
+          named_bar_sync(Cfg::bar_empty(j), Cfg::kHandshake);  // (under the wgmma)
           wgmma_wait<0>();
           float* buf = stage + (c % Cfg::kStageBufs) * DqTile::kFloats;
 #pragma unroll
           for (int nb = 0; nb < 8; ++nb)
             reinterpret_cast<DqTile::F4*>(buf)[nb * 128 + wt] = DqTile::F4{dq[nb][0], dq[nb][1], dq[nb][2], dq[nb][3]};
           fence_proxy_async();
-          warpgroup_bar(1 + wg);
-          // the tile's earlier tickets have landed (every thread spins, so that the loop
-          // is warp-uniform: a divergent one would make ptxas serialize every wgmma, C7520;
-          // warp 0 may pass the turn on before warp 3 has looked: hence >=)
-          if (dq_order != nullptr && c == 0) {
-            flag_wait_ge(dq_order + m0 / kM, ticket);
-            fence_proxy_async_global();
-          }
-          if (wt == 0) {
-            bulk_reduce_add_f32(dq_acc_g + (int64_t(m0 / kM) * kChunks + c) * DqTile::kFloats, buf,
-                                DqTile::kFloats * 4);
-            bulk_commit();
-            if (dq_order != nullptr && c + 1 == kChunks) {  // this one's sums in global memory
-              bulk_wait<0>();
-              fence_proxy_async_global();
-              flag_release_add(dq_order + m0 / kM, 1);
-            }
-          }
+          named_bar_arrive(Cfg::bar_full(j), Cfg::kHandshake);
           if (c + 1 < kChunks) wgmma_fence();
         }
       } else {
@@ -364,10 +397,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       mbar_arrive(&qdo_empty[s]);  // Q_j, dO_j and dS read by every product of this step
     }
   }
-  if constexpr (kDK) {
-    if (wt == 0) bulk_wait_read<0>();  // shared memory outlives the last reduction's read
-  }
-
   // dK = scale dS^T Q, dV: rows kr_lo, kr_lo + 8
   auto store = [&](uint64_t ptr, int64_t sb, int64_t sh, int64_t sm, const auto& acc, float scale) {
     T* out = reinterpret_cast<T*>(ptr) + b * sb + h * sh;

@@ -63,7 +63,8 @@ struct Fiber {
   dim3 tidx;
   int lane = 0, warp = 0;
   bool done = false;
-  // 0 runnable, 1 block barrier, 2 warp collective, 4 warpgroup, 5 mbarrier, 6 global flag
+  // 0 runnable, 1 block barrier, 2 warp collective, 4 warpgroup, 5 mbarrier, 6 global flag,
+  // 7 named barrier
   int wait = 0;
   uint64_t wait_gen = 0;
   uint32_t wait_key = 0;  // warpgroup / mbarrier offset (emulator_hopper.h)
@@ -394,7 +395,7 @@ inline int step_block(State& s) {
 }
 
 inline std::string waits_of(const State& s) {
-  int at_barrier = 0, at_warp = 0, at_wg = 0, at_bar = 0, at_flag = 0, exited = 0;
+  int at_barrier = 0, at_warp = 0, at_wg = 0, at_bar = 0, at_flag = 0, at_named = 0, exited = 0;
   for (int i = 0; i < s.nthreads; ++i) {
     const Fiber& f = s.fibers[i];
     exited += f.done;
@@ -402,12 +403,14 @@ inline std::string waits_of(const State& s) {
     at_warp += !f.done && f.wait == 2;
     at_wg += !f.done && f.wait == 4;
     at_bar += !f.done && f.wait == 5;
+    at_named += !f.done && f.wait == 7;
     at_flag += !f.done && f.wait == 6;
   }
   return std::to_string(at_barrier) + " threads at __syncthreads, " + std::to_string(at_warp) +
          " at a warp collective, " + std::to_string(at_wg) + " at a warpgroup collective, " +
          std::to_string(at_bar) + " waiting on an mbarrier, " +
          (at_flag ? std::to_string(at_flag) + " on a global flag, " : std::string()) +
+         (at_named ? std::to_string(at_named) + " at a named barrier, " : std::string()) +
          std::to_string(exited) + " exited";
 }
 

@@ -30,6 +30,8 @@
 //     global memory at a wait_group (no .read) or at the block's exit (see below).
 //   * setmaxnreg.inc/dec: warpgroup-collective, every thread the same count, 24..256, a
 //     multiple of 8 (no numeric effect).
+//   * bar.sync / bar.arrive id, n (named barriers of n threads, the producer / consumer
+//     handshakes between warpgroups), checked for consistent counts and left-over arrivals.
 // A warpgroup is 128 consecutive threads (4 warps); its collectives park the fibers until
 // all 128 arrive; the last one computes for all.
 #pragma once
@@ -104,7 +106,15 @@ struct BulkGroups {
   std::vector<BulkSum> read;  // read, not yet written
 };
 
+// bar.sync / bar.arrive id, n: completes when n threads have arrived (bar.sync waits for
+// that, bar.arrive does not); every arrival of a phase must name the same n.
+struct NamedBar {
+  int expected = 0, arrived = 0;
+  uint64_t gen = 0;
+};
+
 struct HopperState {
+  NamedBar named[16];
   std::map<uint32_t, MBar> bars;
   std::vector<BulkCopy> copies;
   std::vector<WarpGroup> wgs;
@@ -121,6 +131,7 @@ inline HopperState& hs() {
 
 inline void hopper_reset(int nthreads) {
   HopperState& h = hs();
+  for (NamedBar& b : h.named) b = NamedBar();
   h.bars.clear();
   h.copies.clear();
   h.wgs.clear();
@@ -544,13 +555,46 @@ inline void hopper_thread_exit() {
 }
 
 // When the block's last thread has exited (outside any thread): the sums still in flight
-// land, thread by thread.
+// land, thread by thread; a named barrier left with arrivals of a phase that never
+// completed is an error (the two sides of a handshake disagree on its count).
 inline void hopper_block_exit() {
   for (BulkGroups& b : hs().bulk) bulk_land(b);
+  for (int id = 0; id < 16; ++id)
+    if (hs().named[id].arrived != 0 && lc().error.empty())
+      lc().error = "named barrier " + std::to_string(id) + ": " + std::to_string(hs().named[id].arrived) +
+                   " of " + std::to_string(hs().named[id].expected) +
+                   " threads arrived and the block exited";
+}
+
+// ------------------------------------------------------------------ named barriers
+inline void named_bar(int id, int n, bool wait) {
+  if (id < 0 || id > 15) fail("bar: barrier id " + std::to_string(id) + " outside 0..15");
+  if (n <= 0 || n % 32 != 0 || n > st().nthreads)
+    fail("bar: thread count " + std::to_string(n) + " not a positive multiple of 32 within the block");
+  NamedBar& b = hs().named[id];
+  if (b.arrived == 0) {
+    b.expected = n;
+  } else if (b.expected != n) {
+    fail("bar " + std::to_string(id) + ": arrivals with thread counts " + std::to_string(b.expected) +
+         " and " + std::to_string(n));
+  }
+  const uint64_t gen = b.gen;
+  if (++b.arrived == n) {
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
+  if (!wait) return;
+  Fiber& f = *st().cur;
+  f.wait = 7;
+  f.wait_key = static_cast<uint32_t>(id);
+  f.wait_gen = gen;
+  yield();
 }
 
 inline bool hopper_runnable(const Fiber& f) {
   if (f.wait == 4) return hs().wgs[f.wait_key].gen != f.wait_gen;
+  if (f.wait == 7) return hs().named[f.wait_key].gen != f.wait_gen;
   if (f.wait == 5) {
     auto it = hs().bars.find(f.wait_key);
     if (it == hs().bars.end() || it->second.phase != f.wait_gen) return true;

@@ -101,6 +101,10 @@ inline float ex2_approx(float x) { return exp2f(x); }
 // operands, TMA); then every thread of the warpgroup meets at named barrier `id`.
 inline void fence_proxy_async() {}
 inline void warpgroup_bar(int) { ::rk::emu::warpgroup_bar(); }
+// bar.sync / bar.arrive id, n: named barrier `id` of n threads (a multiple of 32); arrive
+// does not wait (the producer side of a handshake).
+inline void named_bar_sync(int id, int n) { ::rk::emu::named_bar(id, n, true); }
+inline void named_bar_arrive(int id, int n) { ::rk::emu::named_bar(id, n, false); }
 // cp.reduce.async.bulk (non-tensor) of `bytes` float32 from shared memory added into global
 // memory, in the thread's bulk async-group; commit_group closes the group; wait_group.read N
 // returns once at most N of the thread's groups may still read their shared memory.
@@ -147,6 +151,8 @@ RK_DEVICE void fence_proxy_async() { __trap(); }
 #endif
 // bar.sync id, 128: the 128 threads of one warpgroup (ids 1.. : 0 is __syncthreads)
 RK_DEVICE void warpgroup_bar(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+RK_DEVICE void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+RK_DEVICE void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
 RK_DEVICE float ex2_approx(float x) {
   float y;
