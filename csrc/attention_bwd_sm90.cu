@@ -250,8 +250,9 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   // ------------------------------------------------------------------------ consumers
   setmaxnreg_inc<Cfg::kConsumerRegs>();
   // keys 64 wg .. 64 wg + 63 of the block (a constant with one consumer: the descriptors
-  // and barrier ids fold, and D = 128 keeps clear of spills at 255 registers)
-  const int wg = Cfg::kConsumers == 1 ? 0 : tid / 128 - 1;
+  // and barrier ids fold, and D = 128 keeps clear of spills at 255 registers; else
+  // warp-uniform to ptxas: descriptors in uniform registers)
+  const int wg = Cfg::kConsumers == 1 ? 0 : warp_uniform(tid / 128 - 1);
   const int wt = tid % 128, warp = wt / 32, lane = wt % 32, g = lane / 4, t4 = lane % 4;
   const int kr_lo = n0 + 64 * wg + 16 * warp + g;  // this thread's keys kr_lo, kr_lo + 8
   const MaskView mv = make_mask_view(p, b, h);

@@ -121,7 +121,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
 
   // ------------------------------------------------------------------------ consumers
   setmaxnreg_inc<Cfg::kConsumerRegs>();
-  const int wg = tid / 128 - 1;  // consumer index: rows 64 wg .. 64 wg + 63 of the block
+  // consumer index: rows 64 wg .. 64 wg + 63 of the block (warp-uniform to ptxas: the
+  // descriptors computed from it stay in uniform registers)
+  const int wg = warp_uniform(tid / 128 - 1);
   const int wt = tid % 128, warp = wt / 32, lane = wt % 32, g = lane / 4, t4 = lane % 4;
   const int row0 = m0 + 64 * wg;             // first row of this warpgroup
   const int r_lo = row0 + 16 * warp + g;     // this thread's rows r_lo, r_lo + 8

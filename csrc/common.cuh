@@ -299,6 +299,10 @@ RK_DEVICE float shfl_xor(float v, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
 }
 RK_DEVICE void syncwarp() { __syncwarp(); }
+// v (the same on every lane) broadcast from lane 0: ptxas then knows it is warp-uniform and
+// keeps what is computed from it (wgmma descriptors, barrier ids) in uniform registers
+// instead of moving them over (R2UR) at every use (CUTLASS's canonical_warp_group_idx).
+RK_DEVICE int warp_uniform(int v) { return __shfl_sync(0xffffffffu, v, 0); }
 RK_DEVICE unsigned char* smem_base() {
   extern __shared__ __align__(128) unsigned char rk_smem[];
   return rk_smem;
@@ -311,6 +315,7 @@ using ::rk::emu::ldsm_x4;
 using ::rk::emu::ldsm_x4_trans;
 using ::rk::emu::mma16816;
 using ::rk::emu::shfl_xor;
+using ::rk::emu::warp_uniform;
 using ::rk::emu::smem_base;
 using ::rk::emu::syncwarp;
 #endif

@@ -196,6 +196,13 @@ inline float shfl_xor(float v, int lane_mask) {
 
 inline void syncwarp() { exchange(kOpSyncwarp, 0); }
 
+// __shfl_sync(~0u, v, 0): lane 0's v to every lane (the callers pass the same value on
+// every lane; a lane that does not shows up as a wrong result).
+inline int warp_uniform(int v) {
+  const unsigned char* all = exchange(kOpShfl, v);
+  return slot<int>(all, 0);
+}
+
 inline uint16_t u16_at(const void* p, int element) {
   uint16_t v;
   memcpy(&v, static_cast<const unsigned char*>(p) + 2 * element, 2);
