@@ -8,9 +8,10 @@ D=128 (H=16)), and training cases with attention dropout 0.1 (against SDPA's
 flash/efficient dropout; no error column there). Cases run most important first, so a
 time budget cuts the least important.
 
-Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable forward
-kernel, RECON_CUDA_ATTN_FWD=sm80, the A/B of the sm_90a one), recon-triton-det (deterministic=True: the
-two-kernel backward, fwd+bwd only, the A/B of recon-triton's atomic-dQ backward); peers sdpa-flash, sdpa-efficient,
+Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable
+kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones), recon-triton-det and
+recon-cuda-det (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of
+its atomic-dQ one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
 flex_attention with a block mask; no dropout), eager (the float reference as written) and
 compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096);
@@ -28,6 +29,7 @@ and DIR/bench_attention.md (rewritten after every case) and prints the markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -105,36 +107,33 @@ def providers(
             out[f"recon-{b}"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
                 q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b
             )
-    # recon-cuda-sm80: the portable CUDA forward forced (RECON_CUDA_ATTN_FWD=sm80) beside
-    # recon-cuda (auto: the sm_90a forward on Hopper), the A/B of csrc/attention_fwd_sm90.cu
+    # recon-cuda-sm80: the portable CUDA kernels forced (RECON_CUDA_ATTN_FWD and _BWD=sm80)
+    # beside recon-cuda (auto: the sm_90a ones on Hopper), the A/B of csrc/attention_*_sm90.cu
+    # (the variables are read at every call, forward and backward alike)
     why = rk.why_unavailable("cuda", device)
     if why is not None:
         out["recon-cuda-sm80"] = C.unavailable(why)
     else:
 
         def cuda_sm80(q, k, v):
-            prev = os.environ.get("RECON_CUDA_ATTN_FWD")
-            os.environ["RECON_CUDA_ATTN_FWD"] = "sm80"
-            try:
-                return out["recon-cuda"](q, k, v)
-            finally:
-                if prev is None:
-                    del os.environ["RECON_CUDA_ATTN_FWD"]
-                else:
-                    os.environ["RECON_CUDA_ATTN_FWD"] = prev
+            return out["recon-cuda"](q, k, v)
 
+        cuda_sm80.env = {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
         out["recon-cuda-sm80"] = cuda_sm80
-    why = rk.why_unavailable("triton", device)
-    if why is not None:
-        out["recon-triton-det"] = C.unavailable(why)
-    elif causal:
-        out["recon-triton-det"] = lambda q, k, v: rk.causal_attention(
-            q, k, v, dropout_p=p, backend="triton", deterministic=True
-        )
-    else:
-        out["recon-triton-det"] = lambda q, k, v: rk.masked_softmax_attention(
-            q, k, v, key_padding_mask=kpm, dropout_p=p, backend="triton", deterministic=True
-        )
+    # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
+    # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
+    for b in ("triton", "cuda"):
+        why = rk.why_unavailable(b, device)
+        if why is not None:
+            out[f"recon-{b}-det"] = C.unavailable(why)
+        elif causal:
+            out[f"recon-{b}-det"] = lambda q, k, v, b=b: rk.causal_attention(
+                q, k, v, dropout_p=p, backend=b, deterministic=True
+            )
+        else:
+            out[f"recon-{b}-det"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
+                q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b, deterministic=True
+            )
     # the same peers on every device: on the CPU (--smoke) the SDPA backends that do not
     # exist there and flex's compiled kernel exercise the "unavailable: why" path
     try:
@@ -201,19 +200,37 @@ def providers(
     return out
 
 
+@contextlib.contextmanager
+def _provider_env(fn):
+    """The environment a provider runs under (its ``env`` attribute: the A/B switches,
+    read by the launchers at every forward and backward call), restored afterwards."""
+    env = getattr(fn, "env", {})
+    prev = {n: os.environ.get(n) for n in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for n, v in prev.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
 def _make_step(fn, q, k, v, do):
     """One timed call: forward only (do is None) or forward + backward."""
     if do is None:
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), _provider_env(fn):
                 return fn(q, k, v)
 
     else:
 
         def step():
             q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(do)
+            with _provider_env(fn):
+                fn(q, k, v).backward(do)
 
     return step
 
@@ -248,8 +265,8 @@ def bench_case(
             if isinstance(fn, str):
                 rows.append({**row, "status": fn})
                 continue
-            if mode == "fwd" and name == "recon-triton-det":
-                rows.append({**row, "status": "skipped: recon-triton's forward (same kernel)"})
+            if mode == "fwd" and name.endswith("-det"):
+                rows.append({**row, "status": f"skipped: {name[:-4]}'s forward (same kernel)"})
                 continue
             if mode != "fwd" and name in failed:  # do not pay a failing compile twice
                 rows.append({**row, "status": failed[name] + " (as in fwd)"})
@@ -257,7 +274,7 @@ def bench_case(
             try:
                 qq, kk, vv = (t.detach().clone().requires_grad_(mode != "fwd") for t in (q, k, v))
                 if mode == "fwd" and not case.get("drop"):
-                    with torch.no_grad():
+                    with torch.no_grad(), _provider_env(fn):
                         o = fn(qq, kk, vv)
                         row["max_err"] = (o.float() - ref)[real_rows].abs().max().item()
                         del o
