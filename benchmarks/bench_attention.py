@@ -95,18 +95,21 @@ def providers(
     causal = case["causal"]
     p = case.get("drop", 0.0)
     out: dict[str, Callable | str] = {}
-    for b in ("triton", "cuda"):
+
+    def recon(b: str, deterministic: bool = False) -> Callable | str:
         why = rk.why_unavailable(b, device)
         if why is not None:
-            out[f"recon-{b}"] = C.unavailable(why)
-        elif causal:
-            out[f"recon-{b}"] = lambda q, k, v, b=b: rk.causal_attention(
-                q, k, v, dropout_p=p, backend=b
+            return C.unavailable(why)
+        if causal:
+            return lambda q, k, v: rk.causal_attention(
+                q, k, v, dropout_p=p, backend=b, deterministic=deterministic
             )
-        else:
-            out[f"recon-{b}"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
-                q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b
-            )
+        return lambda q, k, v: rk.masked_softmax_attention(
+            q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b, deterministic=deterministic
+        )
+
+    for b in ("triton", "cuda"):
+        out[f"recon-{b}"] = recon(b)
     # recon-cuda-sm80: the portable CUDA kernels forced (RECON_CUDA_ATTN_FWD and _BWD=sm80)
     # beside recon-cuda (auto: the sm_90a ones on Hopper), the A/B of csrc/attention_*_sm90.cu
     # (the variables are read at every call, forward and backward alike)
@@ -123,17 +126,7 @@ def providers(
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):
-        why = rk.why_unavailable(b, device)
-        if why is not None:
-            out[f"recon-{b}-det"] = C.unavailable(why)
-        elif causal:
-            out[f"recon-{b}-det"] = lambda q, k, v, b=b: rk.causal_attention(
-                q, k, v, dropout_p=p, backend=b, deterministic=True
-            )
-        else:
-            out[f"recon-{b}-det"] = lambda q, k, v, b=b: rk.masked_softmax_attention(
-                q, k, v, key_padding_mask=kpm, dropout_p=p, backend=b, deterministic=True
-            )
+        out[f"recon-{b}-det"] = recon(b, deterministic=True)
     # the same peers on every device: on the CPU (--smoke) the SDPA backends that do not
     # exist there and flex's compiled kernel exercise the "unavailable: why" path
     try:

@@ -195,6 +195,19 @@ std::string make_tma_desc(TmaDesc* out, const void* base, int rank, const int64_
 #endif
 }
 
+#ifndef RECON_EMULATE
+// "" on a usable compute capability 9.x device, else "<who>: why not".
+static std::string sm90_device_error(const char* who) {
+  std::string dev = device_status();
+  if (!dev.empty()) return std::string(who) + ": " + dev;
+  int dev_id = 0, major = 0;
+  cudaGetDevice(&dev_id);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id);
+  if (major != 9) return std::string(who) + ": needs a compute capability 9.x GPU, got " + std::to_string(major);
+  return "";
+}
+#endif
+
 struct FlagSelftestParams {
   int* counter;
   int* order;
@@ -219,12 +232,8 @@ std::string flag_selftest(uint64_t counter, uint64_t order, int blocks, bool rev
     return "counter / order: expected 4-byte aligned int32 pointers";
 #ifndef RECON_EMULATE
   if (reverse) return "reverse: emulator only (a block would wait for one that may not be resident)";
-  std::string dev = device_status();
-  if (!dev.empty()) return "flag_selftest: " + dev;
-  int dev_id = 0, major = 0;
-  cudaGetDevice(&dev_id);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id);
-  if (major != 9) return "flag_selftest: needs a compute capability 9.x GPU, got " + std::to_string(major);
+  std::string dev = sm90_device_error("flag_selftest");
+  if (!dev.empty()) return dev;
 #endif
   const FlagSelftestParams p{reinterpret_cast<int*>(counter), reinterpret_cast<int*>(order), blocks, reverse};
   return launch(flag_selftest_kernel, "flag_selftest_kernel", dim3(static_cast<unsigned>(blocks)), dim3(32), 0, 0, p);
@@ -239,12 +248,8 @@ std::string hopper_selftest(int mode, int dtype, int n, int swizzle, uint64_t a,
     return "rows_b: expected 1.." + std::to_string(n) + ", got " + std::to_string(rows_b);
 #ifndef RECON_EMULATE
   if (mode == 4 || mode == 6) return "modes 4 and 6 are emulator-only (invalid programs)";
-  std::string dev = device_status();
-  if (!dev.empty()) return "hopper_selftest: " + dev;
-  int dev_id = 0, major = 0;
-  cudaGetDevice(&dev_id);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id);
-  if (major != 9) return "hopper_selftest: needs a compute capability 9.x GPU, got " + std::to_string(major);
+  std::string dev = sm90_device_error("hopper_selftest");
+  if (!dev.empty()) return dev;
 #endif
   SelftestParams p{};
   const int W = swizzle == 0 ? 16 : swizzle;
