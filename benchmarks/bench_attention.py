@@ -9,9 +9,11 @@ flash/efficient dropout; no error column there). Cases run most important first,
 time budget cuts the least important.
 
 Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable
-kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones), recon-triton-det and
-recon-cuda-det (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of
-its atomic-dQ one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
+kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones; recon-cuda-lazy0
+rescales O on every row-max growth, RECON_CUDA_ATTN_LAZY=0, the A/B of the sm_90a
+forward's lazy rescaling), recon-triton-det and recon-cuda-det (deterministic=True,
+fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ one; the CUDA sm_90a
+backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
 flex_attention with a block mask; no dropout), eager (the float reference as written) and
 compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096);
@@ -123,6 +125,17 @@ def providers(
 
         cuda_sm80.env = {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
         out["recon-cuda-sm80"] = cuda_sm80
+    # recon-cuda-lazy0: the sm_90a forward rescaling O whenever a row max grows
+    # (RECON_CUDA_ATTN_LAZY=0), the A/B of its lazy rescaling (default threshold 2^8)
+    if why is not None:
+        out["recon-cuda-lazy0"] = C.unavailable(why)
+    else:
+
+        def cuda_lazy0(q, k, v):
+            return out["recon-cuda"](q, k, v)
+
+        cuda_lazy0.env = {"RECON_CUDA_ATTN_LAZY": "0"}
+        out["recon-cuda-lazy0"] = cuda_lazy0
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):

@@ -130,6 +130,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
   const MaskView mv = make_mask_view(p, b, h);
   const DropoutView drop = make_dropout_view(p, bh);
   const float sl2 = p.scale * kLog2e;
+  const float lazy = p.lazy_log2;
   const int d = p.d;
 
   // Descriptors, encoded once: a k16 step or stage only adds its byte offset / 16 to the
@@ -150,7 +151,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
   zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_o));
   float sacc[kNB][4];
   uint32_t pf[kN / 16][4];  // P as the A fragments of the P V product
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  // per row: the exponent shift m (the running max of s sl2, kept lazily) and sum l. Before
+  // any allowed key m = kNoShift = -FLT_MAX: finite (2^(kNoShift - m) = 0 for the first real
+  // shift m, and s sl2 - kNoShift is never NaN), at or below every finite score.
+  constexpr float kNoShift = -3.402823466e+38f;
+  float m_sh[2] = {kNoShift, kNoShift}, l_run[2] = {0.0f, 0.0f};
 
   // S_j = Q K_j^T into sacc (one commit group; every k16 step of the bucket: TMA zero-fills
   // the columns past D, and a uniform loop keeps the HGMMAs back to back)
@@ -185,29 +190,36 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
         }
       }
     }
-    float mx[2] = {m_run[0], m_run[1]};
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], sacc[nb][e]);
     }
-    // Raw scores and maxima (scale > 0: the launcher sends other scales to the portable
-    // kernel); p = 2^(s sl2 - m sl2) is one FFMA and one MUFU.EX2 per element.
-    float m_sl2[2];
+    mx[0] = quad_max(mx[0]) * sl2;
+    mx[1] = quad_max(mx[1]) * sl2;
+    // p = 2^(s sl2 - m) is one FFMA and one MUFU.EX2 per element: the maxima are taken on
+    // the raw scores (scale > 0: the launcher sends other scales to the portable kernel).
+    // Lazy rescaling (FlashAttention-4's): a row's shift m only moves when the row's max
+    // outgrows it by more than `lazy` (p.lazy_log2, RECON_CUDA_ATTN_LAZY; 0: whenever it
+    // grows), so p <= 2^lazy (fp32 sums, P in bf16/fp16 at the same relative precision)
+    // and alpha = 2^0 = 1 on the rows that keep theirs; l and O share the shift, so O / l
+    // and lse are those of the exact max. m starts at kNoShift: the first allowed key moves
+    // it (alpha = 0 on the empty O and l); a row with nothing allowed yet keeps it
+    // (p = 2^-inf = 0). Branch-free: a flag carried to rescale_o costs a register the
+    // masked dropout kernels do not have (168 per thread).
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      mx[i] = quad_max(mx[i]);
-      // nothing allowed yet: max -inf, shift by 0 (2^-inf = 0)
-      m_sl2[i] = mx[i] == -INFINITY ? 0.0f : mx[i] * sl2;
-      alpha[i] = m_run[i] == -INFINITY ? 1.0f : ex2_approx(m_run[i] * sl2 - m_sl2[i]);
-      m_run[i] = mx[i];
+      const float m_new = mx[i] - m_sh[i] > lazy ? mx[i] : m_sh[i];
+      alpha[i] = ex2_approx(m_sh[i] - m_new);
+      m_sh[i] = m_new;
       l_run[i] *= alpha[i];
     }
 #pragma unroll
     for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float pe = ex2_approx(fmaf(sacc[nb][e], sl2, -m_sl2[e >> 1]));
+        const float pe = ex2_approx(fmaf(sacc[nb][e], sl2, -m_sh[e >> 1]));
         sacc[nb][e] = pe;
         l_run[e >> 1] += pe;
       }
@@ -226,16 +238,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
       }
     }
   };
-  // O *= alpha, skipped when every alpha of the warp is 1 (bit-identical; the common case
-  // once the maxima settle); the flag is made warp-uniform so the branch never diverges.
+  // O *= alpha, skipped by a thread whose two rows kept their shifts (a warp skips it when
+  // all of its rows did: once the maxima settle, nearly always)
   auto rescale_o = [&](const float (&alpha)[2]) {
-    float r = (alpha[0] != 1.0f || alpha[1] != 1.0f) ? 1.0f : 0.0f;
-    r = fmaxf(r, shfl_xor(r, 1));
-    r = fmaxf(r, shfl_xor(r, 2));
-    r = fmaxf(r, shfl_xor(r, 4));
-    r = fmaxf(r, shfl_xor(r, 8));
-    r = fmaxf(r, shfl_xor(r, 16));
-    if (r != 0.0f) {
+    if (alpha[0] != 1.0f || alpha[1] != 1.0f) {
 #pragma unroll
       for (int db = 0; db < kDB; ++db) {
 #pragma unroll
@@ -297,7 +303,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
       if (db * 8 >= d) continue;
       store2<T>(row, db * 8 + 2 * t4, d, acc_o[db][2 * i] * inv, acc_o[db][2 * i + 1] * inv, pair_ok);
     }
-    if (t4 == 0) lse_out[r * p.lse_sm] = l > 0.0f ? m_run[i] * p.scale + log2f(l) * kLn2 : INFINITY;
+    if (t4 == 0) lse_out[r * p.lse_sm] = l > 0.0f ? (m_sh[i] + log2f(l)) * kLn2 : INFINITY;
   }
 #endif
 }

@@ -49,7 +49,8 @@
   X(int, b, 0) X(int, h, 0) X(int, nq, 0) X(int, nk, 0) X(int, d, 0)                       \
   X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
   X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)      \
-  X(int, path, 0) X(uint64_t, dq_accum, 0) X(bool, deterministic, false)
+  X(int, path, 0) X(uint64_t, dq_accum, 0) X(bool, deterministic, false)                  \
+  X(float, lazy_log2, 8.0f)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))

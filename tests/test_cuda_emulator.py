@@ -158,6 +158,34 @@ def test_emulated_sm90_forward_matches_reference(emu, monkeypatch, dtype, case):
     _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90")
 
 
+# Lazy rescaling of the sm_90a forward (RECON_CUDA_ATTN_LAZY): keys that grow along the
+# sequence (up to 7x) make the row maxima outgrow the kept shifts by more than 2^15 over the
+# key tiles, so rows both keep a stale shift (probabilities up to 2^lazy: past 2^16 the fp16
+# P would overflow) and move it (O rescaled), side by side in a warp; 0 = move on any
+# growth. Every head-dim bucket, masks with fully masked rows, a partial last tile.
+LAZY_CASES = [
+    (1, 2, 130, 513, 64, "none"),
+    (2, 1, 65, 300, 128, "causal_kpm"),
+    (1, 1, 70, 200, 256, "mask"),
+]
+
+
+@pytest.mark.parametrize("lazy", ["0", "8", "15"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", LAZY_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_sm90_forward_lazy_rescale(emu, monkeypatch, dtype, case, lazy):
+    """The lazily rescaled forward (and the backward from its lse) under the 2x rule."""
+    monkeypatch.setenv("RECON_CUDA_ATTN_LAZY", lazy)
+    _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90", ramp=6.0)
+
+
+@pytest.mark.parametrize("raw", ["-1", "16", "x", "nan"])
+def test_lazy_rescale_threshold_is_validated(monkeypatch, raw):
+    monkeypatch.setenv("RECON_CUDA_ATTN_LAZY", raw)
+    with pytest.raises(ValueError, match=r"RECON_CUDA_ATTN_LAZY: expected a number in \[0, 15\]"):
+        rkcuda.attention.lazy_log2()
+
+
 def test_emulated_sm90_forward_choice(emu, monkeypatch):
     """Which forward runs, and why: the emulator's auto is the portable kernel; sm90 takes
     fp16/bf16 with TMA-describable strides and falls back otherwise (fp32, a batch stride of
@@ -190,12 +218,16 @@ def test_emulated_sm90_forward_choice(emu, monkeypatch):
             rkcuda.attention_fwd(q, k, v, None, None, 0.3, False)
 
 
-def _check_emulated_attention(emu, dtype, case, monkeypatch=None, path="sm80"):
+def _check_emulated_attention(emu, dtype, case, monkeypatch=None, path="sm80", ramp=0.0):
+    """ramp > 0: key j scaled by 1 + ramp * j / Nk, so row maxima keep growing over the key
+    tiles (the online softmax's rescaling)."""
     B, H, NQ, NK, D, mode = case
     q, k, v, do = (
         _rand(*s, seed=i)
         for i, s in enumerate([(B, H, NQ, D), (B, H, NK, D), (B, H, NK, D), (B, H, NQ, D)])
     )
+    if ramp:
+        k = k * (1 + ramp * torch.arange(NK, dtype=torch.float64) / NK)[:, None]
     mask, kpm, causal = _masks(mode, B, H, NQ, NK)  # the kernels also take mask + causal
     scale = D**-0.5
     f = lambda q, k, v: R.attention(q, k, v, mask, kpm, scale, causal)  # noqa: E731

@@ -35,6 +35,24 @@ from ._loader import ext as extension_module
 FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
+def lazy_log2() -> float:
+    """RECON_CUDA_ATTN_LAZY: the sm_90a forward's lazy-rescale threshold in powers of two
+    (csrc/attention_fwd_sm90.cu, FlashAttention-4's trick): a warp moves its running row
+    maxima, and rescales O, only when some row's max outgrows the kept one by more than a
+    factor 2^value; otherwise the kept max stays (the probabilities stay <= 2^value, exact
+    in the fp32 sums). Default 8, as in FA4; 0 rescales whenever a row max grows (the
+    kernel before it, for a GPU A/B); at most 15 (P V takes P in fp16, whose largest
+    finite value is 65504 < 2^16)."""
+    raw = os.environ.get("RECON_CUDA_ATTN_LAZY", "8")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 15.0:
+        raise ValueError(f"RECON_CUDA_ATTN_LAZY: expected a number in [0, 15], got {raw!r}")
+    return value
+
+
 def fwd_path(var: str = "RECON_CUDA_ATTN_FWD") -> str:
     mode = os.environ.get(var, "auto")
     if mode not in FWD_PATHS:
@@ -201,7 +219,7 @@ def attention_fwd(
     _check_attn(q, k, v)
     ext = extension_module()
     args = ext.AttnArgs()
-    put(args, **drop, path=FWD_PATHS[fwd_path()])
+    put(args, **drop, path=FWD_PATHS[fwd_path()], lazy_log2=lazy_log2())
     B, H, NQ, D = q.shape
     q_, k_, v_ = aligned(q), aligned(k), aligned(v)
     # the kernel writes through strides: (B, Nq, H, D) storage seen as (B, H, Nq, D)
