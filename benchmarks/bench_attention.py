@@ -10,8 +10,8 @@ time budget cuts the least important.
 
 Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable
 kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones; recon-cuda-lazy0
-rescales O on every row-max growth, RECON_CUDA_ATTN_LAZY=0, the A/B of the sm_90a
-forward's lazy rescaling), recon-triton-det and recon-cuda-det (deterministic=True,
+rescales O on every row-max growth, RECON_CUDA_ATTN_LAZY=0, the A/B of the CUDA
+forwards' lazy rescaling), recon-triton-det and recon-cuda-det (deterministic=True,
 fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ one; the CUDA sm_90a
 backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
@@ -125,8 +125,8 @@ def providers(
 
         cuda_sm80.env = {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
         out["recon-cuda-sm80"] = cuda_sm80
-    # recon-cuda-lazy0: the sm_90a forward rescaling O whenever a row max grows
-    # (RECON_CUDA_ATTN_LAZY=0), the A/B of its lazy rescaling (default threshold 2^8)
+    # recon-cuda-lazy0: the CUDA forwards rescaling O whenever a row max grows
+    # (RECON_CUDA_ATTN_LAZY=0), the A/B of their lazy rescaling (default threshold 2^8)
     if why is not None:
         out["recon-cuda-lazy0"] = C.unavailable(why)
     else:

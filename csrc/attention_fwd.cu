@@ -7,7 +7,7 @@
 // one group) are issued right after the one barrier of tile j and land while it computes.
 // Each tile runs in steps of kSubN keys: the mask / dropout predicates as bits, S = Q K^T,
 // running max / sum in the log2 domain (scale * log2(e) folded into the scores), O rescaled
-// only when some running max moved, then O += P V with P reused from registers as the A
+// only when some row's shift moved (lazily, RECON_CUDA_ATTN_LAZY), then O += P V with P reused from registers as the A
 // operand. A warp skips the steps its rows cannot see (past Nq, or causal past the
 // diagonal of its last row); the block skips the tiles past its last row's diagonal.
 //
@@ -104,10 +104,16 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
   }
 
   const float sl2 = p.scale * kLog2e;
-  float m_run[kMT][2], l_run[kMT][2];  // l_run: per-lane partial sums, quad-reduced at the end
+  const float lazy = p.lazy_log2;
+  // Per row: the exponent shift m_run (the running max of the log2-domain scores, kept
+  // lazily: see the softmax step) and the sum l_run (per-lane partial sums, quad-reduced at
+  // the end). Before any allowed key m_run = kNoShift = -FLT_MAX: finite (2^(kNoShift - m)
+  // = 0 for the first real shift m, and x - kNoShift is never NaN), at or below every score.
+  constexpr float kNoShift = -3.402823466e+38f;
+  float m_run[kMT][2], l_run[kMT][2];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {
-    m_run[mi][0] = m_run[mi][1] = -INFINITY;
+    m_run[mi][0] = m_run[mi][1] = kNoShift;
     l_run[mi][0] = l_run[mi][1] = 0.0f;
   }
   float acc_o[kMT][kDT][4];
@@ -202,7 +208,7 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
         float rescale = 0.0f;  // 1 when some alpha != 1 (this lane's rows)
 #pragma unroll
         for (int mi = 0; mi < kMT; ++mi) {
-          float mx[2] = {m_run[mi][0], m_run[mi][1]};
+          float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
           for (int ni = 0; ni < kNT; ++ni) {
 #pragma unroll
@@ -214,22 +220,25 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
               mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
           }
-          float m_safe[2];
+          // Lazy rescaling (FlashAttention-4's): a row's shift only moves when the row's
+          // max outgrows it by more than `lazy` (p.lazy_log2, RECON_CUDA_ATTN_LAZY; 0:
+          // whenever it grows), so p <= 2^lazy and alpha = 2^0 = 1 on the rows that keep
+          // theirs (l and O share the shift: O / l and lse are those of the exact max). A
+          // row with nothing allowed yet keeps kNoShift (p = 2^-inf = 0).
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             mx[i] = quad_max(mx[i]);
-            // A row with nothing allowed so far keeps max -inf: shift by 0 (exp2(-inf) = 0).
-            m_safe[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-            alpha[mi][i] = exp2f(m_run[mi][i] - m_safe[i]);
+            const float m_new = mx[i] - m_run[mi][i] > lazy ? mx[i] : m_run[mi][i];
+            alpha[mi][i] = exp2f(m_run[mi][i] - m_new);
             if (alpha[mi][i] != 1.0f) rescale = 1.0f;
-            m_run[mi][i] = mx[i];
+            m_run[mi][i] = m_new;
             l_run[mi][i] *= alpha[mi][i];
           }
 #pragma unroll
           for (int ni = 0; ni < kNT; ++ni) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float pe = exp2f(s[mi][ni][e] - m_safe[e >> 1]);
+              const float pe = exp2f(s[mi][ni][e] - m_run[mi][e >> 1]);
               s[mi][ni][e] = pe;
               l_run[mi][e >> 1] += pe;
             }
@@ -314,7 +323,8 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
       const int r = wrow + mi * 16 + g + i * 8;
       const float l = quad_sum(l_run[mi][i]);
       if (r >= p.nq) continue;
-      // l == 0 exactly when no key was allowed (otherwise the max contributes 2^0 = 1)
+      // l == 0 exactly when no key was allowed (otherwise the max contributes 2^(max - m_run)
+      // >= 1: a shift is always some earlier max of the row)
       float inv = l > 0.0f ? 1.0f / l : 0.0f;
       if (drop.on()) inv *= drop.scale;
       T* row = o + r * p.o_sm;

@@ -158,7 +158,7 @@ def test_emulated_sm90_forward_matches_reference(emu, monkeypatch, dtype, case):
     _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90")
 
 
-# Lazy rescaling of the sm_90a forward (RECON_CUDA_ATTN_LAZY): keys that grow along the
+# Lazy rescaling of both forwards (RECON_CUDA_ATTN_LAZY): keys that grow along the
 # sequence (up to 7x) make the row maxima outgrow the kept shifts by more than 2^15 over the
 # key tiles, so rows both keep a stale shift (probabilities up to 2^lazy: past 2^16 the fp16
 # P would overflow) and move it (O rescaled), side by side in a warp; 0 = move on any
@@ -168,15 +168,16 @@ LAZY_CASES = [
     (2, 1, 65, 300, 128, "causal_kpm"),
     (1, 1, 70, 200, 256, "mask"),
 ]
+LAZY_KERNELS = [("sm80", d) for d in DTYPES] + [("sm90", d) for d in LOW]
 
 
 @pytest.mark.parametrize("lazy", ["0", "8", "15"])
-@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("path,dtype", LAZY_KERNELS, ids=lambda x: str(x))
 @pytest.mark.parametrize("case", LAZY_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_emulated_sm90_forward_lazy_rescale(emu, monkeypatch, dtype, case, lazy):
-    """The lazily rescaled forward (and the backward from its lse) under the 2x rule."""
+def test_emulated_forward_lazy_rescale(emu, monkeypatch, path, dtype, case, lazy):
+    """The lazily rescaled forwards (and the backward from their lse) under the 2x rule."""
     monkeypatch.setenv("RECON_CUDA_ATTN_LAZY", lazy)
-    _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90", ramp=6.0)
+    _check_emulated_attention(emu, dtype, case, monkeypatch, path, ramp=6.0)
 
 
 @pytest.mark.parametrize("raw", ["-1", "16", "x", "nan"])

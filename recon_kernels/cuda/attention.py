@@ -36,13 +36,13 @@ FWD_PATHS = {"auto": 0, "sm80": 1, "sm90": 2}
 
 
 def lazy_log2() -> float:
-    """RECON_CUDA_ATTN_LAZY: the sm_90a forward's lazy-rescale threshold in powers of two
-    (csrc/attention_fwd_sm90.cu, FlashAttention-4's trick): a warp moves its running row
-    maxima, and rescales O, only when some row's max outgrows the kept one by more than a
-    factor 2^value; otherwise the kept max stays (the probabilities stay <= 2^value, exact
-    in the fp32 sums). Default 8, as in FA4; 0 rescales whenever a row max grows (the
-    kernel before it, for a GPU A/B); at most 15 (P V takes P in fp16, whose largest
-    finite value is 65504 < 2^16)."""
+    """RECON_CUDA_ATTN_LAZY: the CUDA forwards' lazy-rescale threshold in powers of two
+    (csrc/attention_fwd.cu and attention_fwd_sm90.cu, FlashAttention-4's trick): a row's
+    exponent shift, and with it O, only moves when the row's max outgrows the kept shift by
+    more than a factor 2^value in the probabilities; otherwise the kept shift stays (the
+    probabilities stay <= 2^value, exact in the fp32 sums). Default 8, as in FA4; 0 moves it
+    whenever a row max grows (the kernels before it, for a GPU A/B); at most 15 (P V takes
+    P in fp16, whose largest finite value is 65504 < 2^16)."""
     raw = os.environ.get("RECON_CUDA_ATTN_LAZY", "8")
     try:
         value = float(raw)
