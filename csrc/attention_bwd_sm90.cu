@@ -308,11 +308,16 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       }
       mbar_wait(&ld_full[s], ph);
       const bool full = !kMask || mv.all_allowed(m0, m0 + kM, n0 + kN);
+      // this thread's query columns 8 mb + 2 t4 + (0, 1): one 8-byte load per pair
+      // (the stage arrays and 2 t4 are even), of lse here and of delta below
+      float2 lse_c[kMB];
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) lse_c[mb] = *reinterpret_cast<const float2*>(lse2 + 8 * mb + 2 * t4);
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float pe = ex2_approx(fmaf(st[mb][e], sl2, -lse2[8 * mb + 2 * t4 + (e & 1)]));
+          float pe = ex2_approx(fmaf(st[mb][e], sl2, -((e & 1) ? lse_c[mb].y : lse_c[mb].x)));
           if (kMask && !full && !mv.allowed(m0 + 8 * mb + 2 * t4 + (e & 1), kr_lo + 8 * (e >> 1)))
             pe = 0.0f;
           st[mb][e] = pe;
@@ -322,6 +327,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       uint32_t pf[kM / 16][4], dsf[kM / 16][4];
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb) {
+        const float2 dl = *reinterpret_cast<const float2*>(dlt + 8 * mb + 2 * t4);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float pe = st[mb][e];
@@ -333,7 +339,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
             dp = keep ? dp * drop.scale : 0.0f;
             st[mb][e] = keep ? pe * drop.scale : 0.0f;  // P^T o Z, the A operand of dV
           }
-          if constexpr (kDK) dpt[mb][e] = pe * (dp - dlt[8 * mb + 2 * t4 + (e & 1)]);  // dS^T
+          if constexpr (kDK) dpt[mb][e] = pe * (dp - ((e & 1) ? dl.y : dl.x));  // dS^T
         }
       }
 #pragma unroll
