@@ -14,6 +14,9 @@
 # 20 s) is not started and is recorded as "skipped-for-time"; the benchmarks also get the
 # grant as --deadline-s (they stop starting cases and write what they have after every case).
 #
+# The gate step (benchmarks/sm90_gate.py) probes the sm_90a attention kernels under hard
+# timeouts; one that hangs or fails is turned off (RECON_CUDA_ATTN_FWD/_BWD=sm80, in
+# runs/device/gate.env, RECON_DEVICE_GATE) for every later step and for part 2.
 # Order and caps (seconds): see STEPS below. --part 1 (default) runs them in order and
 # records every step's status in runs/device/state.tsv (RECON_DEVICE_STATE; git-ignored, so
 # kept on a warm machine between calls) and
@@ -42,7 +45,7 @@ set -u -o pipefail
 
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-STEPS="build:150 check:100 bench_attn:150 bench_mlp:60 bench_lora:45 tests:150 bench_train:90 sanitize:120 tests_e2e:120 bench_hf:90 static:60"
+STEPS="build:120 gate:90 check:100 bench_attn:150 bench_mlp:60 bench_lora:45 tests:150 bench_train:90 sanitize:120 tests_e2e:120 bench_hf:90 static:60"
 PART2_FROM=tests # the first step a part 2 without a part-1 record runs
 
 die() {
@@ -57,6 +60,9 @@ run_step() {
   local name=$1
   : "${WORK:?--_step is internal: run benchmarks/device_check.sh OUTDIR}"
   cd "$ROOT" || exit 2
+  # the gate's verdict (sm90_gate.py): the sm_90a kernels that hung or failed stay off
+  # shellcheck disable=SC1090
+  if [ "$name" != gate ] && [ -f "$GATE_ENV" ]; then . "$GATE_ENV"; fi
   if [ -n "${RECON_DEVICE_STUB:-}" ]; then
     STEP=$name exec bash -c "$RECON_DEVICE_STUB"
   fi
@@ -67,6 +73,12 @@ run_step() {
       if [ "$DRY" = 1 ]; then exec "$PY" -m recon_kernels info; fi
       # Hopper only (fast), in place into recon_kernels/ (build_cuda.py needs no setuptools)
       exec "$PY" build_cuda.py --archs 90a
+      ;;
+    gate)
+      # the sm_90a attention kernels probed one by one under hard timeouts; a probe that
+      # hangs or fails turns its kernel off (RECON_CUDA_ATTN_FWD/_BWD=sm80) for every later
+      # step, so they still report the portable kernels and Triton (no GPU: "not applicable")
+      exec "$PY" benchmarks/sm90_gate.py --env-file "$GATE_ENV" --probe-timeout 25
       ;;
     check)
       # every op x backend vs the float64 reference (+ the short GPU timing table);
@@ -175,6 +187,8 @@ TAG=$([ "$PART" = 2 ] && echo _part2 || true)
 # runs/ is git-ignored: on a warm machine it survives between calls (part 2 reads part 1's)
 WORK=${RECON_DEVICE_WORK:-$ROOT/runs/device/part$PART}
 STATE=${RECON_DEVICE_STATE:-$ROOT/runs/device/state.tsv}
+# the gate's exports, beside the state: part 2 keeps part 1's verdict
+GATE_ENV=${RECON_DEVICE_GATE:-$(dirname "$STATE")/gate.env}
 if [ -d "$WORK" ] && [ ! -f "$WORK/steps.tsv" ] && [ -n "$(ls -A "$WORK")" ]; then
   die "RECON_DEVICE_WORK: expected an empty or earlier device_check folder, got '$WORK' (not cleared)"
 fi
@@ -189,7 +203,7 @@ export TRITON_DEFAULT_FP_FUSION=1
 # nothing outside the machine can be reached: never let a library try (and wait on) the network
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1
 unset TRITON_INTERPRET
-export PY WORK DRY ROOT
+export PY WORK DRY ROOT GATE_ENV
 
 # the steps this part runs
 declare -A TODO PREV
@@ -221,7 +235,10 @@ if [ "$PART" = 2 ] && [ ${#TODO[@]} -gt 0 ] && [ -z "${TODO[build]:-}" ] && [ "$
   [ -z "${RECON_DEVICE_STUB:-}" ]; then
   # a fresh machine has no extension (the build is not carried): rebuild before the rest
   "$PY" -c "import recon_kernels._cuda" >/dev/null 2>&1 || TODO[build]=1
+  # ... and, having lost part 1's verdict with it, probe the sm_90a kernels again
+  [ -n "${TODO[build]:-}" ] && TODO[gate]=1
 fi
+if [ "$PART" = 1 ]; then rm -f "$GATE_ENV"; fi # a part 1 starts without an earlier verdict
 
 record() { # name status cap granted used
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$PART" >>"$STEPS_TSV"

@@ -10,7 +10,8 @@ Reads WORK (steps.tsv, env.txt, each step's log, the benches' csv/md) and writes
                       gpu, driver, torch, cuda, triton): one table for all benches
     steps{tag}.csv    step, status, cap_s, granted_s, used_s, part
     env{tag}.txt      nvidia-smi, python / torch / triton / nvcc versions
-    summary{tag}.txt  what is printed: steps, check, tests, sanitizers, recon vs best peer
+    summary{tag}.txt  what is printed: steps, the sm_90a gate, check, tests, sanitizers,
+                      recon vs best peer
 
 Standard library only (no torch import: it runs inside the deadline's reserve).
 """
@@ -107,6 +108,11 @@ def test_lines(work: str, name: str) -> list[str]:
     ] + [f"  FAILED {t}" for t in failed]
 
 
+def gate_lines(work: str) -> list[str]:
+    """The sm_90a gate's verdict (benchmarks/sm90_gate.py): its "gate:" lines."""
+    return [ln for ln in tail(os.path.join(work, "gate.log"), 40) if ln.startswith("gate:")]
+
+
 def bench_summary(rows: list[dict]) -> list[str]:
     """recon rows vs the best peer of the same case and mode; unavailable peers once each."""
     out = []
@@ -171,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "## steps", ""] + step_table(steps)
     md += ["", f"elapsed {args.elapsed} s of the {args.deadline} s deadline", ""]
     for title, lines in (
+        ("sm_90a gate", gate_lines(W)),
         ("recon check", check_lines(W)),
         ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e")),
         ("sanitizers", tail(os.path.join(W, "sanitize", "summary.txt"), 10)),
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     s += [f"   elapsed {args.elapsed} s of the {args.deadline} s deadline; files in {O}"]
     s += step_table(steps)
     for title, lines in (
+        ("sm_90a gate", gate_lines(W)),
         ("recon check", check_lines(W)),
         ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e")),
         ("sanitizers", tail(os.path.join(W, "sanitize", "summary.txt"), 5)),

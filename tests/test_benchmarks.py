@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 ORDER = [
-    "build", "check", "bench_attn", "bench_mlp", "bench_lora", "tests", "bench_train",
+    "build", "gate", "check", "bench_attn", "bench_mlp", "bench_lora", "tests", "bench_train",
     "sanitize", "tests_e2e", "bench_hf", "static",
 ]  # fmt: skip
 
@@ -57,7 +57,9 @@ def test_plan_lists_the_steps_in_priority_order():
     names = [ln.split()[0] for ln in p.stdout.splitlines()[1:]]
     assert names == ORDER
     caps = {ln.split()[0]: int(ln.split()[2].rstrip("s")) for ln in p.stdout.splitlines()[1:]}
-    # one call at the 540 s default fits build, check and the three kernel benches at their caps
+    # one call at the 540 s default fits the build, the sm_90a gate, check and the attention
+    # and MLP benches at their caps
+    assert ORDER[:6] == ["build", "gate", "check", "bench_attn", "bench_mlp", "bench_lora"]
     assert sum(caps[n] for n in ORDER[:5]) <= 540 - 20
 
 
@@ -92,7 +94,7 @@ def test_deadline_order_timeouts_and_skipped_for_time(tmp_path):
     steps = _steps(out / "steps.csv")
     assert [s["step"] for s in steps] == ORDER
     status = {s["step"]: s["status"] for s in steps}
-    for n in ORDER[:5] + ["bench_train"]:
+    for n in ORDER[:6] + ["bench_train"]:
         assert status[n] == "ok", steps
     assert status["tests"] == "TIMEOUT(2s)"
     san = next(s for s in steps if s["step"] == "sanitize")
@@ -133,6 +135,71 @@ def test_part2_runs_only_what_part1_skipped(tmp_path):
     for n in rest:
         assert part2[n] == "ok"
     assert "every selected step was started" in p2.stdout
+
+
+def test_gate_verdict_reaches_every_later_step_and_part2(tmp_path):
+    """What the gate step writes to the gate file (sm90_gate.py: the exports that turn a
+    hung or failed sm_90a kernel off) is in the environment of every later step, in part 2
+    too; a new part 1 starts without it."""
+    ran = tmp_path / "ran.txt"
+    gate = tmp_path / "gate.env"
+    stub = (
+        'case $STEP in gate) echo "export RECON_CUDA_ATTN_BWD=sm80" > "$GATE_ENV" ;; '
+        f'*) echo "$STEP ${{RECON_CUDA_ATTN_BWD:-auto}}" >> {ran} ;; esac'
+    )
+    env = dict(RECON_DEVICE_STUB=stub, RECON_DEVICE_GATE=str(gate), RECON_DEVICE_MIN_STEP="1")
+    p, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_STEPS="build,gate,check,tests", **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert ran.read_text().split("\n")[:3] == ["build auto", "check sm80", "tests sm80"]
+    ran.unlink()
+    p, _ = _run(
+        tmp_path, "--part", "2", str(tmp_path / "out"), RECON_DEVICE_STEPS="bench_attn", **env
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert ran.read_text().split() == ["bench_attn", "sm80"]
+    ran.unlink()
+    p, _ = _run(tmp_path, str(tmp_path / "out"), RECON_DEVICE_STEPS="check", **env)
+    assert p.returncode == 0 and not gate.exists()
+    assert ran.read_text().split() == ["check", "auto"]
+
+
+GATE = os.path.join(ROOT, "benchmarks", "sm90_gate.py")
+
+
+def _gate(tmp_path, stub: str | None):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RECON_GATE_STUB", None)
+    if stub is not None:
+        env["RECON_GATE_STUB"] = stub
+    f = tmp_path / "gate.env"
+    p = subprocess.run(
+        [sys.executable, GATE, "--env-file", str(f), "--probe-timeout", "4"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout, (f.read_text() if f.exists() else None)
+
+
+def test_gate_turns_off_the_kernel_of_a_hung_or_failed_probe(tmp_path):
+    """Each probe in its own process under a hard timeout (stubbed: the probes themselves
+    need a Hopper GPU): a hang and a failure both turn their kernel off, a pass does not."""
+    out, env = _gate(tmp_path, "fwd=ok,bwd=hang,det=fail")
+    assert "gate: fwd  ok" in out and "gate: bwd  HANG (no result in 4 s)" in out, out
+    assert "gate: det  FAILED (rc=1): det: stub failure" in out, out
+    assert env == "export RECON_CUDA_ATTN_BWD=sm80\n"
+    out, env = _gate(tmp_path, "fwd=fail")
+    assert env == "export RECON_CUDA_ATTN_FWD=sm80\n", out
+    out, env = _gate(tmp_path, "fwd=ok")
+    assert env is None and "every sm_90a attention probe passed" in out, out
+
+
+def test_gate_without_a_hopper_gpu_turns_nothing_off(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the gate runs its real probes (device_check.sh)")
+    out, env = _gate(tmp_path, None)
+    assert env is None and "gate: not applicable (no CUDA GPU)" in out, out
 
 
 def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):

@@ -671,3 +671,38 @@ def test_emulated_launcher_guards_reject_misaligned_input(emu):
         RuntimeError, match=r"gemm: A: expected a 16-byte aligned pointer and a row stride"
     ):
         emu.gemm(g, 0)
+
+
+def _gate_module():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "sm90_gate.py")
+    spec = importlib.util.spec_from_file_location("sm90_gate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("probe", ["fwd", "bwd", "det"])
+def test_device_gate_probes_on_the_emulated_sm90_kernels(emu, monkeypatch, probe):
+    """benchmarks/sm90_gate.py's probes (the device run turns off an sm_90a kernel whose
+    probe fails) pass on the emulated sm_90a kernels, which they do run, and fail on a
+    wrong result: a probe that cannot fail would hide a broken kernel; one that fails on a
+    right kernel would turn it off and lose its benchmark."""
+    gate = _gate_module()
+    monkeypatch.delenv("RECON_GATE_STUB", raising=False)
+    for var in ("RECON_CUDA_ATTN_FWD", "RECON_CUDA_ATTN_BWD"):
+        monkeypatch.setenv(var, "auto")  # (the probe sets its own: restored afterwards)
+    kernel = SM90_KERNEL if probe == "fwd" else SM90_BWD_KERNEL
+    before = emu.launch_counts().get(kernel, 0)
+    assert gate.probe(probe, emulator=emu) == 0
+    assert emu.launch_counts().get(kernel, 0) > before, f"{kernel} did not run"
+    name = "attention_fwd" if probe == "fwd" else "attention_bwd"
+    right = getattr(rkcuda, name)
+    if probe == "fwd":
+        wrong = lambda *a, **kw: (lambda o, lse: (o * 1.05, lse))(*right(*a, **kw))  # noqa: E731
+    else:
+        wrong = lambda *a, **kw: (lambda dq, dk, dv: (dq, dk, dv.flip(2)))(*right(*a, **kw))  # noqa: E731
+    monkeypatch.setattr(rkcuda, name, wrong)
+    assert gate.probe(probe, emulator=emu) == 1
