@@ -275,6 +275,10 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   const uint64_t ds_km0 = make_desc(sdS + wg * kM * 128, 16, 1024, 128);
   auto off = [](int bytes) { return uint64_t(bytes >> 4); };
   auto km_step = [](int kk, int chunk_bytes) { return (kk / 4) * chunk_bytes + (kk % 4) * 32; };
+  // a stage's base descriptor once per step, then each k16 step adds an immediate (ptxas
+  // otherwise rebuilds every descriptor from the stage index: ~1 instruction per score
+  // element more)
+  auto stage_desc = [](uint64_t d0, int s) { return d0 + uint64_t(uint32_t(s) * (Cfg::kQBytes >> 4)); };
 
   float acc_dv[kDV ? kDB : 1][4], acc_dk[kDK ? kDB : 1][4];
   for (auto& r : acc_dv)
@@ -287,20 +291,22 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       const int s = it % kS, ph = (it / kS) & 1, m0 = (m_first + it) * kM;
       float st[kMB][4], dpt[kMB][4];
       const float* lse2 = sLd + s * 2 * kM;  // by local query column 8 mb + 2 t4 + c
+      const uint64_t q_km = stage_desc(q_km0, s), do_km = stage_desc(do_km0, s);
+      const uint64_t q_mn = stage_desc(q_mn0, s), do_mn = stage_desc(do_mn0, s);
       const float* dlt = lse2 + kM;
       mbar_wait(&q_full[s], ph);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk)
         wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(st), k_km0 + off(km_step(kk, kKChunk)),
-                        q_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
+                        q_km + off(km_step(kk, kQChunk)), kk > 0);
       wgmma_commit();
       mbar_wait(&do_full[s], ph);
       if constexpr (kDK) {
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
           wgmma_ss<T, kM>(reinterpret_cast<float(&)[kM / 2]>(dpt), v_km0 + off(km_step(kk, kKChunk)),
-                          do_km0 + off(s * Cfg::kQBytes + km_step(kk, kQChunk)), kk > 0);
+                          do_km + off(km_step(kk, kQChunk)), kk > 0);
         wgmma_commit();
         wgmma_wait<1>();  // S^T has landed (dP^T still runs)
       } else {
@@ -368,10 +374,10 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
       for (int kk = 0; kk < kM / 16; ++kk) {
         if constexpr (kDV)
           wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dv), pf[kk],
-                                do_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
+                                do_mn + off(kk * 16 * 128), 1);
         if constexpr (kDK)
           wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_dk), dsf[kk],
-                                q_mn0 + off(s * Cfg::kQBytes + kk * 16 * 128), 1);
+                                q_mn + off(kk * 16 * 128), 1);
       }
       wgmma_commit();
       if constexpr (kDK) {

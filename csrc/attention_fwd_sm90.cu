@@ -142,10 +142,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
   const uint64_t k_desc0 = make_desc(sK, 16, 1024, 128);
   const uint64_t v_desc0 = make_desc(sV, kKVChunk, 1024, 128);
   auto q_desc = [&](int kk) { return q_desc0 + uint64_t(((kk / 4) * kQChunk + (kk % 4) * 32) >> 4); };
-  auto k_desc = [&](int s, int kk) {
-    return k_desc0 + uint64_t((s * Cfg::kKVBytes + (kk / 4) * kKVChunk + (kk % 4) * 32) >> 4);
-  };
-  auto v_desc = [&](int s, int kk) { return v_desc0 + uint64_t((s * Cfg::kKVBytes + kk * 16 * 128) >> 4); };
+  // a stage's base descriptor once per tile, then each k16 step adds an immediate
+  auto stage_desc = [&](uint64_t d0, int s) { return d0 + uint64_t(uint32_t(s) * (Cfg::kKVBytes >> 4)); };
+  auto k_desc = [&](uint64_t kb, int kk) { return kb + uint64_t(((kk / 4) * kKVChunk + (kk % 4) * 32) >> 4); };
+  auto v_desc = [&](uint64_t vb, int kk) { return vb + uint64_t((kk * 16 * 128) >> 4); };
 
   float acc_o[kDB][4];
   zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_o));
@@ -160,17 +160,17 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
   // S_j = Q K_j^T into sacc (one commit group; every k16 step of the bucket: TMA zero-fills
   // the columns past D, and a uniform loop keeps the HGMMAs back to back)
   auto issue_s = [&](int j) {
-    const int s = j % kS;
+    const uint64_t kb = stage_desc(k_desc0, j % kS);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<T, kN>(reinterpret_cast<float(&)[kN / 2]>(sacc), q_desc(kk), k_desc(s, kk), kk > 0);
+      wgmma_ss<T, kN>(reinterpret_cast<float(&)[kN / 2]>(sacc), q_desc(kk), k_desc(kb, kk), kk > 0);
     wgmma_commit();
   };
   auto issue_pv = [&](int j) {
-    const int s = j % kS;
+    const uint64_t vb = stage_desc(v_desc0, j % kS);
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk)
-      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_o), pf[kk], v_desc(s, kk), 1);
+      wgmma_rs<T, kD, true>(reinterpret_cast<float(&)[kD / 2]>(acc_o), pf[kk], v_desc(vb, kk), 1);
     wgmma_commit();
   };
   // Masks, scale, running max / sum, P (fp32, in sacc) and the O rescale factors.

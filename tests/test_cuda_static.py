@@ -483,11 +483,13 @@ def test_sm80_attention_forward_registers_and_sass(cuda_build):
 
 # The sm_90a attention forward's steady loop (csrc/attention_fwd_sm90.cu, the plain kernel:
 # no mask, no dropout, not the last tile) per head-dim bucket: (keys per tile, bound on SASS
-# instructions per score element per thread, as measured when it was written + ~1%: 6.84,
-# 7.58, 14.28; 7.03, 7.80, 14.66 before the lazy rescaling dropped the warp-wide rescale
-# vote (five shuffles), 7.17 and 8.05 at D = 64 / 128 before the consumer index was made
-# warp-uniform to ptxas, common.cuh's warp_uniform).
-SM90_FWD_LOOP = {64: (128, 6.9), 128: (128, 7.66), 256: (64, 14.42)}
+# instructions per score element per thread, as measured when it was written + ~1%: 6.45,
+# 7.08, 12.94). History: 7.17 / 8.05 at D = 64 / 128 before the consumer index was made
+# warp-uniform to ptxas (common.cuh's warp_uniform); 7.03 / 7.80 / 14.66 before the lazy
+# rescaling dropped the warp-wide rescale vote (five shuffles); 6.84 / 7.58 / 14.28 while
+# every K / V descriptor was rebuilt from the stage index (now: a stage base per tile plus
+# immediates).
+SM90_FWD_LOOP = {64: (128, 6.52), 128: (128, 7.15), 256: (64, 13.07)}
 
 
 @needs_nvcc
@@ -545,13 +547,14 @@ def test_generated_wgmma_wrappers_are_current():
 
 # The sm_90a backward's steady step (csrc/attention_bwd_sm90.cu, the plain kernels: 64
 # queries against each consumer's 64 keys) per (head-dim bucket, pass): bound on SASS
-# instructions per score element per thread, as measured when written + ~1% (9.59, 11.84,
-# 7.28, 14.62). History of the D = 64 / 128 steps: 28 / 41 with per-element float atomics
+# instructions per score element per thread, as measured when written + ~1% (9.22, 11.28,
+# 6.19, 13.56). History of the D = 64 / 128 steps: 28 / 41 with per-element float atomics
 # for dQ (REDG) and scalar dS stores; 15.0 / 19.4 with bulk reductions issued by the
 # consumers; 16.25 / 20.66 with the deterministic turn in the consumers too; 10.1 / 12.34
-# once the consumers hand each dQ chunk to a writer warp through named barriers; now lse
-# and delta come in 8-byte pairs (LDS.64) instead of one LDS per column.
-SM90_BWD_LOOP = {(64, 0): 9.7, (128, 0): 11.95, (256, 1): 7.36, (256, 2): 14.77}
+# once the consumers hand each dQ chunk to a writer warp through named barriers; 9.59 /
+# 11.84 with lse and delta in 8-byte pairs (LDS.64); now the Q / dO descriptors are a
+# stage base per step plus immediates.
+SM90_BWD_LOOP = {(64, 0): 9.31, (128, 0): 11.4, (256, 1): 6.25, (256, 2): 13.7}
 
 
 @needs_nvcc
