@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
           const int qc = ci * 8 + 2 * t + (e & 1);
           const bool ok = full || mv.allowed(m0 + qc, key0 + (e >> 1) * 8);
           // one rounding (fma): for large logits the two terms nearly cancel
-          st[0][ci][e] = ok ? exp2f(fmaf(st[0][ci][e], sl2, -sLse[qc])) : 0.0f;  // P^T
+          st[0][ci][e] = ok ? ex2_approx(fmaf(st[0][ci][e], sl2, -sLse[qc])) : 0.0f;  // P^T
         }
       }
       if (drop.on()) {  // dropped: -P^T (query m0 + qc, key key0 (+ 8))
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, false>::kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           const bool ok =
               full || mv.allowed(row0 + (e >> 1) * 8, n0 + ni * 8 + 2 * t + (e & 1));
-          s[0][ni][e] = ok ? exp2f(fmaf(s[0][ni][e], sl2, -lse2[e >> 1])) : 0.0f;  // P
+          s[0][ni][e] = ok ? ex2_approx(fmaf(s[0][ni][e], sl2, -lse2[e >> 1])) : 0.0f;  // P
         }
       }
 

@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
           for (int i = 0; i < 2; ++i) {
             mx[i] = quad_max(mx[i]);
             const float m_new = mx[i] - m_run[mi][i] > lazy ? mx[i] : m_run[mi][i];
-            alpha[mi][i] = exp2f(m_run[mi][i] - m_new);
+            alpha[mi][i] = ex2_approx(m_run[mi][i] - m_new);
             if (alpha[mi][i] != 1.0f) rescale = 1.0f;
             m_run[mi][i] = m_new;
             l_run[mi][i] *= alpha[mi][i];
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
           for (int ni = 0; ni < kNT; ++ni) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float pe = exp2f(s[mi][ni][e] - m_run[mi][e >> 1]);
+              const float pe = ex2_approx(s[mi][ni][e] - m_run[mi][e >> 1]);
               s[mi][ni][e] = pe;
               l_run[mi][e >> 1] += pe;
             }

@@ -307,7 +307,20 @@ RK_DEVICE unsigned char* smem_base() {
   extern __shared__ __align__(128) unsigned char rk_smem[];
   return rk_smem;
 }
+// 2^x by the MUFU alone (ex2.approx.ftz: ~2 ulp, denormal results flush to 0, as with
+// --use_fast_math); exp2f adds range-reduction instructions around it (a compare and two
+// predicated multiplies per call)
+RK_DEVICE float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 #else
+// (the emulator: exp2f with the .ftz flush of subnormal results)
+inline float ex2_approx(float x) {
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
 using ::rk::emu::cp_async_16;
 using ::rk::emu::cp_async_commit;
 using ::rk::emu::cp_async_wait;

@@ -94,9 +94,6 @@ inline void tma_load_3d(void* dst, const TmaDesc* d, uint64_t* bar, int c0, int 
 inline void tma_load_4d(void* dst, const TmaDesc* d, uint64_t* bar, int c0, int c1, int c2, int c3) {
   ::rk::emu::tma_load(dst, *d, bar, c0, c1, c2, c3);
 }
-// 2^x by the MUFU alone (ex2.approx.ftz: ~2 ulp, denormal results flush to 0, as with
-// --use_fast_math); exp2f adds range-reduction instructions around it.
-inline float ex2_approx(float x) { return exp2f(x); }
 // Generic-proxy shared-memory writes (st.shared) made visible to the async proxy (wgmma
 // operands, TMA); then every thread of the warpgroup meets at named barrier `id`.
 inline void fence_proxy_async() {}
@@ -153,12 +150,6 @@ RK_DEVICE void fence_proxy_async() { __trap(); }
 RK_DEVICE void warpgroup_bar(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
 RK_DEVICE void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 RK_DEVICE void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
-
-RK_DEVICE float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 #if RK_SM90_DEVICE
 RK_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
