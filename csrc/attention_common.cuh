@@ -8,6 +8,12 @@
 
 namespace rk {
 
+// The forwards' exponent shift of a row before any allowed key (the shift m: p = 2^(x - m),
+// lazily the running max; attention_fwd.cu, attention_fwd_sm90.cu): -FLT_MAX, finite, so
+// 2^(kNoShift - m) = 0 for the first real shift m and x - kNoShift is never NaN; at or
+// below every finite score.
+inline constexpr float kNoShift = -3.402823466e+38f;
+
 // Forward (the sm_80 path; sm_90 runs it too where no wgmma path applies): 4 warps, each
 // owning kMT m16 row tiles, sweep the keys kBlockN at a time with K/V double-buffered
 // (cp.async: tile j+1 loads while tile j computes), in online-softmax steps of kSubN keys.

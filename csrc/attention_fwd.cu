@@ -106,10 +106,8 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
   const float sl2 = p.scale * kLog2e;
   const float lazy = p.lazy_log2;
   // Per row: the exponent shift m_run (the running max of the log2-domain scores, kept
-  // lazily: see the softmax step) and the sum l_run (per-lane partial sums, quad-reduced at
-  // the end). Before any allowed key m_run = kNoShift = -FLT_MAX: finite (2^(kNoShift - m)
-  // = 0 for the first real shift m, and x - kNoShift is never NaN), at or below every score.
-  constexpr float kNoShift = -3.402823466e+38f;
+  // lazily: see the softmax step; kNoShift before any allowed key) and the sum l_run
+  // (per-lane partial sums, quad-reduced at the end).
   float m_run[kMT][2], l_run[kMT][2];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) {

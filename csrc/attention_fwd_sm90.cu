@@ -151,10 +151,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
   zero(reinterpret_cast<float(&)[1][kDB][4]>(acc_o));
   float sacc[kNB][4];
   uint32_t pf[kN / 16][4];  // P as the A fragments of the P V product
-  // per row: the exponent shift m (the running max of s sl2, kept lazily) and sum l. Before
-  // any allowed key m = kNoShift = -FLT_MAX: finite (2^(kNoShift - m) = 0 for the first real
-  // shift m, and s sl2 - kNoShift is never NaN), at or below every finite score.
-  constexpr float kNoShift = -3.402823466e+38f;
+  // per row: the exponent shift m (the running max of s sl2, kept lazily; kNoShift before
+  // any allowed key) and the sum l
   float m_sh[2] = {kNoShift, kNoShift}, l_run[2] = {0.0f, 0.0f};
 
   // S_j = Q K_j^T into sacc (one commit group; every k16 step of the bucket: TMA zero-fills

@@ -10,6 +10,8 @@ the same kernels as the "cuda-emu" case of the other test files (conftest.py).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from conftest import DTYPES, assert_rule
 
 from recon_kernels import cuda as rkcuda
 from recon_kernels import reference as R
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -673,24 +677,14 @@ def test_emulated_launcher_guards_reject_misaligned_input(emu):
         emu.gemm(g, 0)
 
 
-def _gate_module():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "sm90_gate.py")
-    spec = importlib.util.spec_from_file_location("sm90_gate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("probe", ["fwd", "bwd", "det"])
 def test_device_gate_probes_on_the_emulated_sm90_kernels(emu, monkeypatch, probe):
     """benchmarks/sm90_gate.py's probes (the device run turns off an sm_90a kernel whose
     probe fails) pass on the emulated sm_90a kernels, which they do run, and fail on a
     wrong result: a probe that cannot fail would hide a broken kernel; one that fails on a
     right kernel would turn it off and lose its benchmark."""
-    gate = _gate_module()
+    import sm90_gate as gate  # benchmarks/ (on sys.path above)
+
     monkeypatch.delenv("RECON_GATE_STUB", raising=False)
     for var in ("RECON_CUDA_ATTN_FWD", "RECON_CUDA_ATTN_BWD"):
         monkeypatch.setenv(var, "auto")  # (the probe sets its own: restored afterwards)
