@@ -112,30 +112,28 @@ def providers(
 
     for b in ("triton", "cuda"):
         out[f"recon-{b}"] = recon(b)
+
+    def recon_cuda_under(env: dict[str, str]) -> Callable | str:
+        """recon-cuda run with the A/B switches ``env`` set around each timed step."""
+        why = rk.why_unavailable("cuda", device)
+        if why is not None:
+            return C.unavailable(why)
+
+        def f(q, k, v):
+            return out["recon-cuda"](q, k, v)
+
+        f.env = env
+        return f
+
     # recon-cuda-sm80: the portable CUDA kernels forced (RECON_CUDA_ATTN_FWD and _BWD=sm80)
     # beside recon-cuda (auto: the sm_90a ones on Hopper), the A/B of csrc/attention_*_sm90.cu
     # (the variables are read at every call, forward and backward alike)
-    why = rk.why_unavailable("cuda", device)
-    if why is not None:
-        out["recon-cuda-sm80"] = C.unavailable(why)
-    else:
-
-        def cuda_sm80(q, k, v):
-            return out["recon-cuda"](q, k, v)
-
-        cuda_sm80.env = {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
-        out["recon-cuda-sm80"] = cuda_sm80
+    out["recon-cuda-sm80"] = recon_cuda_under(
+        {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
+    )
     # recon-cuda-lazy0: the CUDA forwards rescaling O whenever a row max grows
     # (RECON_CUDA_ATTN_LAZY=0), the A/B of their lazy rescaling (default threshold 2^8)
-    if why is not None:
-        out["recon-cuda-lazy0"] = C.unavailable(why)
-    else:
-
-        def cuda_lazy0(q, k, v):
-            return out["recon-cuda"](q, k, v)
-
-        cuda_lazy0.env = {"RECON_CUDA_ATTN_LAZY": "0"}
-        out["recon-cuda-lazy0"] = cuda_lazy0
+    out["recon-cuda-lazy0"] = recon_cuda_under({"RECON_CUDA_ATTN_LAZY": "0"})
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):

@@ -7,9 +7,10 @@
 // one group) are issued right after the one barrier of tile j and land while it computes.
 // Each tile runs in steps of kSubN keys: the mask / dropout predicates as bits, S = Q K^T,
 // running max / sum in the log2 domain (scale * log2(e) folded into the scores), O rescaled
-// only when some row's shift moved (lazily, RECON_CUDA_ATTN_LAZY), then O += P V with P reused from registers as the A
-// operand. A warp skips the steps its rows cannot see (past Nq, or causal past the
-// diagonal of its last row); the block skips the tiles past its last row's diagonal.
+// only when some row's shift moved (lazily, RECON_CUDA_ATTN_LAZY), then O += P V with P
+// reused from registers as the A operand. A warp skips the steps its rows cannot see (past
+// Nq, or causal past the diagonal of its last row); the block skips the tiles past its last
+// row's diagonal.
 //
 // Saves lse (natural log, float32) for backward; rows with no allowed key get O = 0 and
 // lse = +inf (exp(s - lse) = 0 there in backward: zero gradient, never NaN).
