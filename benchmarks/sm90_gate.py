@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 
-PROBES = ("fwd", "bwd", "det")
+# probe -> the variable that selects its kernel (set to sm90 by the probe, sm80 when it fails)
 GATES = {"fwd": "RECON_CUDA_ATTN_FWD", "bwd": "RECON_CUDA_ATTN_BWD", "det": "RECON_CUDA_ATTN_BWD"}
+PROBES = tuple(GATES)
 # (B, H, Nq, Nk, D, causal, key padding): odd lengths, a partial last tile, both head dims
 SHAPES = ((2, 3, 333, 333, 64, False, False), (1, 2, 200, 257, 128, True, True))
 # max |kernel - float64 reference| / max |reference| (bf16: a right kernel is near 2^-8)
@@ -86,7 +87,7 @@ def probe(name: str, emulator=None) -> int:
         return stub
     from recon_kernels import cuda as rkcuda
 
-    os.environ["RECON_CUDA_ATTN_FWD" if name == "fwd" else "RECON_CUDA_ATTN_BWD"] = "sm90"
+    os.environ[GATES[name]] = "sm90"
     if emulator is None:
         return _probe(name, "cuda")
     with rkcuda.use_emulator(emulator):
