@@ -342,8 +342,11 @@ def _attn_ints(n: int, d: int) -> dict:
 def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[dict]:
     """Every pruned config of the three attention kernels (``all_configs_for`` dtypes; the
     first choice, what RECON_TRITON_AUTOTUNE=0 runs, for the others)."""
+    import torch
+
     from recon_kernels.triton import attention as A
 
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     cases = []
     for dt in dtypes:
         for d, n in ATTN_SHAPES:
@@ -355,6 +358,8 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                     ("atomic", A._attn_bwd_atomic_kernel),
                 ):
                     named = dict(
+                        # the pruner sizes shared memory by the operand dtype
+                        Q=torch.empty(0, dtype=torch_dtype[dt]),
                         NQ=n,
                         NK=n,
                         BLOCK_D=d,

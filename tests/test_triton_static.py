@@ -609,3 +609,40 @@ def test_attention_fwd_masked_switch_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("RECON_ATTN_FWD_MASKED", "huge")
     with pytest.raises(ValueError, match="RECON_ATTN_FWD_MASKED: expected one of"):
         A.fwd_masked_mode()
+
+
+# the opt-in shared memory of one H100 / H200 CTA (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+SM90_SMEM = 232448
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_float32_first_tiles_fit_shared_memory(python, tmp_path):
+    """float32 inputs: the first tile the pruner keeps for each attention kernel compiles
+    within an sm_90 CTA's shared memory, and the pruner's estimate is not below what the
+    compiler allocated. (Found on an H200: the pruner sized shared memory for 2-byte
+    operands and the float32 128 x 128 forward at D = 72 -> 128 asked for 262168 B.)"""
+    pytest.importorskip("triton.backends.nvidia")
+    from recon_kernels.triton import attention as A
+
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in env.items() if not k.startswith("RECON_") or k == "RECON_TRITON_VENV"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    kinds = ("fwd", "dkdv", "dq", "atomic")
+    filters = [
+        a for k in kinds for a in ("--filter", f"{k} fp32 D=128 causal=0 kpm=0 mask=0 drop=0")
+    ]
+    proc = subprocess.run(
+        [python, os.path.join(ROOT, "benchmarks", "sass_report.py"), "--first-only", "--quiet",
+         "--dtypes", "fp32", "--all-configs-for", "none", "--json", str(out), *filters],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in json.loads(out.read_text()) if "case" in r]
+    for k in kinds:
+        (r,) = _pick(rows, f"{k} fp32 D=128 causal=0 kpm=0 mask=0 drop=0")
+        assert "error" not in r, f"{r['case']}: {r.get('error')}"
+        assert r["smem"] <= SM90_SMEM, f"{r['case']}: {r['smem']} B shared memory"
+        _, est = A._footprint(k, r["BM"], r["BN"], 128, r["stages"], 4)
+        assert r["smem"] <= est + 1024, f"{r['case']}: {r['smem']} B > the pruner's {est}"

@@ -166,19 +166,24 @@ def _desc_blocks(nargs) -> None:
             desc.block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
 
-def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int) -> tuple[int, int]:
-    """(fp32 accumulator elements per CTA, shared-memory bytes at 2-byte operands).
+def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int, elem: int = 2) -> tuple[int, int]:
+    """(fp32 accumulator elements per CTA, shared-memory bytes at ``elem``-byte operands).
 
     fwd keeps O (M x D) and S (M x N) live; dK/dV keeps dK, dV (N x D) and Sᵀ, dPᵀ (N x M);
     dQ keeps dQ (M x D) and S, dP (M x N). Shared memory holds the pipelined operand tiles
-    (K, V per stage for fwd/dQ; Q, dO per stage for dK/dV) plus the resident ones."""
+    (K, V per stage for fwd/dQ; Q, dO per stage for dK/dV) plus the resident ones, in the
+    inputs' dtype: float32 operands take twice the bytes (the 128 x 128 forward at D = 128
+    asked an H200 for 262168 B)."""
     if kind == "fwd":
-        return bm * bd + bm * bn, stages * bn * bd * 4 + bm * bd * 2
-    if kind == "dkdv":
-        return 2 * bn * bd + 2 * bn * bm, stages * bm * bd * 4 + bn * bd * 4
-    if kind == "atomic":  # dK/dV's, plus the dQᵀ (D, M) product and dSᵀ in shared memory
-        return 2 * bn * bd + 2 * bn * bm + bd * bm, stages * bm * bd * 4 + bn * bd * 6 + bn * bm * 2
-    return bm * bd + 2 * bm * bn, stages * bn * bd * 4 + bm * bd * 4
+        acc, smem = bm * bd + bm * bn, stages * bn * bd * 4 + bm * bd * 2
+    elif kind == "dkdv":
+        acc, smem = 2 * bn * bd + 2 * bn * bm, stages * bm * bd * 4 + bn * bd * 4
+    elif kind == "atomic":  # dK/dV's, plus the dQᵀ (D, M) product and dSᵀ in shared memory
+        acc = 2 * bn * bd + 2 * bn * bm + bd * bm
+        smem = stages * bm * bd * 4 + bn * bd * 6 + bn * bm * 2
+    else:
+        acc, smem = bm * bd + 2 * bm * bn, stages * bn * bd * 4 + bm * bd * 4
+    return acc, smem * elem // 2
 
 
 def splits_rows(kind: str, bm: int, bn: int, warps: int) -> bool:
@@ -240,6 +245,9 @@ def _pruner(kind: str):
 
         bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         nq, nk = named_args["NQ"], named_args["NK"]
+        # operand bytes (the forward's K, V may be tensor descriptors: Q is always a tensor)
+        q = named_args.get("Q")
+        elem = q.element_size() if isinstance(q, torch.Tensor) else 2
         # D = 256: no tile splits its rows over two warpgroups and fits the registers (the
         # dK, dV or O accumulators alone take 128+ per thread), nor runs on 4 warps without
         # spilling its operand fragments: the legacy rules (8 warps, some rows replicated)
@@ -279,7 +287,7 @@ def _pruner(kind: str):
             # tiles much larger than the sequence only waste work
             if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
                 continue
-            acc, smem = _footprint(kind, bm, bn, bd, c.num_stages)
+            acc, smem = _footprint(kind, bm, bn, bd, c.num_stages, elem)
             limit = max(budget, 96) if wide and c.num_warps >= 8 else budget
             if acc > limit * 32 * c.num_warps or smem > 200 * 1024:
                 continue
