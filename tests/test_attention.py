@@ -708,6 +708,62 @@ def test_both_backwards_match_reference(
 @pytest.mark.parametrize("backend,device", TRITON_CASES)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize(
+    "shape,mode",
+    [
+        ((2, 1, 130, 130, 72), "kpm"),
+        ((2, 2, 37, 45, 40), "mask_kpm"),
+        ((1, 2, 17, 100, 72), "causal"),
+    ],
+    ids=["130x72-kpm", "37x45x40-mask_kpm", "17x100x72-causal"],
+)
+def test_padded_head_dim_backward_matches_reference(
+    backend, device, deterministic, dtype, shape, mode, monkeypatch
+):
+    """RECON_ATTN_BWD_PAD_D=1 (what "auto" does on a GPU for a head dim below its block):
+    the backward kernels see zero-padded inputs of the block's width and the gradients,
+    cut back to D, still match the float64 oracle under the 2x rule. The shapes are the
+    ones whose unpadded fused backward faulted on an H200 under triton 3.6."""
+    from recon_kernels.triton import attention as TA
+
+    monkeypatch.setenv("RECON_ATTN_BWD_PAD_D", "1")
+    seen = []
+    name = "_attn_bwd_dkdv_kernel" if deterministic else "_attn_bwd_atomic_kernel"
+    kernel = getattr(TA, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append((args[0].shape[-1], kwargs["BLOCK_D"]))
+                return kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(TA, name, Spy())
+    _check_kernel(backend, device, dtype, shape, mode, deterministic=deterministic)
+    block = TA._block_d(shape[-1])
+    assert seen == [(block, block)], seen
+
+
+def test_backward_head_dim_padding_switch(monkeypatch):
+    from recon_kernels.triton.attention import bwd_pad_d
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("RECON_ATTN_BWD_PAD_D", raising=False)
+    assert bwd_pad_d(gpu, 72) and bwd_pad_d(gpu, 40) and not bwd_pad_d(gpu, 64)
+    assert not bwd_pad_d(cpu, 72)  # auto: GPUs only (the fault was the compiled code's)
+    monkeypatch.setenv("RECON_ATTN_BWD_PAD_D", "1")
+    assert bwd_pad_d(cpu, 72) and not bwd_pad_d(cpu, 128)
+    monkeypatch.setenv("RECON_ATTN_BWD_PAD_D", "0")
+    assert not bwd_pad_d(gpu, 72)
+    monkeypatch.setenv("RECON_ATTN_BWD_PAD_D", "yes")
+    with pytest.raises(ValueError, match=r"RECON_ATTN_BWD_PAD_D: expected one of .*'yes'"):
+        bwd_pad_d(gpu, 72)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("case", DROP_CASES[:2], ids=lambda c: f"{c[1]}-p{c[2]}")
 def test_both_backwards_with_dropout(backend, device, deterministic, dtype, case, monkeypatch):
     """Dropout: both backwards regenerate the forward's keep mask (2x rule, every gradient)."""

@@ -1711,6 +1711,30 @@ def attention_fwd(
     return out, lse
 
 
+BWD_PAD_MODES = ("auto", "1", "0")
+
+
+def bwd_pad_d(device: torch.device, d: int) -> bool:
+    """RECON_ATTN_BWD_PAD_D: whether the backward runs on copies of its inputs zero-padded
+    from head dim ``d`` to its power-of-two block. "auto" (default): on a GPU when d is below
+    its block; "1": always then (the interpreter tests); "0": never.
+
+    Why: on an H200 under triton 3.6 the fused backward raised an illegal memory access
+    for fp16/bf16 whenever d < BLOCK_D and a program swept two or more query blocks
+    ((2, 1, 130, 130, 72); (2, 2, 37, 45, 40) with dropout), while every case with
+    d == BLOCK_D passed (benchmarks/results/gpu-h200-2026-12-04). The kernel's addresses
+    stay inside their tensors in a bounds-checked interpreter run of the same tiles, so the
+    fault is the compiled code's; padded inputs run the regime that passed. Zero columns
+    change no score, and their gradients are dropped: the result is exact, at the cost of
+    BLOCK_D / d the work (72 -> 128: 1.8x) and the padded copies."""
+    mode = os.environ.get("RECON_ATTN_BWD_PAD_D", "auto")
+    if mode not in BWD_PAD_MODES:
+        raise ValueError(f"RECON_ATTN_BWD_PAD_D: expected one of {BWD_PAD_MODES}, got {mode!r}")
+    if d >= _block_d(d) or mode == "0":
+        return False
+    return mode == "1" or (mode == "auto" and device.type == "cuda")
+
+
 def attention_bwd(
     dout,
     q,
@@ -1732,6 +1756,14 @@ def attention_bwd(
     _attn_bwd_dq_kernel; 7 GEMMs per tile, bit-reproducible run to run). False: the fused
     _attn_bwd_atomic_kernel (5 GEMMs per tile, dQ summed with fp32 atomics in a
     (B, H, D, Nq) workspace, so dQ's last bits vary between runs; dK, dV do not)."""
+    D = q.shape[-1]
+    if bwd_pad_d(q.device, D):
+        pad = lambda t: torch.nn.functional.pad(t, (0, _block_d(D) - D))  # noqa: E731
+        grads = attention_bwd(
+            *(pad(t) for t in (dout, q, k, v, out)), lse, mask, key_padding_mask, scale,
+            causal, dropout_p, seed, deterministic,
+        )  # fmt: skip
+        return tuple(g[..., :D].contiguous() for g in grads)
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     block_d = _block_d(D)
