@@ -201,3 +201,11 @@ def gemm_switches(monkeypatch):
         return codes
 
     return set_
+
+
+# sticky CUDA faults: a worker restarts (xdist) or the GPU tests skip (plain run) after one
+from sticky_cuda import (  # noqa: E402, F401
+    pytest_runtest_makereport,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
