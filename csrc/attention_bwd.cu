@@ -78,6 +78,9 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, true>::kThreads, 1)
   // Queries before the first one that sees key n0 contribute nothing under the causal mask.
   int m_begin = 0;
   if (p.causal) m_begin = max(0, n0 - mv.shift) / kC * kC;
+  // a block of padding keys only (all past the sequence's last real key): no query sees
+  // them, dK = dV = 0 (no sweep; the zero accumulators are stored)
+  if (n0 >= kpm_key_end(p, b)) m_begin = p.nq;
   const int key0 = n0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
 
   // One sweep over the query blocks accumulating dV and/or dK (compile-time flags) for the
@@ -281,8 +284,8 @@ __global__ void __launch_bounds__(BwdCfg<T, kD, false>::kThreads, 1)
   const int d = p.d;
   const float sl2 = p.scale * kLog2e;
 
-  int n_end = p.nk;
-  if (p.causal) n_end = min(p.nk, m0 + kR + mv.shift);
+  int n_end = kpm_key_end(p, b);  // keys from the last real one on: all padding
+  if (p.causal) n_end = min(n_end, m0 + kR + mv.shift);
   n_end = max(n_end, 0);
   const int n_blocks = (n_end + kC - 1) / kC;
 

@@ -83,6 +83,7 @@ struct MaskView {
   int64_t m_sm, m_sn;
   const uint8_t* kpm;  // at b; key j at kpm[j * kpm_sn]
   int64_t kpm_sn;
+  int kv_lo;          // with kpm: keys j < kv_lo are all real (AttnArgs::kpm_bounds)
   int nq, nk, shift;  // shift = Nk - Nq: causal lets query i see keys j <= i + shift
   bool causal;
 
@@ -96,11 +97,18 @@ struct MaskView {
   // True when every pair of queries [i0, i1) x keys below j1 is allowed, so a tile can
   // skip the per-element test.
   RK_DEVICE bool all_allowed(int i0, int i1, int j1) const {
-    if (mask != nullptr || kpm != nullptr) return false;
+    if (mask != nullptr || (kpm != nullptr && j1 > kv_lo)) return false;
     if (i1 > nq || j1 > nk) return false;
     return !causal || j1 - 1 <= i0 + shift;
   }
 };
+
+// One past the last key any query of sequence b may attend to under the key padding mask
+// (p.nk without one): the kernels sweeping keys stop there; 0 for an all-padding sequence.
+RK_DEVICE int kpm_key_end(const AttnArgs& p, int64_t b) {
+  if (p.kpm == 0 || p.kpm_bounds == 0) return p.nk;
+  return reinterpret_cast<const int*>(p.kpm_bounds)[2 * b + 1];
+}
 
 RK_DEVICE MaskView make_mask_view(const AttnArgs& p, int64_t b, int64_t h) {
   MaskView mv;
@@ -109,6 +117,8 @@ RK_DEVICE MaskView make_mask_view(const AttnArgs& p, int64_t b, int64_t h) {
   mv.m_sn = p.m_sn;
   mv.kpm = p.kpm ? reinterpret_cast<const uint8_t*>(p.kpm) + b * p.kpm_sb : nullptr;
   mv.kpm_sn = p.kpm_sn;
+  // without bounds (a caller that did not compute them) every tile takes the element test
+  mv.kv_lo = p.kpm_bounds ? reinterpret_cast<const int*>(p.kpm_bounds)[2 * b] : 0;
   mv.nq = p.nq;
   mv.nk = p.nk;
   mv.shift = p.nk - p.nq;

@@ -68,8 +68,8 @@ __global__ void __launch_bounds__(FwdCfg<T, kD>::kThreads, 1) attn_fwd_kernel(co
   const int d = p.d;
 
   // Keys past the causal diagonal of the block's last row are never visited.
-  int n_end = p.nk;
-  if (p.causal) n_end = min(p.nk, m0 + kM + mv.shift);
+  int n_end = kpm_key_end(p, b);  // keys from the last real one on: all padding
+  if (p.causal) n_end = min(n_end, m0 + kM + mv.shift);
   n_end = max(n_end, 0);
   const int n_blocks = (n_end + kN - 1) / kN;
 

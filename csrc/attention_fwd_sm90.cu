@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
   const int b = static_cast<int>(bh / p.h), h = static_cast<int>(bh % p.h);
   const int m0 = m_block * Cfg::kBlockM;
   const int shift = p.nk - p.nq;
-  int n_end = p.nk;
-  if (p.causal) n_end = min(p.nk, m0 + Cfg::kBlockM + shift);
+  int n_end = kpm_key_end(p, b);  // producer and consumers: the same key blocks
+  if (p.causal) n_end = min(n_end, m0 + Cfg::kBlockM + shift);
   n_end = max(n_end, 0);
   const int n_blocks = (n_end + kN - 1) / kN;
 

@@ -23,6 +23,9 @@
 // dk/dv like k (all with unit stride in D); lse float32 (B, H, Nq) through strides; delta a
 // contiguous float32 (B, H, Nq) workspace; mask uint8 (B, H, Nq, Nk) through strides (0 on
 // broadcast dims); kpm uint8 (B, Nk). Absent masks: pointer 0. scale multiplies q k^T.
+// kpm_bounds (with kpm): int32 (B, 2), per sequence the number of leading real keys (keys
+// below it are all real) and one past its last real key (keys from it on are all padding):
+// tiles below the first skip the per-element test, key blocks from the second are skipped.
 // Dropout of the attention probabilities (recon_kernels/reference.py, dropout_keep):
 // drop_threshold = round(p * 2^24) in [0, 2^24] (0: no dropout), drop_seed the uint32 seed,
 // drop_scale = 1 / (1 - p).
@@ -50,7 +53,7 @@
   X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
   X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)      \
   X(int, path, 0) X(uint64_t, dq_accum, 0) X(bool, deterministic, false)                  \
-  X(float, lazy_log2, 8.0f)
+  X(float, lazy_log2, 8.0f) X(uint64_t, kpm_bounds, 0)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))

@@ -35,6 +35,11 @@ def _masks(mode, B, H, NQ, NK, device="cpu", seed=1):
         kpm = torch.rand(B, NK, generator=g) > 0.3
         kpm[:, 0] = True
         kpm[0] = False  # batch 0 is all padding: every row of it is fully masked
+    if "rpad" in mode:
+        # right padding, as a tokenizer's batch: sequence b holds its first lengths[b] keys
+        # (all padding, all real, then lengths a tile past a boundary and just short of one)
+        lengths = [0, NK, NK // 2 + 1, 129, 63][:B]
+        kpm = torch.arange(NK)[None, :] < torch.tensor(lengths)[:, None]
     if "mask" in mode:
         # broadcast over batch: (1, H, Nq, Nk); row NQ // 2 of head 0 sees nothing
         mask = torch.rand(1, H, NQ, NK, generator=g) > 0.25
@@ -202,6 +207,20 @@ def test_kernel_matches_reference(backend, device, dtype, shape, mode):
         # the small ones run everything (keeps the interpreter suite short)
         pytest.skip("covered: large shapes run all masks in bf16 only (interpreter time)")
     _check_kernel(backend, device, dtype, shape, mode)
+
+
+@pytest.mark.parametrize("backend,device", attention_cases())
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("mode", ["rpad", "rpad_causal", "rpad_mask"])
+def test_right_padded_batches_over_many_tiles(backend, device, dtype, mode):
+    """A right-padded key padding mask (lengths 0, Nk, Nk/2 + 1, 129, 63) over several key
+    tiles: the CUDA kernels take the unmasked path on the all-real tiles and skip the
+    all-padding key blocks (AttnArgs::kpm_bounds); output and every gradient against the
+    float64 oracle, padded keys get zero dK and dV."""
+    shape = (5, 1, 150, 290, 64) if "causal" not in mode else (5, 1, 290, 290, 64)
+    out, g, (mask, kpm, causal) = _check_kernel(backend, device, dtype, shape, mode)
+    assert g[1][0].abs().max() == 0 and g[2][0].abs().max() == 0  # batch 0: all padding
+    assert g[1][2, :, 146:].abs().max() == 0 and g[2][4, :, 63:].abs().max() == 0
 
 
 @pytest.mark.parametrize("backend,device", attention_cases())

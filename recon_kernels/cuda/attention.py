@@ -124,6 +124,19 @@ def _attn_operand(args, prefix: str, t: torch.Tensor, ptr_field: str | None = No
     put(args, **{ptr_field or prefix: t.data_ptr()}, **fields)
 
 
+def kpm_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """int32 (B, 2): per sequence the number of leading real keys and one past its last real
+    key (AttnArgs::kpm_bounds). The kernels take the unmasked path on key tiles below the
+    first (a right-padded batch: every tile but the boundary one) and skip key blocks from
+    the second on; the per-element test stays for the tiles between."""
+    kp = key_padding_mask.to(torch.int32)
+    nk = kp.shape[1]
+    lead = kp.cumprod(1).sum(1)  # leading real keys
+    pos = torch.arange(1, nk + 1, device=kp.device, dtype=torch.int32)
+    end = (kp * pos).amax(1) if nk else lead  # one past the last real key (0: none)
+    return torch.stack((lead, end), 1).to(torch.int32).contiguous()
+
+
 def _attn_common(args, q, k, mask, key_padding_mask, scale, causal) -> list[torch.Tensor]:
     """Sizes, flags and masks; returns the mask tensors that must outlive the launch."""
     B, H, NQ, D = q.shape
@@ -156,8 +169,9 @@ def _attn_common(args, q, k, mask, key_padding_mask, scale, causal) -> list[torc
         check_device("key_padding_mask", key_padding_mask)
         kp = key_padding_mask.view(torch.uint8)
         sb, sn = strides(kp)
-        put(args, kpm=kp.data_ptr(), kpm_sb=sb, kpm_sn=sn)
-        keep.append(kp)
+        bounds = kpm_bounds(key_padding_mask)
+        put(args, kpm=kp.data_ptr(), kpm_sb=sb, kpm_sn=sn, kpm_bounds=bounds.data_ptr())
+        keep += [kp, bounds]
     put(
         args,
         b=B,
