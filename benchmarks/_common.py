@@ -169,6 +169,62 @@ def time_ms(
     return quantiles(times)
 
 
+def kernel_profile(fn: Callable[[], object], device: str, reps: int = 5, top: int = 12) -> str:
+    """Markdown: where ``fn()``'s time goes, per kernel (torch.profiler, after one warm call):
+    calls and GPU microseconds per call of ``fn``, and the GPU kernel total against the wall
+    time per call (profiler on). A kernel total well below the wall time means host
+    overhead; one kernel far above its FLOP share, a slow kernel. On the CPU (smoke runs)
+    the CPU operators' self time instead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        _sync(device)
+    wall_us = (time.perf_counter() - t) * 1e6 / reps
+    want = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+    evs = []
+    for ev in prof.key_averages():
+        if ev.device_type != want:
+            continue
+        us = getattr(ev, "self_device_time_total" if device == "cuda" else "self_cpu_time_total")
+        if device == "cuda" and not us:
+            us = getattr(ev, "self_cuda_time_total", 0)  # older torch
+        if us > 0:
+            evs.append((us / reps, ev.count / reps, ev.key))
+    evs.sort(reverse=True)
+    total = sum(e[0] for e in evs)
+    what = "GPU kernel" if device == "cuda" else "CPU operator (self)"
+    lines = [
+        f"{what} time {total:.0f} us per call of {wall_us:.0f} us wall (profiler on, {reps} calls)",
+        "",
+        "| kernel | calls | us | % |",
+        "|---|---:|---:|---:|",
+    ]
+    for us, calls, key in evs[:top]:
+        name = key if len(key) <= 90 else key[:87] + "..."
+        lines.append(f"| `{name}` | {calls:g} | {us:.1f} | {100 * us / max(total, 1e-9):.0f} |")
+    if len(evs) > top:
+        rest = sum(e[0] for e in evs[top:])
+        lines.append(
+            f"| ({len(evs) - top} more) | | {rest:.1f} | {100 * rest / max(total, 1e-9):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(out: str, name: str, sections: list[tuple[str, str]]) -> None:
+    """OUT/NAME_profile.md: one kernel_profile section per (label, markdown)."""
+    os.makedirs(out, exist_ok=True)
+    body = "".join(f"## {label}\n\n{md}\n" for label, md in sections)
+    with open(os.path.join(out, f"{name}_profile.md"), "w") as f:
+        f.write(f"# {name}: kernel profiles (torch.profiler)\n\n{body}")
+
+
 def memory_mb(
     forward: Callable[[], object], backward: Callable[[object], object] | None, device: str
 ) -> tuple[float, float]:

@@ -10,7 +10,8 @@ every GEMM's flops (base and rank-r); "vs base alone" is the time of the frozen 
 free. Peers: eager peft-style and torch.compile of it. merge_lora is memory-bound: GB/s of
 reading W and writing the merged copy (in-place merge: the same traffic), against eager
 W + s·(B @ A). Writes DIR/bench_lora.csv and DIR/bench_lora.md (rewritten after every
-case). --quick (the device run): T = 8k, r in {16, 64}, torch.compile on the first case,
+case) and DIR/bench_lora_profile.md (per-kernel time of the first case's forward +
+backward: recon-triton, recon-cuda, eager peft-style). --quick (the device run): T = 8k, r in {16, 64}, torch.compile on the first case,
 Triton autotuning off. --smoke: tiny shapes on the CPU (script test).
 """
 
@@ -49,7 +50,14 @@ def is_peer(p: str) -> bool:
     return not p.startswith("recon-") and p != BASE
 
 
-def bench_case(T: int, r: int, feats: int, compile_peer: bool, args, device, backends):
+# kernel profiles of the first case's forward + backward (NAME_profile.md; the H200 run had
+# recon-triton fwd+bwd at 0.53x peft-style while its forward was 1.05x)
+PROFILED = ("recon-triton", "recon-cuda", "eager peft-style")
+
+
+def bench_case(
+    T: int, r: int, feats: int, compile_peer: bool, args, device, backends, profiles=None
+):
     import recon_kernels as rk
 
     dt = torch.float32 if device == "cpu" else torch.bfloat16
@@ -118,6 +126,8 @@ def bench_case(T: int, r: int, feats: int, compile_peer: bool, args, device, bac
                     )
                 row["tflops"] = flops_fn(T, k, n, r, mode) / row["ms"] * 1e-9
                 row["status"] = C.STATUS_OK
+                if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
+                    profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
                 if name == BASE:
                     base_ms[mode] = row["ms"]
             except Exception as e:  # noqa: BLE001
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = TOKENS[:1] if args.quick else TOKENS
         ranks, feats = ((16, 64) if args.quick else RANKS), FEATURES
     rows: list[dict] = []
+    profiles: list[tuple[str, str]] = []
     todo = [("lora", T, r) for T in tokens for r in ranks] + [("merge", 0, ranks[0])]
     for i, (kind, T, r) in enumerate(todo):
         case = f"T{T} r{r}" if kind == "lora" else f"merge r{r}"
@@ -218,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         C.progress(f"{NAME}: {case} ...")
         if kind == "lora":
-            rows += bench_case(T, r, feats, i == 0 or not args.quick, args, device, backends)
+            prof = profiles if i == 0 else None
+            rows += bench_case(T, r, feats, i == 0 or not args.quick, args, device, backends, prof)
+            if prof:
+                C.write_profile(args.out, NAME, profiles)
         else:
             rows += bench_merge(r, feats, args, device, backends)
         C.add_peer_ratios(rows, is_peer)

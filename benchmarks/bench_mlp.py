@@ -16,7 +16,8 @@ forward and forward + backward (gradients of x, W1, b1, W2, b2). Two cases per s
 TFLOP/s counts the GEMM flops only (4 T C hidden forward, 3x that for forward + backward).
 Memory, per fwd+bwd row: MB kept alive by the autograd graph after forward and the peak
 above the inputs during forward + backward. Writes DIR/bench_mlp.csv and DIR/bench_mlp.md
-(rewritten after every case). --quick (the device run): T = 8k, two shapes, torch.compile
+(rewritten after every case), and DIR/bench_mlp_profile.md: per-kernel GPU time of the
+first case's forward + backward (recon-triton, recon-cuda, eager). --quick (the device run): T = 8k, two shapes, torch.compile
 on the first, Triton autotuning off. --smoke: tiny shapes on the CPU (script test).
 """
 
@@ -100,8 +101,13 @@ def providers(act: str, compile_peer: bool, device: str, backends: dict[str, str
     return out
 
 
+# kernel profiles of the first case's forward + backward (NAME_profile.md): where the time
+# of these providers goes (the H200 run had recon-triton fwd+bwd at 0.27x eager there)
+PROFILED = ("recon-triton", "recon-cuda", "eager")
+
+
 def bench_case(
-    T: int, C_: int, H: int, act: str, first: bool, args, device, backends
+    T: int, C_: int, H: int, act: str, first: bool, args, device, backends, profiles=None
 ) -> list[dict]:
     dt = torch.float32 if device == "cpu" else torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
@@ -155,6 +161,8 @@ def bench_case(
                     )
                 row["tflops"] = mlp_flops(T, C_, H, mode) / row["ms"] * 1e-9
                 row["status"] = C.STATUS_OK
+                if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
+                    profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
             except Exception as e:  # noqa: BLE001  (one failing row must not hide the others)
                 ours = name.startswith("recon-")
                 row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = TOKENS[:1] if args.quick else TOKENS
         shapes = QUICK_SHAPES if args.quick else SHAPES
     rows: list[dict] = []
+    profiles: list[tuple[str, str]] = []
     first = True
     for T in tokens:
         for C_, H in shapes:
@@ -207,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     continue
                 C.progress(f"{NAME}: {case} ...")
-                rows += bench_case(T, C_, H, act, first, args, device, backends)
+                prof = profiles if first and act == "gelu" else None
+                rows += bench_case(T, C_, H, act, first, args, device, backends, prof)
+                if prof:
+                    C.write_profile(args.out, NAME, profiles)
                 C.add_peer_ratios(rows, lambda p: not p.startswith("recon-"))
                 C.write(args.out, NAME, head + C.table(rows, extra=EXTRA), rows, info, quiet=True)
             first = False

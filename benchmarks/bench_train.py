@@ -338,8 +338,10 @@ def plan(quick: bool, device: torch.device, models: list[str]) -> list[tuple[str
     import recon_kernels as rk
 
     if device.type == "cuda":
+        # auto first (each op family on the backend AUTO_TABLE names: on Hopper attention
+        # on cuda, the MLP and LoRA on triton); the single backends in full runs
         kernels = ["cuda"] if rk.why_unavailable("cuda", device) is None else []
-        kernels = (kernels or ["triton"]) if quick else ["triton", *kernels]
+        kernels = ["auto"] if quick else ["auto", "triton", *kernels]
     else:
         kernels = ["eager"]  # the CPU smoke run: the model's own (reference) path
     out = []

@@ -253,6 +253,10 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
     assert st[("bert-pad25", "fwd", "sdpa-flash")] == "ok"
     md = (out / "results.md").read_text()
     assert "## steps" in md and "| bench_attn | ok |" in md and "x best peer" in md
+    # the kernel profiles of the first MLP / LoRA case travel in the logs' folder
+    for name in ("bench_mlp", "bench_lora"):
+        prof = (tmp_path / "work" / f"{name}_profile.md").read_text()
+        assert "fwd+bwd recon-triton" in prof and "| kernel | calls | us | % |" in prof
 
 
 def test_report_counts_tests_under_xdist_and_plain_v(tmp_path):

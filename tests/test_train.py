@@ -332,3 +332,19 @@ def test_bench_train_cpu_smoke_and_no_gpu_exit(tmp_path):
     for x in rows:
         assert float(x["tokens_per_s"]) > 0 and float(x["dloss_vs_eager"]) < 1e-5
     assert "| gpt (tiny) | eager |" in (out / "bench_train.md").read_text()
+
+
+def test_bench_train_plan_runs_auto_first_on_a_gpu():
+    """On a GPU the training-step table leads with recon-auto (each op family on the
+    backend AUTO_TABLE names); full runs add the single backends and recon+compile."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_train
+
+    gpu = torch.device("cuda")
+    assert bench_train.plan(True, gpu, ["gpt", "bert"]) == [
+        ("gpt", "recon-auto"), ("gpt", "eager"), ("gpt", "torch.compile"),
+        ("bert", "recon-auto"), ("bert", "eager"),
+    ]  # fmt: skip
+    full = bench_train.plan(False, gpu, ["gpt"])
+    assert full[:2] == [("gpt", "recon-auto"), ("gpt", "recon-triton")]
+    assert ("gpt", "recon+compile") in full
