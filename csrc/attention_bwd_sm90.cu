@@ -194,7 +194,10 @@ __global__ void __launch_bounds__(BwdSm90Cfg<T, kD>::kThreads, 1) attn_bwd_sm90_
   const int shift = p.nk - p.nq;
   // causal: key j is seen by queries i >= j - shift only
   const int m_first = p.causal ? max(0, n0 - shift) / kM : 0;
-  const int m_count = max(0, (p.nq + kM - 1) / kM - m_first);
+  // a block of padding keys only (past the sequence's last real key, kpm_bounds) sweeps no
+  // query: dK = dV = 0 and no dQ chunk. Such blocks are the last ones of the sequence, so
+  // no deterministic ticket of a block that does sweep waits on them.
+  const int m_count = n0 >= kpm_key_end(p, b) ? 0 : max(0, (p.nq + kM - 1) / kM - m_first);
 
   const int tid = static_cast<int>(threadIdx.x);
   if (tid == 0) {

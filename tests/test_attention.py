@@ -211,14 +211,21 @@ def test_kernel_matches_reference(backend, device, dtype, shape, mode):
 
 @pytest.mark.parametrize("backend,device", attention_cases())
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("mode", ["rpad", "rpad_causal", "rpad_mask"])
-def test_right_padded_batches_over_many_tiles(backend, device, dtype, mode):
+@pytest.mark.parametrize(
+    "mode,det",
+    [("rpad", None), ("rpad_causal", None), ("rpad_mask", None), ("rpad", True)],
+    ids=["rpad", "rpad_causal", "rpad_mask", "rpad-deterministic"],
+)
+def test_right_padded_batches_over_many_tiles(backend, device, dtype, mode, det):
     """A right-padded key padding mask (lengths 0, Nk, Nk/2 + 1, 129, 63) over several key
     tiles: the CUDA kernels take the unmasked path on the all-real tiles and skip the
-    all-padding key blocks (AttnArgs::kpm_bounds); output and every gradient against the
-    float64 oracle, padded keys get zero dK and dV."""
+    all-padding key blocks (AttnArgs::kpm_bounds; the deterministic backward's dQ turns
+    too); output and every gradient against the float64 oracle, padded keys get zero dK
+    and dV."""
     shape = (5, 1, 150, 290, 64) if "causal" not in mode else (5, 1, 290, 290, 64)
-    out, g, (mask, kpm, causal) = _check_kernel(backend, device, dtype, shape, mode)
+    out, g, (mask, kpm, causal) = _check_kernel(
+        backend, device, dtype, shape, mode, deterministic=det
+    )
     assert g[1][0].abs().max() == 0 and g[2][0].abs().max() == 0  # batch 0: all padding
     assert g[1][2, :, 146:].abs().max() == 0 and g[2][4, :, 63:].abs().max() == 0
 

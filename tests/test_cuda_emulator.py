@@ -303,17 +303,24 @@ ORDER_CASES = [
 ]
 
 
-def _dq_sums(q, k, case):
-    """Expected counters of bwd_workspace: (key block, consumer) sums per 64-query tile."""
+def _dq_sums(q, k, case, kpm=None):
+    """Expected counters of bwd_workspace: (key block, consumer) sums per 64-query tile; key
+    blocks past a sequence's last real key (kpm) sweep nothing and add none."""
     B, H, NQ, NK, D, mode = case
     consumers = 2 if D <= 64 else 1
     block = 64 * consumers
     tiles = (NQ + 63) // 64
-    count = torch.zeros(tiles, dtype=torch.int32)
-    for n in range((NK + block - 1) // block):
-        first = max(0, n * block - (NK - NQ)) // 64 if "causal" in mode else 0
-        count[first:] += consumers
-    return count.repeat(B * H)
+    counts = []
+    for b in range(B):
+        end = NK if kpm is None else int(kpm[b].nonzero().max()) + 1 if kpm[b].any() else 0
+        count = torch.zeros(tiles, dtype=torch.int32)
+        for n in range((NK + block - 1) // block):
+            if n * block >= end:
+                continue
+            first = max(0, n * block - (NK - NQ)) // 64 if "causal" in mode else 0
+            count[first:] += consumers
+        counts += [count] * H
+    return torch.cat(counts)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -348,7 +355,9 @@ def test_emulated_sm90_backward_deterministic_order(emu, monkeypatch, dtype, cas
             return ws[:tiles], ws[tiles:].view(torch.int32), g
 
         in_order, count, g = run(1, True)
-        assert torch.equal(count, _dq_sums(q, k, case)), "counters: one turn per (block, consumer)"
+        assert torch.equal(count, _dq_sums(q, k, case, kpm)), (
+            "counters: one turn per (block, consumer)"
+        )
         ref, ref_g = _grad_ref(
             lambda q, k, v: R.attention(q, k, v, *args),
             [t.double() for t in (q, k, v)],
