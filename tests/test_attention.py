@@ -209,6 +209,24 @@ def test_kernel_matches_reference(backend, device, dtype, shape, mode):
     _check_kernel(backend, device, dtype, shape, mode)
 
 
+def test_kpm_bounds_and_their_cache():
+    """AttnArgs::kpm_bounds: (leading real keys, one past the last real key) per sequence;
+    the same mask object gives the cached tensor, an in-place change or another object with
+    the same values computes them again."""
+    from recon_kernels.cuda import attention as CA
+
+    kpm = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]).bool()
+    b = CA.kpm_bounds(kpm)
+    assert b.dtype == torch.int32 and b.is_contiguous()
+    assert b.tolist() == [[2, 4], [0, 0], [5, 5], [0, 3]]
+    assert CA.kpm_bounds(kpm) is b
+    other = kpm.clone()
+    assert CA.kpm_bounds(other) is not b and CA.kpm_bounds(other).tolist() == b.tolist()
+    other[1, 2] = True  # in place: _version moves
+    assert CA.kpm_bounds(other).tolist()[1] == [0, 3]
+    assert CA.kpm_bounds(torch.zeros(2, 0, dtype=torch.bool)).tolist() == [[0, 0], [0, 0]]
+
+
 @pytest.mark.parametrize("backend,device", attention_cases())
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize(
