@@ -9,9 +9,9 @@ flash/efficient dropout; no error column there). Cases run most important first,
 time budget cuts the least important.
 
 Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable
-kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones; recon-cuda-lazy0
-rescales O on every row-max growth, RECON_CUDA_ATTN_LAZY=0, the A/B of the CUDA
-forwards' lazy rescaling), recon-triton-det and recon-cuda-det (deterministic=True,
+kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones;
+recon-cuda-pingpong, RECON_CUDA_ATTN_PINGPONG=1, the sm_90a forward's warpgroups taking
+turns at their GEMMs), recon-triton-det and recon-cuda-det (deterministic=True,
 fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ one; the CUDA sm_90a
 backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
@@ -131,9 +131,10 @@ def providers(
     out["recon-cuda-sm80"] = recon_cuda_under(
         {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
     )
-    # recon-cuda-lazy0: the CUDA forwards rescaling O whenever a row max grows
-    # (RECON_CUDA_ATTN_LAZY=0), the A/B of their lazy rescaling (default threshold 2^8)
-    out["recon-cuda-lazy0"] = recon_cuda_under({"RECON_CUDA_ATTN_LAZY": "0"})
+    # recon-cuda-pingpong: the sm_90a forward's consumer warpgroups taking turns at their
+    # GEMMs (RECON_CUDA_ATTN_PINGPONG=1), the A/B of FlashAttention-3's schedule. (The lazy
+    # rescaling A/B, RECON_CUDA_ATTN_LAZY=0, ran on the H200: no measurable difference.)
+    out["recon-cuda-pingpong"] = recon_cuda_under({"RECON_CUDA_ATTN_PINGPONG": "1"})
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):

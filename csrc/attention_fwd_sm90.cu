@@ -252,22 +252,53 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
     for (int kk = 0; kk < kN / 16; ++kk) acc_to_a_frag<T>(pf[kk], sacc[2 * kk], sacc[2 * kk + 1]);
   };
 
+  // Pingpong (p.pingpong, two consumers): the warpgroups take turns issuing their GEMMs, so
+  // one's softmax runs under the other's GEMMs (FlashAttention-3). Named barrier 1 + w says
+  // "warpgroup w may issue": w waits on it (bar.sync, 256 = both groups) and hands the turn
+  // on by arriving at the other's. Each group has n_blocks + 1 issue phases (S_0; S_j with
+  // P_{j-1} V_{j-1}; the last P V); group 1 opens group 0's first turn and skips its last
+  // hand-over, so every barrier sees as many arrivals as waits and none is left open.
+  // The steady loop is compiled twice, with and without the turns (the default schedule
+  // keeps its instruction count); the first and last phases test pp at run time.
+  const bool pp = Cfg::kConsumers == 2 && p.pingpong && n_blocks > 0;
+  using Never = std::integral_constant<int, 0>;
+  using Always = std::integral_constant<int, 1>;
+  using AtRunTime = std::integral_constant<int, 2>;
+  auto turn_wait = [&](auto mode) {
+    constexpr int kMode = decltype(mode)::value;
+    if constexpr (kMode == 1) named_bar_sync(1 + wg, 2 * 128);
+    if constexpr (kMode == 2) {
+      if (pp) named_bar_sync(1 + wg, 2 * 128);
+    }
+  };
+  auto turn_pass = [&](auto mode, bool last) {
+    constexpr int kMode = decltype(mode)::value;
+    if constexpr (kMode != 0) {
+      if ((kMode == 1 || pp) && !(last && wg == 1)) named_bar_arrive(2 - wg, 2 * 128);
+    }
+  };
+  if (pp && wg == 1) named_bar_arrive(1, 2 * 128);  // warpgroup 0 goes first
+
   mbar_wait(q_full, 0);
   if (n_blocks > 0) {
     float alpha[2];
     mbar_wait(&k_full[0], 0);
+    turn_wait(AtRunTime{});
     wgmma_fence();
     issue_s(0);
+    turn_pass(AtRunTime{}, false);
     wgmma_wait<0>();
     softmax(0, alpha, std::true_type{});
     to_pf();
-    auto step = [&](int j, auto tail_tag) {
+    auto step = [&](int j, auto tail_tag, auto pp_mode) {
       const int s = j % kS, sp = (j - 1) % kS;
       mbar_wait(&k_full[s], (j / kS) & 1);
+      turn_wait(pp_mode);
       wgmma_fence();
       issue_s(j);
       mbar_wait(&v_full[sp], ((j - 1) / kS) & 1);
       issue_pv(j - 1);
+      turn_pass(pp_mode, false);
       wgmma_wait<1>();  // S_j has landed; P_{j-1} V_{j-1} still runs
       softmax(j, alpha, tail_tag);
       wgmma_wait<0>();  // O += P_{j-1} V_{j-1} done: its stage's K and V are free
@@ -275,12 +306,18 @@ __global__ void __launch_bounds__(FwdSm90Cfg<T, kD>::kThreads, 1) attn_fwd_sm90_
       rescale_o(alpha);
       to_pf();
     };
-    for (int j = 1; j < n_blocks - 1; ++j) step(j, std::false_type{});
-    if (n_blocks > 1) step(n_blocks - 1, std::true_type{});
+    if (pp) {
+      for (int j = 1; j < n_blocks - 1; ++j) step(j, std::false_type{}, Always{});
+    } else {
+      for (int j = 1; j < n_blocks - 1; ++j) step(j, std::false_type{}, Never{});
+    }
+    if (n_blocks > 1) step(n_blocks - 1, std::true_type{}, AtRunTime{});
     const int sl = (n_blocks - 1) % kS;
     mbar_wait(&v_full[sl], ((n_blocks - 1) / kS) & 1);
+    turn_wait(AtRunTime{});
     wgmma_fence();
     issue_pv(n_blocks - 1);
+    turn_pass(AtRunTime{}, true);
     wgmma_wait<0>();
     mbar_arrive(&kv_empty[sl]);
   }

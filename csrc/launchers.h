@@ -23,6 +23,8 @@
 // dk/dv like k (all with unit stride in D); lse float32 (B, H, Nq) through strides; delta a
 // contiguous float32 (B, H, Nq) workspace; mask uint8 (B, H, Nq, Nk) through strides (0 on
 // broadcast dims); kpm uint8 (B, Nk). Absent masks: pointer 0. scale multiplies q k^T.
+// pingpong (sm_90a forward, two consumer warpgroups): the warpgroups take turns issuing
+// their GEMMs (FlashAttention-3's schedule: one's softmax under the other's GEMMs).
 // kpm_bounds (with kpm): int32 (B, 2), per sequence the number of leading real keys (keys
 // below it are all real) and one past its last real key (keys from it on are all padding):
 // tiles below the first skip the per-element test, key blocks from the second are skipped.
@@ -53,7 +55,7 @@
   X(float, scale, 1.0f) X(bool, causal, false) X(int, dtype, 0)                            \
   X(uint32_t, drop_seed, 0) X(uint32_t, drop_threshold, 0) X(float, drop_scale, 1.0f)      \
   X(int, path, 0) X(uint64_t, dq_accum, 0) X(bool, deterministic, false)                  \
-  X(float, lazy_log2, 8.0f) X(uint64_t, kpm_bounds, 0)
+  X(float, lazy_log2, 8.0f) X(uint64_t, kpm_bounds, 0) X(bool, pingpong, false)
 
 // The GEMM behind conv1d_mlp and lora_linear:
 //   C[m][n] = epilogue(alpha * (sum_k A[m][k] B[k][n] + alpha2 * sum_k A2[m][k] B2[k][n]))

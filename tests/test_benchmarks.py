@@ -240,7 +240,7 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
             assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
     att = {r["provider"] for r in by_bench["bench_attention"]}
     assert att == {
-        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-lazy0", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
+        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
         "eager", "compiled-eager",
     }  # fmt: skip
     mlp = {r["provider"] for r in by_bench["bench_mlp"]}

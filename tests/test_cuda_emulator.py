@@ -184,6 +184,35 @@ def test_emulated_forward_lazy_rescale(emu, monkeypatch, path, dtype, case, lazy
     _check_emulated_attention(emu, dtype, case, monkeypatch, path, ramp=6.0)
 
 
+# RECON_CUDA_ATTN_PINGPONG=1: the sm_90a forward's two consumer warpgroups (D <= 128) take
+# turns issuing their GEMMs through named barriers: odd lengths, one and many key blocks,
+# an all-padding sequence (no key block: no turn taken), causal rows that see no key
+PINGPONG_CASES = [
+    (2, 2, 17, 23, 40, "none"),
+    (1, 1, 100, 70, 64, "causal"),
+    (2, 1, 70, 300, 72, "causal_kpm"),
+    (2, 2, 33, 65, 16, "mask_kpm"),
+    (1, 2, 130, 513, 128, "none"),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", PINGPONG_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_sm90_forward_pingpong(emu, monkeypatch, dtype, case):
+    """The pingpong schedule under the 2x rule; the emulator's named barriers fail a run
+    whose waits and arrivals do not pair up (a missed hand-over deadlocks, an extra one is
+    left open at exit)."""
+    monkeypatch.setenv("RECON_CUDA_ATTN_PINGPONG", "1")
+    _check_emulated_attention(emu, dtype, case, monkeypatch, "sm90")
+
+
+@pytest.mark.parametrize("raw", ["2", "yes", ""])
+def test_pingpong_switch_is_validated(monkeypatch, raw):
+    monkeypatch.setenv("RECON_CUDA_ATTN_PINGPONG", raw)
+    with pytest.raises(ValueError, match=r"RECON_CUDA_ATTN_PINGPONG: expected 0 or 1"):
+        rkcuda.attention.pingpong()
+
+
 @pytest.mark.parametrize("raw", ["-1", "16", "x", "nan"])
 def test_lazy_rescale_threshold_is_validated(monkeypatch, raw):
     monkeypatch.setenv("RECON_CUDA_ATTN_LAZY", raw)

@@ -424,6 +424,11 @@ def _innermost_mma_loop(body: str, mma: str = r"\bHMMA\.") -> list[str]:
     A loop is the address range of a backward branch and its target; a range that some
     other backward branch enters from outside (ptxas places cold paths, e.g. the mask
     evaluation, after the loop and branches back into its middle) is not a loop."""
+    return min(_mma_loops(body, mma), key=len)
+
+
+def _mma_loops(body: str, mma: str = r"\bHMMA\.") -> list[list[str]]:
+    """Every loop (see _innermost_mma_loop) of a SASS function body that contains ``mma``."""
     ins = []
     for line in body.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
@@ -442,7 +447,7 @@ def _innermost_mma_loop(body: str, mma: str = r"\bHMMA\.") -> list[str]:
         if any(re.search(mma, t) for t in loop):
             loops.append(loop)
     assert loops, f"no loop with {mma} found"
-    return min(loops, key=len)
+    return loops
 
 
 @needs_nvcc
@@ -532,6 +537,15 @@ def test_sm90_attention_forward_sass(cuda_build):
         assert ex2 == elems + 2, (name, ex2)
         assert sum("WARPGROUP.ARRIVE" in t for t in loop) == 2, name
         assert len(loop) / elems <= bound, (name, len(loop) / elems)
+        assert not any(re.search(r"\bBAR\.(SYNC|ARV)\b", t) for t in loop), name
+        if d <= 128:  # two consumers: the pingpong copy of the loop waits and hands over
+            pp = [lp for lp in _mma_loops(body, r"\bHGMMA\.") if
+                  sum(bool(re.search(r"\bHGMMA\.", t)) for t in lp) == len(hgmma)]  # fmt: skip
+            assert any(
+                any(re.search(r"\bBAR\.SYNC\b", t) for t in lp)
+                and any(re.search(r"\bBAR\.ARV\b", t) for t in lp)
+                for lp in pp
+            ), f"{name}: no pingpong loop (BAR.SYNC + BAR.ARV around the HGMMAs)"
     if "80" in _archs():  # the sm_80 pass holds trap stubs only
         for name, body in _sass_functions(cuda_build, "80").items():
             if "attn_fwd_sm90" in name:

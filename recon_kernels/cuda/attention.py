@@ -53,6 +53,17 @@ def lazy_log2() -> float:
     return value
 
 
+def pingpong() -> bool:
+    """RECON_CUDA_ATTN_PINGPONG=0|1: the sm_90a forward's two consumer warpgroups take turns
+    issuing their GEMMs (FlashAttention-3's pingpong schedule: one's softmax under the
+    other's GEMMs; D <= 128). Default 0 until a GPU run compares them (bench_attention's
+    recon-cuda-pingpong)."""
+    raw = os.environ.get("RECON_CUDA_ATTN_PINGPONG", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"RECON_CUDA_ATTN_PINGPONG: expected 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def fwd_path(var: str = "RECON_CUDA_ATTN_FWD") -> str:
     mode = os.environ.get(var, "auto")
     if mode not in FWD_PATHS:
@@ -256,7 +267,7 @@ def attention_fwd(
     _check_attn(q, k, v)
     ext = extension_module()
     args = ext.AttnArgs()
-    put(args, **drop, path=FWD_PATHS[fwd_path()], lazy_log2=lazy_log2())
+    put(args, **drop, path=FWD_PATHS[fwd_path()], lazy_log2=lazy_log2(), pingpong=pingpong())
     B, H, NQ, D = q.shape
     q_, k_, v_ = aligned(q), aligned(k), aligned(v)
     # the kernel writes through strides: (B, Nq, H, D) storage seen as (B, H, Nq, D)
