@@ -135,6 +135,10 @@ def providers(
     # GEMMs (RECON_CUDA_ATTN_PINGPONG=1), the A/B of FlashAttention-3's schedule. (The lazy
     # rescaling A/B, RECON_CUDA_ATTN_LAZY=0, ran on the H200: no measurable difference.)
     out["recon-cuda-pingpong"] = recon_cuda_under({"RECON_CUDA_ATTN_PINGPONG": "1"})
+    if os.environ.get("RECON_GATE_PINGPONG") == "off" and callable(out["recon-cuda-pingpong"]):
+        out["recon-cuda-pingpong"] = C.unavailable(
+            "turned off by the device gate (benchmarks/sm90_gate.py: its pp probe failed)"
+        )
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):

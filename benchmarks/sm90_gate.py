@@ -10,12 +10,14 @@ turns) or compute garbage. Each probe runs in its own process under a hard timeo
   causal + key padding, D = 64 and 128, against the float64 reference;
 * ``bwd``: the backward (RECON_CUDA_ATTN_BWD=sm90, deterministic=False) from the reference
   out / lse, every gradient against the float64 reference;
-* ``det``: the same with deterministic=True, twice: bit-identical, and right.
+* ``det``: the same with deterministic=True, twice: bit-identical, and right;
+* ``pp``: the forward with its pingpong schedule (RECON_CUDA_ATTN_PINGPONG=1).
 
 A probe that hangs or fails turns its kernel off for the rest of the run: --env-file gets
 ``export RECON_CUDA_ATTN_FWD=sm80`` (fwd) or ``..._BWD=sm80`` (bwd, det), which
 device_check.sh sources before every later step, so the benches and tests still report the
-portable CUDA kernels and Triton instead of timing out one after another. Nothing is
+portable CUDA kernels and Triton instead of timing out one after another; a failed ``pp``
+exports ``RECON_GATE_PINGPONG=off`` (bench_attention then skips recon-cuda-pingpong). Nothing is
 written when every probe passes or the gate does not apply (no Hopper GPU, no sm_90a build).
 Exit status 0 either way: the gate's lines say what happened.
 
@@ -31,7 +33,13 @@ import sys
 import time
 
 # probe -> the variable that selects its kernel (set to sm90 by the probe, sm80 when it fails)
-GATES = {"fwd": "RECON_CUDA_ATTN_FWD", "bwd": "RECON_CUDA_ATTN_BWD", "det": "RECON_CUDA_ATTN_BWD"}
+GATES = {
+    "fwd": "RECON_CUDA_ATTN_FWD",
+    "bwd": "RECON_CUDA_ATTN_BWD",
+    "det": "RECON_CUDA_ATTN_BWD",
+    "pp": "RECON_GATE_PINGPONG",
+}
+OFF = {"pp": "off"}  # the value that turns a probe's kernel off (default sm80)
 PROBES = tuple(GATES)
 # (B, H, Nq, Nk, D, causal, key padding): odd lengths, a partial last tile, both head dims
 SHAPES = ((2, 3, 333, 333, 64, False, False), (1, 2, 200, 257, 128, True, True))
@@ -87,7 +95,11 @@ def probe(name: str, emulator=None) -> int:
         return stub
     from recon_kernels import cuda as rkcuda
 
-    os.environ[GATES[name]] = "sm90"
+    if name == "pp":
+        os.environ["RECON_CUDA_ATTN_FWD"] = "sm90"
+        os.environ["RECON_CUDA_ATTN_PINGPONG"] = "1"
+    else:
+        os.environ[GATES[name]] = "sm90"
     if emulator is None:
         return _probe(name, "cuda")
     with rkcuda.use_emulator(emulator):
@@ -111,7 +123,7 @@ def _probe(name: str, device: str) -> int:
             + (" causal" if causal else "")
             + (" kpm" if kpm is not None else "")
         )
-        if name == "fwd":
+        if name in ("fwd", "pp"):
             out, lse = rkcuda.attention_fwd(q, k, v, None, kpm, scale, causal)
             sync()
             problems.append(_rel(f"{tag} out", out, ref_out.detach(), TOL["out"]))
@@ -195,12 +207,12 @@ def main(argv=None) -> int:
                 lines = (p.stdout + p.stderr).strip().splitlines()
                 status[name] = f"FAILED (rc={p.returncode}): " + " | ".join(lines[-3:])
         print(f"gate: {name:4s} {status[name]}  [{time.monotonic() - t0:.1f} s]", flush=True)
-    off = sorted({GATES[n] for n, s in status.items() if s != "ok"})
+    off = sorted({(GATES[n], OFF.get(n, "sm80")) for n, s in status.items() if s != "ok"})
     if off:
         with open(args.env_file, "w") as f:
-            for var in off:
-                f.write(f"export {var}=sm80\n")
-        print("gate: turned off for the rest of the run: " + ", ".join(f"{v}=sm80" for v in off))
+            for var, val in off:
+                f.write(f"export {var}={val}\n")
+        print("gate: turned off for the rest of the run: " + ", ".join(f"{v}={x}" for v, x in off))
     else:
         print("gate: every sm_90a attention probe passed; nothing turned off")
     return 0

@@ -191,6 +191,8 @@ def test_gate_turns_off_the_kernel_of_a_hung_or_failed_probe(tmp_path):
     assert env == "export RECON_CUDA_ATTN_FWD=sm80\n", out
     out, env = _gate(tmp_path, "fwd=ok")
     assert env is None and "every sm_90a attention probe passed" in out, out
+    out, env = _gate(tmp_path, "pp=fail")  # the pingpong schedule alone: its bench row off
+    assert env == "export RECON_GATE_PINGPONG=off\n", out
 
 
 def test_gate_without_a_hopper_gpu_turns_nothing_off(tmp_path):

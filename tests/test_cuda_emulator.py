@@ -715,7 +715,7 @@ def test_emulated_launcher_guards_reject_misaligned_input(emu):
         emu.gemm(g, 0)
 
 
-@pytest.mark.parametrize("probe", ["fwd", "bwd", "det"])
+@pytest.mark.parametrize("probe", ["fwd", "bwd", "det", "pp"])
 def test_device_gate_probes_on_the_emulated_sm90_kernels(emu, monkeypatch, probe):
     """benchmarks/sm90_gate.py's probes (the device run turns off an sm_90a kernel whose
     probe fails) pass on the emulated sm_90a kernels, which they do run, and fail on a
@@ -724,15 +724,18 @@ def test_device_gate_probes_on_the_emulated_sm90_kernels(emu, monkeypatch, probe
     import sm90_gate as gate  # benchmarks/ (on sys.path above)
 
     monkeypatch.delenv("RECON_GATE_STUB", raising=False)
-    for var in ("RECON_CUDA_ATTN_FWD", "RECON_CUDA_ATTN_BWD"):
-        monkeypatch.setenv(var, "auto")  # (the probe sets its own: restored afterwards)
-    kernel = SM90_KERNEL if probe == "fwd" else SM90_BWD_KERNEL
+    for var in ("RECON_CUDA_ATTN_FWD", "RECON_CUDA_ATTN_BWD", "RECON_CUDA_ATTN_PINGPONG"):
+        monkeypatch.setenv(var, "auto" if "PINGPONG" not in var else "0")  # (restored after)
+    fwd = probe in ("fwd", "pp")
+    kernel = SM90_KERNEL if fwd else SM90_BWD_KERNEL
     before = emu.launch_counts().get(kernel, 0)
     assert gate.probe(probe, emulator=emu) == 0
     assert emu.launch_counts().get(kernel, 0) > before, f"{kernel} did not run"
-    name = "attention_fwd" if probe == "fwd" else "attention_bwd"
+    if probe == "pp":
+        assert os.environ["RECON_CUDA_ATTN_PINGPONG"] == "1"
+    name = "attention_fwd" if fwd else "attention_bwd"
     right = getattr(rkcuda, name)
-    if probe == "fwd":
+    if fwd:
         wrong = lambda *a, **kw: (lambda o, lse: (o * 1.05, lse))(*right(*a, **kw))  # noqa: E731
     else:
         wrong = lambda *a, **kw: (lambda dq, dk, dv: (dq, dk, dv.flip(2)))(*right(*a, **kw))  # noqa: E731
