@@ -790,12 +790,17 @@ def test_padded_head_dim_backward_matches_reference(
 
 
 def test_backward_head_dim_padding_switch(monkeypatch):
+    from recon_kernels.triton import attention as TA
     from recon_kernels.triton.attention import bwd_pad_d
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("RECON_ATTN_BWD_PAD_D", raising=False)
+    monkeypatch.setattr(TA, "_is_hopper", lambda device: True)
     assert bwd_pad_d(gpu, 72) and bwd_pad_d(gpu, 40) and not bwd_pad_d(gpu, 64)
-    assert not bwd_pad_d(cpu, 72)  # auto: GPUs only (the fault was the compiled code's)
+    assert not bwd_pad_d(cpu, 72)  # auto: Hopper GPUs only (the fault was wgmma code's)
+    monkeypatch.setattr(TA, "_is_hopper", lambda device: False)
+    assert not bwd_pad_d(gpu, 72)
+    monkeypatch.setattr(TA, "_is_hopper", lambda device: True)
     monkeypatch.setenv("RECON_ATTN_BWD_PAD_D", "1")
     assert bwd_pad_d(cpu, 72) and not bwd_pad_d(cpu, 128)
     monkeypatch.setenv("RECON_ATTN_BWD_PAD_D", "0")

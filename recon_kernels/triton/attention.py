@@ -1716,8 +1716,9 @@ BWD_PAD_MODES = ("auto", "1", "0")
 
 def bwd_pad_d(device: torch.device, d: int) -> bool:
     """RECON_ATTN_BWD_PAD_D: whether the backward runs on copies of its inputs zero-padded
-    from head dim ``d`` to its power-of-two block. "auto" (default): on a GPU when d is below
-    its block; "1": always then (the interpreter tests); "0": never.
+    from head dim ``d`` to its power-of-two block. "auto" (default): on a Hopper (sm_90) GPU
+    when d is below its block; "1": always then (any device: the interpreter tests); "0":
+    never.
 
     Why: on an H200 under triton 3.6 the fused backward raised an illegal memory access
     for fp16/bf16 whenever d < BLOCK_D and a program swept two or more query blocks
@@ -1726,13 +1727,18 @@ def bwd_pad_d(device: torch.device, d: int) -> bool:
     stay inside their tensors in a bounds-checked interpreter run of the same tiles, so the
     fault is the compiled code's; padded inputs run the regime that passed. Zero columns
     change no score, and their gradients are dropped: the result is exact, at the cost of
-    BLOCK_D / d the work (72 -> 128: 1.8x) and the padded copies."""
+    BLOCK_D / d the work (72 -> 128: 1.8x) and the padded copies. The same launches in
+    float32 (FMA dots, no wgmma) passed, so auto leaves other GPUs unpadded."""
     mode = os.environ.get("RECON_ATTN_BWD_PAD_D", "auto")
     if mode not in BWD_PAD_MODES:
         raise ValueError(f"RECON_ATTN_BWD_PAD_D: expected one of {BWD_PAD_MODES}, got {mode!r}")
     if d >= _block_d(d) or mode == "0":
         return False
-    return mode == "1" or (mode == "auto" and device.type == "cuda")
+    return mode == "1" or (mode == "auto" and device.type == "cuda" and _is_hopper(device))
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def attention_bwd(
