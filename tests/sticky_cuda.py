@@ -44,7 +44,9 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item, nextitem):
-    if _dead and _dead[-1] == item.nodeid and os.environ.get("PYTEST_XDIST_WORKER"):
+    # an xdist worker has config.workerinput (PYTEST_XDIST_WORKER is inherited by any child
+    # pytest, e.g. pytester's, which is not one)
+    if _dead and _dead[-1] == item.nodeid and hasattr(item.config, "workerinput"):
         sys.stderr.write(f"\nCUDA context lost in {item.nodeid}: restarting this worker\n")
         sys.stderr.flush()
         os._exit(3)
