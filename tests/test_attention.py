@@ -210,10 +210,10 @@ def test_kernel_matches_reference(backend, device, dtype, shape, mode):
 
 
 def test_kpm_bounds_and_their_cache():
-    """AttnArgs::kpm_bounds: (leading real keys, one past the last real key) per sequence;
+    """masks.kpm_bounds: (leading real keys, one past the last real key) per sequence;
     the same mask object gives the cached tensor, an in-place change or another object with
     the same values computes them again."""
-    from recon_kernels.cuda import attention as CA
+    from recon_kernels import masks as CA  # (both backends' kernels take these)
 
     kpm = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]).bool()
     b = CA.kpm_bounds(kpm)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..masks import kpm_bounds
 from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
 
 LOG2E = 1.4426950408889634
@@ -884,7 +885,7 @@ def _attn_fwd_kernel(
         n_full = NK
     if HAS_KPM:
         # keys after the last real key of this sequence are padding: skip their blocks
-        hi = tl.minimum(hi, tl.load(KVHI + b))
+        hi = tl.minimum(hi, tl.load(KVHI + 2 * b + 1))
         n_full = tl.minimum(n_full, hi)
     n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
@@ -1147,7 +1148,7 @@ def _attn_bwd_dkdv_kernel(
     q_end = NQ
     if HAS_KPM:
         # a key block wholly after the sequence's last real key gets dK = dV = 0
-        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + b), NQ, 0)
+        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + 2 * b + 1), NQ, 0)
     for start_m in range(lo, q_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
@@ -1304,7 +1305,7 @@ def _attn_bwd_dq_kernel(
     if CAUSAL:
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + NK - NQ), 0)
     if HAS_KPM:
-        hi = tl.minimum(hi, tl.load(KVHI + b))
+        hi = tl.minimum(hi, tl.load(KVHI + 2 * b + 1))
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < NK
@@ -1467,7 +1468,7 @@ def _attn_bwd_atomic_kernel(
     q_end = NQ
     if HAS_KPM:
         # a key block wholly after the sequence's last real key adds nothing anywhere
-        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + b), NQ, 0)
+        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + 2 * b + 1), NQ, 0)
     for start_m in range(lo, q_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NQ
@@ -1575,9 +1576,9 @@ def _mask_args(q, nk, mask, key_padding_mask):
     if key_padding_mask is not None:
         kp = key_padding_mask.view(torch.uint8)
         kpm_t, kstr = kp, tuple(kp.stride())
-        # one past the last real key of each sequence (0 if none): the kernels stop there
-        pos = torch.arange(1, nk + 1, device=q.device, dtype=torch.int32)
-        kvhi = (key_padding_mask.to(torch.int32) * pos).amax(1).to(torch.int32)
+        # (leading real keys, one past the last real key) per sequence: the kernels stop at
+        # the second, KVHI[2 b + 1]
+        kvhi = kpm_bounds(key_padding_mask)
     else:
         kpm_t, kstr, kvhi = q, (0, 0), q
     return mask_t, mstr, kpm_t, kstr, kvhi
