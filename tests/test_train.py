@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -266,23 +267,32 @@ def test_torchrun_two_processes_gloo_equals_one_process(tmp_path):
         timeout=120,
     )
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            *_pretrain_cmd(two),
-        ],
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # on a timeout torchrun gets SIGTERM, which it passes on to its ranks (each in a session
+    # of its own: a SIGKILL of torchrun would leave a rank waiting in a collective), and
+    # what they printed goes into the failure
+    p2 = subprocess.Popen(
+        [*cmd, *_pretrain_cmd(two)],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
+        start_new_session=True,
     )
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    try:
+        out2, err2 = p2.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        p2.terminate()
+        try:
+            out2, err2 = p2.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p2.pid, signal.SIGKILL)
+            out2, err2 = p2.communicate()
+        pytest.fail(
+            f"torchrun did not finish in 180 s; stderr:\n{err2[-3000:]}\nstdout:\n{out2[-1500:]}"
+        )
+    assert p2.returncode == 0, err2[-3000:]
     state = json.load(open(os.path.join(two, "step_0000003", "trainer_state.json")))
     assert state["world_size"] == 2
     l1, l2 = _losses(one), _losses(two)
