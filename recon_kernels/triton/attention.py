@@ -1739,7 +1739,12 @@ def bwd_pad_d(device: torch.device, d: int) -> bool:
 
 
 def _is_hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] == 9
+    # the GEMM's cached capability lookup (this runs on every backward; imported here:
+    # _gemm imports this module)
+    from ._gemm import _arch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _arch(index) // 10 == 9
 
 
 def attention_bwd(
