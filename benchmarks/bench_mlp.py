@@ -6,8 +6,9 @@ torch.compile, and cuBLASLt's fused GEMM + bias + GELU (torch._addmm_activation)
 bf16, tokens T in {8k, 32k} x (C, hidden) in {(768, 3072), (1024, 4096), (4096, 16384)},
 forward and forward + backward (gradients of x, W1, b1, W2, b2). Two cases per shape:
 
-- ``gelu`` (exact erf): recon-triton, recon-cuda (when built), recon-triton (dW2 store)
-  (the backward stores act(h) from the dh GEMM instead of recomputing it on every dW2 tile),
+- ``gelu`` (exact erf): recon-triton, recon-cuda (when built), recon-triton (dW2 recompute)
+  (the backward recomputes act(h) on every dW2 tile instead of storing it from the dh GEMM,
+  the default),
   against eager and torch.compile of eager;
 - ``gelu_tanh``: recon-* with the tanh GELU against eager and cuBLASLt's
   GEMM + bias + GELU epilogue (``torch._addmm_activation(use_gelu=True)``, whose GELU is
@@ -68,7 +69,7 @@ def providers(act: str, compile_peer: bool, device: str, backends: dict[str, str
             None,
         )
     if act == "gelu" and not backends["triton"]:
-        out["recon-triton (dW2 store)"] = (out["recon-triton"][0], ("fwd+bwd",), "store")
+        out["recon-triton (dW2 recompute)"] = (out["recon-triton"][0], ("fwd+bwd",), "recompute")
 
     def eager(x, w1, b1, w2, b2):
         return F.linear(apply_activation(F.linear(x, w1, b1), act), w2, b2)
@@ -179,8 +180,8 @@ NOTES = [
     "- max err: forward vs float32 eager; TFLOP/s: GEMM flops only (4 T C hidden forward, x3 forward+backward); peak MB: above "
     "the inputs during forward+backward; x best peer: fastest non-recon provider of the same "
     "case and mode over this row. cublaslt-addmm-gelu uses the tanh GELU: it is a peer in the "
-    "gelu_tanh cases only. recon-triton (dW2 store): RECON_MLP_DW2=store (the faster of the "
-    "two strategies should become the default)."
+    "gelu_tanh cases only. recon-triton (dW2 recompute): RECON_MLP_DW2=recompute, the A/B of "
+    "the default \"store\" (act(h) evaluated on the dW2 GEMM's loads instead of stored by the dh GEMM)."
 ]
 
 
