@@ -181,7 +181,7 @@ NOTES = [
     "the inputs during forward+backward; x best peer: fastest non-recon provider of the same "
     "case and mode over this row. cublaslt-addmm-gelu uses the tanh GELU: it is a peer in the "
     "gelu_tanh cases only. recon-triton (dW2 recompute): RECON_MLP_DW2=recompute, the A/B of "
-    "the default \"store\" (act(h) evaluated on the dW2 GEMM's loads instead of stored by the dh GEMM)."
+    'the default "store" (act(h) evaluated on the dW2 GEMM\'s loads instead of stored by the dh GEMM).'
 ]
 
 
