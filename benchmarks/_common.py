@@ -172,13 +172,22 @@ def time_ms(
 def kernel_profile(fn: Callable[[], object], device: str, reps: int = 5, top: int = 12) -> str:
     """Markdown: where ``fn()``'s time goes, per kernel (torch.profiler, after one warm call):
     calls and GPU microseconds per call of ``fn``, and the GPU kernel total against the wall
-    time per call (profiler on). A kernel total well below the wall time means host
-    overhead; one kernel far above its FLOP share, a slow kernel. On the CPU (smoke runs)
-    the CPU operators' self time instead."""
+    time per call (profiler on), and the host time per call: ``reps`` calls timed on the CPU
+    without the profiler and without a sync, i.e. what launching them costs. Host time
+    above the kernel total means the GPU idles between kernels (host-bound: a benchmark of
+    it times Python, not kernels); one kernel far above its FLOP share, a slow kernel. On
+    the CPU (smoke runs) the CPU operators' self time instead."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
+    _sync(device)
+    # host time: the calls alone, no sync between them (the GPU queue takes far more than
+    # `reps` calls' launches, so only a sync inside fn would make the CPU wait here)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host_us = (time.perf_counter() - t) * 1e6 / reps
     _sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     t = time.perf_counter()
@@ -200,8 +209,18 @@ def kernel_profile(fn: Callable[[], object], device: str, reps: int = 5, top: in
     evs.sort(reverse=True)
     total = sum(e[0] for e in evs)
     what = "GPU kernel" if device == "cuda" else "CPU operator (self)"
+    if device == "cuda":
+        verdict = (
+            "host-bound: the GPU waits for the launches"
+            if host_us > total
+            else "GPU-bound: the launches run ahead of the kernels"
+        )
+        host = f"; host {host_us:.0f} us per call without the profiler or a sync ({verdict})"
+    else:
+        host = f"; host {host_us:.0f} us per call"
     lines = [
-        f"{what} time {total:.0f} us per call of {wall_us:.0f} us wall (profiler on, {reps} calls)",
+        f"{what} time {total:.0f} us per call of {wall_us:.0f} us wall (profiler on, {reps} "
+        f"calls){host}",
         "",
         "| kernel | calls | us | % |",
         "|---|---:|---:|---:|",

@@ -3,19 +3,21 @@
     python benchmarks/bench_attention.py --out DIR [--quick] [--smoke] [--deadline-s S]
 
 Shapes (bf16): BERT/MAE-like bidirectional with key padding (16k tokens, N=512, D=64,
-H=12, padding 0/25/50%) and GPT-like causal (16k tokens, N=1k/4k/8k, D=64 (H=12) and
-D=128 (H=16)), and training cases with attention dropout 0.1 (against SDPA's
-flash/efficient dropout; no error column there). Cases run most important first, so a
-time budget cuts the least important.
+H=12, padding 0/25/50%), GPT-like causal (16k tokens, N=1k/4k/8k, D=64 (H=12) and
+D=128 (H=16)), encoder-like dense (bidirectional, no mask: 16k tokens, N=4k/8k, D=128,
+H=16; the FlashAttention-3 paper's non-causal anchors), and training cases with attention
+dropout 0.1 (against SDPA's flash/efficient dropout; no error column there). Cases run
+most important first, so a time budget cuts the least important.
 
 Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable
 kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones;
 recon-cuda-pingpong, RECON_CUDA_ATTN_PINGPONG=1, the sm_90a forward's warpgroups taking
-turns at their GEMMs), recon-triton-det and recon-cuda-det (deterministic=True,
-fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ one; the CUDA sm_90a
-backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
+turns at their GEMMs), recon-triton-ws (RECON_ATTN_FWD_WS=1, the Triton forward's
+warp-specialised loop: dense cases at D=128 only), recon-triton-det and recon-cuda-det
+(deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
+one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
-flex_attention with a block mask; no dropout), eager (the float reference as written) and
+flex_attention with a block mask, none in dense cases; no dropout), eager (the float reference as written) and
 compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096);
 --quick compiles it for the first bert and the first gpt case only.
 A peer that cannot run here or rejects a case is a row "unavailable: why", never a crash.
@@ -24,7 +26,9 @@ Forward and forward+backward; TFLOP/s on useful FLOPs (4·B·H·Nq·Nk_real·D f
 for causal, x3.5 for forward+backward); peak memory above the inputs; each provider's max
 error against a float32 SDPA reference (a benchmark of a wrong kernel is worthless);
 "x best peer" = the fastest peer's median over this row's. Writes DIR/bench_attention.csv
-and DIR/bench_attention.md (rewritten after every case) and prints the markdown.
+and DIR/bench_attention.md (rewritten after every case) and prints the markdown, and
+DIR/bench_attention_profile.md: per-kernel GPU time and host time of the forward + backward
+of recon-triton, recon-cuda, sdpa-cudnn and flex in the PROFILED_CASES.
 ``--smoke`` runs tiny shapes on the CPU (eager + Triton interpreter, wall clock).
 """
 
@@ -50,6 +54,8 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
             # crossing one Triton interpreter tile (32 x 16), kept small: the interpreter is slow
             dict(name="bert-pad25", N=33, D=16, H=1, B=2, causal=False, pad=0.25),
             dict(name="gpt-drop10", N=20, D=16, H=1, B=1, causal=True, pad=0.0, drop=0.1),
+            # the dense case, where recon-triton-ws runs (head dim 128, whole key blocks)
+            dict(name="enc-N128-D128", N=128, D=128, H=1, B=1, causal=False, pad=0.0, dense=True),
         ]
 
     def bert(pad, drop=0.0):
@@ -61,11 +67,20 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
         H = 12 if D == 64 else 16
         return dict(name=name, N=N, D=D, H=H, B=16384 // N, causal=True, pad=0.0, drop=drop)
 
+    def enc(N, D):
+        # bidirectional without a mask (a ViT / MAE encoder): the FlashAttention-3 paper's
+        # non-causal anchors (benchmarks/results/static-sm90) and RECON_ATTN_FWD_WS's case
+        H = 12 if D == 64 else 16
+        return dict(
+            name=f"enc-N{N}-D{D}", N=N, D=D, H=H, B=16384 // N, causal=False, pad=0.0, dense=True
+        )
+
     if quick:
         return [
             bert(0.25),
             gpt(1024, 64),
             gpt(8192, 128),
+            enc(8192, 128),
             gpt(8192, 64),
             bert(0.0),
             gpt(1024, 128),
@@ -74,6 +89,7 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
         ]
     out = [bert(0.25), bert(0.0), bert(0.5)]
     out += [gpt(N, D) for D in (64, 128) for N in (1024, 4096, 8192)]
+    out += [enc(N, 128) for N in (4096, 8192)]
     # training with attention dropout (BERT / GPT-2 use 0.1): SDPA's flash and efficient
     # kernels take dropout_p too; the error column is left empty (other random numbers)
     out += [bert(0.25, drop=0.1), gpt(4096, 64, drop=0.1)]
@@ -113,17 +129,20 @@ def providers(
     for b in ("triton", "cuda"):
         out[f"recon-{b}"] = recon(b)
 
-    def recon_cuda_under(env: dict[str, str]) -> Callable | str:
-        """recon-cuda run with the A/B switches ``env`` set around each timed step."""
-        why = rk.why_unavailable("cuda", device)
+    def recon_under(b: str, env: dict[str, str]) -> Callable | str:
+        """recon-<b> run with the A/B switches ``env`` set around each timed step."""
+        why = rk.why_unavailable(b, device)
         if why is not None:
             return C.unavailable(why)
 
         def f(q, k, v):
-            return out["recon-cuda"](q, k, v)
+            return out[f"recon-{b}"](q, k, v)
 
         f.env = env
         return f
+
+    def recon_cuda_under(env: dict[str, str]) -> Callable | str:
+        return recon_under("cuda", env)
 
     # recon-cuda-sm80: the portable CUDA kernels forced (RECON_CUDA_ATTN_FWD and _BWD=sm80)
     # beside recon-cuda (auto: the sm_90a ones on Hopper), the A/B of csrc/attention_*_sm90.cu
@@ -139,6 +158,21 @@ def providers(
         out["recon-cuda-pingpong"] = C.unavailable(
             "turned off by the device gate (benchmarks/sm90_gate.py: its pp probe failed)"
         )
+    # recon-triton-ws: the Triton forward's warp-specialised loop (RECON_ATTN_FWD_WS=1: a
+    # TMA producer warpgroup, two consumers, USETMAXREG), which the launcher takes only
+    # without causality, masks or dropout, at head dim 128 with whole key blocks
+    ws_case = not causal and kpm is None and not p and case["D"] == 128 and case["N"] % 128 == 0
+    if not ws_case:
+        out["recon-triton-ws"] = C.skipped(
+            "RECON_ATTN_FWD_WS=1 changes only non-causal, unmasked forwards at head dim 128 "
+            "(here recon-triton's kernel)"
+        )
+    elif os.environ.get("RECON_GATE_TRITON_WS") == "off":
+        out["recon-triton-ws"] = C.unavailable(
+            "turned off by the device gate (benchmarks/sm90_gate.py: its tws probe failed)"
+        )
+    else:
+        out["recon-triton-ws"] = recon_under("triton", {"RECON_ATTN_FWD_WS": "1"})
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):
@@ -177,10 +211,12 @@ def providers(
             B, N = case["B"], case["N"]
             if causal:
                 mm = lambda b, h, qi, kj: kj <= qi  # noqa: E731
-            else:
+            elif kpm is not None:
                 kp = kpm
                 mm = lambda b, h, qi, kj: kp[b, kj]  # noqa: E731
-            bm = create_block_mask(mm, B, None, N, N, device=device)
+            else:
+                mm = None  # dense: no block mask
+            bm = create_block_mask(mm, B, None, N, N, device=device) if mm is not None else None
             # compiled on the GPU (its real kernel); --smoke: the eager path, no C++ build
             flex = (
                 torch.compile(flex_attention, dynamic=False) if device == "cuda" else flex_attention
@@ -244,17 +280,34 @@ def _make_step(fn, q, k, v, do):
     return step
 
 
+# kernel profiles (NAME_profile.md) of these providers' forward + backward in these cases:
+# where the time goes and whether it is host-bound (the H200 run had every recon-triton row
+# of the short cases at 0.3-0.4 ms forward with a wide p20-p80, against 0.12-0.16 ms for
+# cuDNN and recon-cuda)
+PROFILED = ("recon-triton", "recon-cuda", "sdpa-cudnn", "flex")
+PROFILED_CASES = ("bert-pad25", "gpt-N1024-D64", "gpt-N8192-D128")
+
+
 def bench_case(
-    case: dict, device: str, dtype: torch.dtype, quick: bool, compile_peer: bool = True
+    case: dict,
+    device: str,
+    dtype: torch.dtype,
+    quick: bool,
+    compile_peer: bool = True,
+    profiles: list[tuple[str, str]] | None = None,
 ) -> list[dict]:
+    """Rows of every provider and mode; with ``profiles``, the PROFILED providers' forward +
+    backward kernel profiles are appended there."""
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v, do = (
         torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(4)
     )
     lengths = _lengths(B, N, case["pad"], device)
-    kpm = torch.arange(N, device=device)[None, :] < lengths[:, None]  # (B, N) True = real
-    bool_mask = kpm[:, None, None, :]  # (B, 1, 1, N) for SDPA
+    real = torch.arange(N, device=device)[None, :] < lengths[:, None]  # (B, N) True = real
+    # dense cases (enc-*): no mask at all (every provider runs its unmasked kernel)
+    kpm = None if case.get("dense") else real
+    bool_mask = None if kpm is None else kpm[:, None, None, :]  # (B, 1, 1, N) for SDPA
     real_keys = lengths.sum().item() if not case["causal"] else B * N
     fwd_flops = 4 * H * N * real_keys * D * (0.5 if case["causal"] else 1.0)
     with torch.no_grad():  # float32 reference for the error column
@@ -265,7 +318,7 @@ def bench_case(
             else F.scaled_dot_product_attention(qf, kf, vf, attn_mask=bool_mask)
         )
         del qf, kf, vf
-    real_rows = kpm[:, None, :, None].expand_as(ref)
+    real_rows = real[:, None, :, None].expand_as(ref)
     rows: list[dict] = []
     failed: dict[str, str] = {}
     for name, fn in providers(case, device, kpm, bool_mask, compile_peer).items():
@@ -292,6 +345,10 @@ def bench_case(
                     step()  # compile / autotune outside the memory peak and the timing
                     _, row["peak_mb"] = C.memory_mb(step, None, device)
                 row["ms"], row["p20"], row["p80"] = C.time_ms(step, device, quick)
+                if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
+                    profiles.append(
+                        (f"{case['name']} {mode} {name}", C.kernel_profile(step, device))
+                    )
                 flops = fwd_flops * (3.5 if mode != "fwd" else 1.0)
                 row["tflops"] = flops / row["ms"] / 1e9
                 row["status"] = C.STATUS_OK
@@ -325,6 +382,7 @@ def main(argv=None) -> int:
         ],
     )
     rows: list[dict] = []
+    profiles: list[tuple[str, str]] = []
     families: set[str] = set()
     for case in shapes(args.quick, args.smoke):
         family = case["name"].split("-")[0]
@@ -336,7 +394,10 @@ def main(argv=None) -> int:
             )
             continue
         C.progress(f"{NAME}: {case['name']} ...")
-        rows += bench_case(case, device, dtype, args.quick, compile_peer)
+        prof = profiles if case["name"] in PROFILED_CASES else None
+        rows += bench_case(case, device, dtype, args.quick, compile_peer, prof)
+        if profiles:
+            C.write_profile(args.out, NAME, profiles)
         C.add_peer_ratios(rows, lambda p: not p.startswith("recon-"))
         C.write(args.out, NAME, head + C.table(rows), rows, info, quiet=True)
     C.write(args.out, NAME, head + C.table(rows), rows, info)

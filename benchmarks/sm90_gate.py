@@ -11,13 +11,16 @@ turns) or compute garbage. Each probe runs in its own process under a hard timeo
 * ``bwd``: the backward (RECON_CUDA_ATTN_BWD=sm90, deterministic=False) from the reference
   out / lse, every gradient against the float64 reference;
 * ``det``: the same with deterministic=True, twice: bit-identical, and right;
-* ``pp``: the forward with its pingpong schedule (RECON_CUDA_ATTN_PINGPONG=1).
+* ``pp``: the forward with its pingpong schedule (RECON_CUDA_ATTN_PINGPONG=1);
+* ``tws``: the Triton forward's warp-specialised loop (RECON_ATTN_FWD_WS=1, never run on
+  a GPU before: tl.range(warp_specialize=True) with device descriptors), dense D = 128.
 
 A probe that hangs or fails turns its kernel off for the rest of the run: --env-file gets
 ``export RECON_CUDA_ATTN_FWD=sm80`` (fwd) or ``..._BWD=sm80`` (bwd, det), which
 device_check.sh sources before every later step, so the benches and tests still report the
 portable CUDA kernels and Triton instead of timing out one after another; a failed ``pp``
-exports ``RECON_GATE_PINGPONG=off`` (bench_attention then skips recon-cuda-pingpong). Nothing is
+exports ``RECON_GATE_PINGPONG=off`` (bench_attention then skips recon-cuda-pingpong), a failed
+``tws`` ``RECON_GATE_TRITON_WS=off`` (the same for recon-triton-ws). Nothing is
 written when every probe passes or the gate does not apply (no Hopper GPU, no sm_90a build).
 Exit status 0 either way: the gate's lines say what happened.
 
@@ -38,11 +41,15 @@ GATES = {
     "bwd": "RECON_CUDA_ATTN_BWD",
     "det": "RECON_CUDA_ATTN_BWD",
     "pp": "RECON_GATE_PINGPONG",
+    "tws": "RECON_GATE_TRITON_WS",
 }
-OFF = {"pp": "off"}  # the value that turns a probe's kernel off (default sm80)
+OFF = {"pp": "off", "tws": "off"}  # the value that turns a probe's kernel off (default sm80)
 PROBES = tuple(GATES)
 # (B, H, Nq, Nk, D, causal, key padding): odd lengths, a partial last tile, both head dims
 SHAPES = ((2, 3, 333, 333, 64, False, False), (1, 2, 200, 257, 128, True, True))
+# tws: where the launcher takes the warp-specialised loop (dense, D = 128, Nk a multiple of
+# 128), with a partial last query block and several key blocks
+WS_SHAPES = ((2, 3, 333, 384, 128, False, False), (1, 2, 128, 1024, 128, False, False))
 # max |kernel - float64 reference| / max |reference| (bf16: a right kernel is near 2^-8)
 TOL = {"out": 2e-2, "grad": 5e-2}
 
@@ -87,12 +94,16 @@ def _rel(name: str, got, ref, tol: float) -> str | None:
     return None
 
 
-def probe(name: str, emulator=None) -> int:
+def probe(name: str, emulator=None, device: str = "cuda") -> int:
     """Run one probe in this process: 0 if right, 1 (and why) if not. emulator: the CPU
-    emulation module of the extension (tests: the probe itself checked without a GPU)."""
+    emulation module of the extension (tests: the probe itself checked without a GPU);
+    device: where ``tws`` runs (tests: "cpu", the Triton interpreter)."""
     stub = _stub(name)
     if stub is not None:
         return stub
+    if name == "tws":
+        os.environ["RECON_ATTN_FWD_WS"] = "1"
+        return _probe_triton_ws(device)
     from recon_kernels import cuda as rkcuda
 
     if name == "pp":
@@ -146,6 +157,26 @@ def _probe(name: str, device: str) -> int:
     problems = [p for p in problems if p]
     for p in problems:
         print(f"{name}: {p}")
+    return 1 if problems else 0
+
+
+def _probe_triton_ws(device: str) -> int:
+    import torch
+
+    from recon_kernels import reference as R
+    from recon_kernels.triton import attention as tri
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    problems = []
+    for i, shape in enumerate(WS_SHAPES):
+        q, k, v, _, kpm, causal, scale = _inputs(shape, 10 + i, device)
+        ref_out, _ = R.attention_fwd(*(t.double() for t in (q, k, v)), None, kpm, scale, causal)
+        out, _ = tri.attention_fwd(q, k, v, None, kpm, scale, causal)
+        sync()
+        problems.append(_rel("x".join(map(str, shape[:5])) + " out", out, ref_out, TOL["out"]))
+    problems = [p for p in problems if p]
+    for p in problems:
+        print(f"tws: {p}")
     return 1 if problems else 0
 
 

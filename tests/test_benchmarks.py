@@ -193,6 +193,39 @@ def test_gate_turns_off_the_kernel_of_a_hung_or_failed_probe(tmp_path):
     assert env is None and "every sm_90a attention probe passed" in out, out
     out, env = _gate(tmp_path, "pp=fail")  # the pingpong schedule alone: its bench row off
     assert env == "export RECON_GATE_PINGPONG=off\n", out
+    out, env = _gate(tmp_path, "tws=hang")  # the Triton warp-specialised forward: its row off
+    assert env == "export RECON_GATE_TRITON_WS=off\n", out
+
+
+def test_gate_tws_probe_runs_the_warp_specialised_triton_forward(monkeypatch):
+    """The gate's tws probe (a failure turns recon-triton-ws off for the run) takes the
+    warp-specialised launch, passes on the right kernel and fails on a wrong result; here in
+    the Triton interpreter with the GPU's tiles, on a small shape of the same kind (dense,
+    D = 128, whole 128-key blocks, a partial query block)."""
+    from recon_kernels.triton import attention as A
+
+    if not A.INTERPRET:
+        pytest.skip("interpreter test (TRITON_INTERPRET=1)")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import sm90_gate as gate
+
+    monkeypatch.delenv("RECON_GATE_STUB", raising=False)
+    monkeypatch.setenv("RECON_ATTN_FWD_WS", "0")  # (the probe sets 1; restored after)
+    monkeypatch.setenv("RECON_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(gate, "WS_SHAPES", ((1, 1, 40, 128, 128, False, False),))
+    kern = A._attn_fwd_kernel
+    monkeypatch.setattr(kern, "configs", A._configs("fwd", interpret=False))
+    monkeypatch.setattr(kern, "cache", {})
+    seen = []
+    real = kern.run
+    monkeypatch.setattr(kern, "run", lambda *a, **kw: seen.append(kw["WS"]) or real(*a, **kw))
+    assert gate.probe("tws", device="cpu") == 0
+    assert seen == [True], seen
+    right = A.attention_fwd
+    monkeypatch.setattr(
+        A, "attention_fwd", lambda *a, **kw: (lambda o, lse: (o * 1.05, lse))(*right(*a, **kw))
+    )
+    assert gate.probe("tws", device="cpu") == 1
 
 
 def test_gate_without_a_hopper_gpu_turns_nothing_off(tmp_path):
@@ -242,7 +275,7 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
             assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
     att = {r["provider"] for r in by_bench["bench_attention"]}
     assert att == {
-        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
+        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-ws", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
         "eager", "compiled-eager",
     }  # fmt: skip
     mlp = {r["provider"] for r in by_bench["bench_mlp"]}
@@ -255,8 +288,9 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
     assert st[("bert-pad25", "fwd", "sdpa-flash")] == "ok"
     md = (out / "results.md").read_text()
     assert "## steps" in md and "| bench_attn | ok |" in md and "x best peer" in md
-    # the kernel profiles of the first MLP / LoRA case travel in the logs' folder
-    for name in ("bench_mlp", "bench_lora"):
+    # the kernel profiles (the first MLP / LoRA case, attention's PROFILED_CASES) travel in
+    # the logs' folder
+    for name in ("bench_mlp", "bench_lora", "bench_attention"):
         prof = (tmp_path / "work" / f"{name}_profile.md").read_text()
         assert "fwd+bwd recon-triton" in prof and "| kernel | calls | us | % |" in prof
 
