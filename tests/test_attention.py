@@ -40,6 +40,10 @@ def _masks(mode, B, H, NQ, NK, device="cpu", seed=1):
         # (all padding, all real, then lengths a tile past a boundary and just short of one)
         lengths = [0, NK, NK // 2 + 1, 129, 63][:B]
         kpm = torch.arange(NK)[None, :] < torch.tensor(lengths)[:, None]
+    if "holes" in mode:
+        # padding inside sequence 2 from key Nk/3 on (every 5th): whole real key tiles first,
+        # then full tiles that need the per-key test, then the boundary tile
+        kpm[2, NK // 3 :: 5] = False
     if "mask" in mode:
         # broadcast over batch: (1, H, Nq, Nk); row NQ // 2 of head 0 sees nothing
         mask = torch.rand(1, H, NQ, NK, generator=g) > 0.25
@@ -231,15 +235,23 @@ def test_kpm_bounds_and_their_cache():
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize(
     "mode,det",
-    [("rpad", None), ("rpad_causal", None), ("rpad_mask", None), ("rpad", True)],
-    ids=["rpad", "rpad_causal", "rpad_mask", "rpad-deterministic"],
+    [
+        ("rpad", None),
+        ("rpad_causal", None),
+        ("rpad_mask", None),
+        ("rpad", True),
+        ("rpad_holes", None),
+    ],
+    ids=["rpad", "rpad_causal", "rpad_mask", "rpad-deterministic", "rpad_holes"],
 )
 def test_right_padded_batches_over_many_tiles(backend, device, dtype, mode, det):
     """A right-padded key padding mask (lengths 0, Nk, Nk/2 + 1, 129, 63) over several key
     tiles: the CUDA kernels take the unmasked path on the all-real tiles and skip the
     all-padding key blocks (AttnArgs::kpm_bounds; the deterministic backward's dQ turns
-    too); output and every gradient against the float64 oracle, padded keys get zero dK
-    and dV."""
+    too), and the Triton forward skips the per-key test on the full key tiles before a
+    sequence's first padding key (KVHI[2 b]; rpad_holes: padding inside a sequence after
+    several real tiles); output and every gradient against the float64 oracle, padded keys
+    get zero dK and dV."""
     shape = (5, 1, 150, 290, 64) if "causal" not in mode else (5, 1, 290, 290, 64)
     out, g, (mask, kpm, causal) = _check_kernel(
         backend, device, dtype, shape, mode, deterministic=det

@@ -888,51 +888,25 @@ def _attn_fwd_kernel(
         hi = tl.minimum(hi, tl.load(KVHI + 2 * b + 1))
         n_full = tl.minimum(n_full, hi)
     n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
+    n_plain = n_full
+    if HAS_KPM:
+        # the keys before this sequence's first padding key are all real: the full blocks
+        # there skip the key-padding test (for right-padded batches, every full block)
+        n_plain = tl.minimum(tl.load(KVHI + 2 * b) // BLOCK_N * BLOCK_N, n_full)
     acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        K,
-        V,
-        MASK,
-        KPM,
-        offs_m,
-        offs_d,
-        b,
-        h,
-        skn,
-        skd,
-        svn,
-        svd,
-        smb,
-        smh,
-        smm,
-        smn,
-        skpb,
-        skpn,
-        NQ,
-        NK,
-        HEAD_DIM,
-        qk_scale,
-        drop_key,
-        drop_thresh,
-        0,
-        n_full,
-        BLOCK_N,
-        HAS_MASK,
-        HAS_KPM,
-        CAUSAL,
-        False,
-        DROPOUT,
-        PRECISION,
-        UPCAST,
-        FAST,
-        EVEN_D,
-        TMA,
-        DEV_DESC,
-        WS,
-    )
+        acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
+        smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key, drop_thresh,
+        0, n_plain, BLOCK_N, HAS_MASK, False, CAUSAL, False, DROPOUT, PRECISION, UPCAST,
+        FAST, EVEN_D, TMA, DEV_DESC, WS,
+    )  # fmt: skip
+    if HAS_KPM:
+        # full blocks from the first padding key on: the per-key test
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K, V, MASK, KPM, offs_m, offs_d, b, h, skn, skd, svn, svd,
+            smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key,
+            drop_thresh, n_plain, n_full, BLOCK_N, HAS_MASK, True, CAUSAL, False, DROPOUT,
+            PRECISION, UPCAST, FAST, EVEN_D, TMA, DEV_DESC, WS,
+        )  # fmt: skip
     if not WS:
         # the tail: keys [n_full, hi). WS launches have none (non-causal, Nk a multiple
         # of 128, no key padding); a loop after the warp-specialised one fails the
