@@ -45,7 +45,7 @@ set -u -o pipefail
 
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-STEPS="build:120 gate:90 check:100 bench_attn:150 bench_mlp:60 bench_lora:45 tests:150 bench_train:90 sanitize:120 tests_e2e:120 bench_hf:90 static:60"
+STEPS="build:120 gate:90 check:100 bench_attn:150 bench_mlp:60 bench_lora:45 launch:45 tests:150 bench_train:90 sanitize:120 tests_e2e:120 bench_hf:90 static:60"
 PART2_FROM=tests # the first step a part 2 without a part-1 record runs
 
 die() {
@@ -86,6 +86,7 @@ run_step() {
       if [ "$DRY" = 1 ]; then exec "$PY" -m recon_kernels check --no-timing; fi
       RECON_TRITON_AUTOTUNE=0 exec "$PY" -m recon_kernels check --all-dtypes
       ;;
+    launch) exec "$PY" benchmarks/bench_launch.py "${bench_args[@]}" ;; # host cost per launch
     bench_attn) exec "$PY" benchmarks/bench_attention.py "${bench_args[@]}" ;;
     bench_mlp) exec "$PY" benchmarks/bench_mlp.py "${bench_args[@]}" ;;
     bench_lora) exec "$PY" benchmarks/bench_lora.py "${bench_args[@]}" ;;

@@ -26,7 +26,14 @@ import re
 import shutil
 import sys
 
-BENCH_ORDER = ("bench_attention", "bench_mlp", "bench_lora", "bench_train", "bench_hf")
+BENCH_ORDER = (
+    "bench_launch",
+    "bench_attention",
+    "bench_mlp",
+    "bench_lora",
+    "bench_train",
+    "bench_hf",
+)
 MAX_SUMMARY_CHARS = 10000  # the device tool returns the last 12,000 characters of output
 
 
@@ -207,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         if lines:
             s += [f"-- {title}", *lines]
     for n in names:
-        if n in ("bench_train", "bench_hf"):
+        if n == "bench_launch":  # host microseconds per call (the wall rows: in results.md)
+            p = os.path.join(W, f"{n}.md")
+            lines = [ln for ln in tail(p, 60) if ln.startswith("| tiny | host |")]
+            s += [f"-- {n}: host cost per call (ms, p20-p80, us)", *lines[:12]]
+        elif n in ("bench_train", "bench_hf"):
             p = os.path.join(W, f"{n}.md")
             lines = [ln for ln in tail(p, 40) if ln.startswith("|") or ln.startswith("- target")]
             s += [f"-- {n}", *lines[:14]]

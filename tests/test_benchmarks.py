@@ -353,3 +353,28 @@ def test_a_call_killed_from_outside_still_leaves_its_results(tmp_path):
     assert steps and steps[0]["step"] == "build" and steps[0]["status"] == "ok", steps
     assert len(steps) < len(ORDER)  # cut before the end
     assert (out / "logs.tar.gz").exists() and (out / "summary.txt").exists()
+
+
+def test_bench_launch_smoke_rows_per_provider(tmp_path):
+    """bench_launch.py (host cost per launch: the H200 run's short recon-triton rows looked
+    host-bound): every provider gives a host and a wall row, timed (p20 <= median <= p80,
+    wall >= host per batch) or saying why not; in the common csv schema."""
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_launch.py"), "--smoke",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = list(csv.DictReader(open(tmp_path / "bench_launch.csv")))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for prov in ("torch add", "triton empty (1 arg)", "triton 48 args",
+                 "triton autotuned 48 args", "recon gemm", "recon-triton attention fwd",
+                 "recon-triton attention fwd+bwd", "recon-triton mlp fwd+bwd"):  # fmt: skip
+        host, wall = by[(prov, "host")], by[(prov, "wall")]
+        for r in (host, wall):
+            assert r["status"] == "ok", r
+            assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
+            assert abs(float(r["us"]) - 1e3 * float(r["ms"])) < 1e-6 * float(r["us"]) + 1e-9
+        assert float(wall["ms"]) >= float(host["ms"]) > 0
+    assert by[("recon-cuda attention fwd", "host")]["status"].startswith("unavailable: ")
+    assert "| tiny | host | recon gemm |" in (tmp_path / "bench_launch.md").read_text()
