@@ -13,7 +13,9 @@ Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the port
 kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones;
 recon-cuda-pingpong, RECON_CUDA_ATTN_PINGPONG=1, the sm_90a forward's warpgroups taking
 turns at their GEMMs), recon-triton-ws (RECON_ATTN_FWD_WS=1, the Triton forward's
-warp-specialised loop: dense cases at D=128 only), recon-triton-det and recon-cuda-det
+warp-specialised loop: dense cases at D=128 only, forward only), recon-triton-tma-off and
+recon-triton-bn64 (RECON_ATTN_FWD_TMA=off, RECON_ATTN_FWD_BN=64: the forward's other A/B
+switches, unmasked D=128 cases, forward only), recon-triton-det and recon-cuda-det
 (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
 one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
@@ -173,6 +175,22 @@ def providers(
         )
     else:
         out["recon-triton-ws"] = recon_under("triton", {"RECON_ATTN_FWD_WS": "1"})
+        out["recon-triton-ws"].modes = ("fwd",)
+    # the Triton forward's other A/B switches at D = 128 (never timed on a GPU; forward
+    # only: they change nothing in the backward): K/V by cp.async pointers instead of
+    # device-side TMA descriptors, and 128 x 64 tiles before 128 x 128
+    for label, env in (
+        ("recon-triton-tma-off", {"RECON_ATTN_FWD_TMA": "off"}),
+        ("recon-triton-bn64", {"RECON_ATTN_FWD_BN": "64"}),
+    ):
+        if case["D"] != 128 or kpm is not None or p:
+            out[label] = C.skipped(
+                f"{next(iter(env))}={next(iter(env.values()))}: timed at head dim 128 without "
+                "masks or dropout only"
+            )
+        else:
+            out[label] = recon_under("triton", env)
+            out[label].modes = ("fwd",)
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):
@@ -329,6 +347,11 @@ def bench_case(
                 continue
             if mode == "fwd" and name.endswith("-det"):
                 rows.append({**row, "status": f"skipped: {name[:-4]}'s forward (same kernel)"})
+                continue
+            if mode not in getattr(fn, "modes", (mode,)):
+                rows.append(
+                    {**row, "status": "skipped: a forward switch (the backward is recon-triton's)"}
+                )
                 continue
             if mode != "fwd" and name in failed:  # do not pay a failing compile twice
                 rows.append({**row, "status": failed[name] + " (as in fwd)"})

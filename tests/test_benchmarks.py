@@ -20,8 +20,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 ORDER = [
-    "build", "gate", "check", "bench_attn", "bench_mlp", "bench_lora", "tests", "bench_train",
-    "sanitize", "tests_e2e", "bench_hf", "static",
+    "build", "gate", "check", "bench_attn", "bench_mlp", "bench_lora", "launch", "tests",
+    "bench_train", "sanitize", "tests_e2e", "bench_hf", "static",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
@@ -94,7 +94,7 @@ def test_deadline_order_timeouts_and_skipped_for_time(tmp_path):
     steps = _steps(out / "steps.csv")
     assert [s["step"] for s in steps] == ORDER
     status = {s["step"]: s["status"] for s in steps}
-    for n in ORDER[:6] + ["bench_train"]:
+    for n in ORDER[:7] + ["bench_train"]:
         assert status[n] == "ok", steps
     assert status["tests"] == "TIMEOUT(2s)"
     san = next(s for s in steps if s["step"] == "sanitize")
@@ -275,7 +275,7 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
             assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
     att = {r["provider"] for r in by_bench["bench_attention"]}
     assert att == {
-        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-ws", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
+        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-ws", "recon-triton-tma-off", "recon-triton-bn64", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
         "eager", "compiled-eager",
     }  # fmt: skip
     mlp = {r["provider"] for r in by_bench["bench_mlp"]}
