@@ -17,6 +17,7 @@ wall-clock fallback over a few calls. CPU numbers are smoke output, never a spee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -117,6 +118,22 @@ def no_gpu(args: argparse.Namespace, name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def environ(env: dict[str, str]):
+    """``env`` set in os.environ for the block (A/B switches the launchers read at every
+    call, forward and backward alike), the previous values restored after."""
+    prev = {n: os.environ.get(n) for n in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for n, v in prev.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def _sync(device: str) -> None:

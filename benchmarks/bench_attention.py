@@ -37,7 +37,6 @@ of recon-triton, recon-cuda, sdpa-cudnn and flex in the PROFILED_CASES.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -263,21 +262,10 @@ def providers(
     return out
 
 
-@contextlib.contextmanager
 def _provider_env(fn):
     """The environment a provider runs under (its ``env`` attribute: the A/B switches,
     read by the launchers at every forward and backward call), restored afterwards."""
-    env = getattr(fn, "env", {})
-    prev = {n: os.environ.get(n) for n in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for n, v in prev.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
+    return C.environ(getattr(fn, "env", {}))
 
 
 def _make_step(fn, q, k, v, do):

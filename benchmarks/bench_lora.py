@@ -7,12 +7,13 @@ bf16, tokens T in {8k, 32k}, in = out = 4096, r in {8, 16, 64}, the fine-tuning 
 (W and bias frozen: gradients of x, A, B). Forward and forward + backward. TFLOP/s counts
 every GEMM's flops (base and rank-r); "vs base alone" is the time of the frozen base matmul
 (x Wᵀ + b and its dx; a floor, not a peer) over the row's: 1.0 would mean the adapter is
-free. Peers: eager peft-style and torch.compile of it. merge_lora is memory-bound: GB/s of
+free. Peers: eager peft-style and torch.compile of it. recon-triton (persistent) runs
+recon-triton under RECON_GEMM_PERSISTENT=1 (one program per SM walking the tiles). merge_lora is memory-bound: GB/s of
 reading W and writing the merged copy (in-place merge: the same traffic), against eager
 W + s·(B @ A). Writes DIR/bench_lora.csv and DIR/bench_lora.md (rewritten after every
 case) and DIR/bench_lora_profile.md (per-kernel time of the first case's forward +
-backward: recon-triton, recon-cuda, eager peft-style). --quick (the device run): T = 8k, r in {16, 64}, torch.compile on the first case,
-Triton autotuning off. --smoke: tiny shapes on the CPU (script test).
+backward: recon-triton, recon-cuda, eager peft-style). --quick (the device run): T = 8k,
+r in {16, 64}, torch.compile on the first case, Triton autotuning off. --smoke: tiny shapes on the CPU (script test).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def is_peer(p: str) -> bool:
     return not p.startswith("recon-") and p != BASE
 
 
+# the A/B switches a provider runs under (around its forward and backward)
+ENV = {"recon-triton (persistent)": {"RECON_GEMM_PERSISTENT": "1"}}
+
 # kernel profiles of the first case's forward + backward (NAME_profile.md; the H200 run had
 # recon-triton fwd+bwd at 0.53x peft-style while its forward was 1.05x)
 PROFILED = ("recon-triton", "recon-cuda", "eager peft-style")
@@ -84,6 +88,9 @@ def bench_case(
     for be, why in backends.items():
         fn = (lambda be=be: rk.lora_linear(x, w, b, a, bb, SCALE, backend=be)) if not why else None
         impls[f"recon-{be}"] = (fn or C.unavailable(why), (x, a, bb), lora_flops)
+    if callable(impls.get("recon-triton", (None,))[0]):
+        # RECON_GEMM_PERSISTENT=1 (ENV): one program per SM walking the tiles (never timed)
+        impls["recon-triton (persistent)"] = impls["recon-triton"]
     impls["eager peft-style"] = (peft, (x, a, bb), lora_flops)
     if compile_peer:
         backend = "inductor" if device == "cuda" else "eager"  # --smoke: no C++ build
@@ -104,35 +111,36 @@ def bench_case(
             if isinstance(fn, str):
                 rows.append({**row, "status": fn})
                 continue
-            try:
-                if mode == "fwd":
+            with C.environ(ENV.get(name, {})):
+                try:
+                    if mode == "fwd":
 
-                    def run(fn=fn):
-                        with torch.no_grad():
-                            return fn()
+                        def run(fn=fn):
+                            with torch.no_grad():
+                                return fn()
 
-                    if name != BASE:
-                        row["max_err"] = (run().float() - ref).abs().max().item()
-                else:
+                        if name != BASE:
+                            row["max_err"] = (run().float() - ref).abs().max().item()
+                    else:
 
-                    def run(fn=fn, inputs=inputs):
-                        torch.autograd.grad(fn(), inputs, dy)
+                        def run(fn=fn, inputs=inputs):
+                            torch.autograd.grad(fn(), inputs, dy)
 
-                # timing first: autotuning must not count towards the memory peak
-                row["ms"], row["p20"], row["p80"] = C.time_ms(run, device, args.quick)
-                if mode == "fwd+bwd":
-                    row["saved_mb"], row["peak_mb"] = C.memory_mb(
-                        fn, lambda y, inputs=inputs: torch.autograd.grad(y, inputs, dy), device
-                    )
-                row["tflops"] = flops_fn(T, k, n, r, mode) / row["ms"] * 1e-9
-                row["status"] = C.STATUS_OK
-                if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
-                    profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
-                if name == BASE:
-                    base_ms[mode] = row["ms"]
-            except Exception as e:  # noqa: BLE001
-                ours = name.startswith("recon-")
-                row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
+                    # timing first: autotuning must not count towards the memory peak
+                    row["ms"], row["p20"], row["p80"] = C.time_ms(run, device, args.quick)
+                    if mode == "fwd+bwd":
+                        row["saved_mb"], row["peak_mb"] = C.memory_mb(
+                            fn, lambda y, inputs=inputs: torch.autograd.grad(y, inputs, dy), device
+                        )
+                    row["tflops"] = flops_fn(T, k, n, r, mode) / row["ms"] * 1e-9
+                    row["status"] = C.STATUS_OK
+                    if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
+                        profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
+                    if name == BASE:
+                        base_ms[mode] = row["ms"]
+                except Exception as e:  # noqa: BLE001
+                    ours = name.startswith("recon-")
+                    row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
             rows.append(row)
     for row in rows:
         if C.is_ok(row) and row["mode"] in base_ms:

@@ -8,7 +8,8 @@ forward and forward + backward (gradients of x, W1, b1, W2, b2). Two cases per s
 
 - ``gelu`` (exact erf): recon-triton, recon-cuda (when built), recon-triton (dW2 recompute)
   (the backward recomputes act(h) on every dW2 tile instead of storing it from the dh GEMM,
-  the default),
+  the default), recon-triton (persistent) (RECON_GEMM_PERSISTENT=1: one program per SM
+  walking the tiles),
   against eager and torch.compile of eager;
 - ``gelu_tanh``: recon-* with the tanh GELU against eager and cuBLASLt's
   GEMM + bias + GELU epilogue (``torch._addmm_activation(use_gelu=True)``, whose GELU is
@@ -70,6 +71,8 @@ def providers(act: str, compile_peer: bool, device: str, backends: dict[str, str
         )
     if act == "gelu" and not backends["triton"]:
         out["recon-triton (dW2 recompute)"] = (out["recon-triton"][0], ("fwd+bwd",), "recompute")
+        # RECON_GEMM_PERSISTENT=1 (ENV): one program per SM walking the tiles (never timed)
+        out["recon-triton (persistent)"] = (out["recon-triton"][0], both, None)
 
     def eager(x, w1, b1, w2, b2):
         return F.linear(apply_activation(F.linear(x, w1, b1), act), w2, b2)
@@ -101,6 +104,9 @@ def providers(act: str, compile_peer: bool, device: str, backends: dict[str, str
         out["cublaslt-addmm-gelu"] = (addmm_act if ok else C.unavailable(why), ("fwd",), None)
     return out
 
+
+# the A/B switches a provider runs under (around its forward and backward)
+ENV = {"recon-triton (persistent)": {"RECON_GEMM_PERSISTENT": "1"}}
 
 # kernel profiles of the first case's forward + backward (NAME_profile.md): where the time
 # of these providers goes (the H200 run had recon-triton fwd+bwd at 0.27x eager there)
@@ -138,37 +144,38 @@ def bench_case(
                 rows.append({**row, "status": fn})
                 continue
             prev = _set_dw2_strategy(strategy)
-            try:
-                if mode == "fwd":
+            with C.environ(ENV.get(name, {})):
+                try:
+                    if mode == "fwd":
 
-                    def run(fn=fn):
-                        with torch.no_grad():
-                            return fn(*params)
+                        def run(fn=fn):
+                            with torch.no_grad():
+                                return fn(*params)
 
-                    row["max_err"] = (run().float() - ref).abs().max().item()
-                else:
+                        row["max_err"] = (run().float() - ref).abs().max().item()
+                    else:
 
-                    def run(fn=fn):
-                        torch.autograd.grad(fn(*params), params, dy)
+                        def run(fn=fn):
+                            torch.autograd.grad(fn(*params), params, dy)
 
-                # timing first: compilation and autotuning (with do_bench's L2-flush
-                # buffer) must not count towards the memory peak
-                row["ms"], row["p20"], row["p80"] = C.time_ms(run, device, args.quick)
-                if mode == "fwd+bwd":
-                    row["saved_mb"], row["peak_mb"] = C.memory_mb(
-                        lambda fn=fn: fn(*params),
-                        lambda y: torch.autograd.grad(y, params, dy),
-                        device,
-                    )
-                row["tflops"] = mlp_flops(T, C_, H, mode) / row["ms"] * 1e-9
-                row["status"] = C.STATUS_OK
-                if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
-                    profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
-            except Exception as e:  # noqa: BLE001  (one failing row must not hide the others)
-                ours = name.startswith("recon-")
-                row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
-            finally:
-                _set_dw2_strategy(prev)
+                    # timing first: compilation and autotuning (with do_bench's L2-flush
+                    # buffer) must not count towards the memory peak
+                    row["ms"], row["p20"], row["p80"] = C.time_ms(run, device, args.quick)
+                    if mode == "fwd+bwd":
+                        row["saved_mb"], row["peak_mb"] = C.memory_mb(
+                            lambda fn=fn: fn(*params),
+                            lambda y: torch.autograd.grad(y, params, dy),
+                            device,
+                        )
+                    row["tflops"] = mlp_flops(T, C_, H, mode) / row["ms"] * 1e-9
+                    row["status"] = C.STATUS_OK
+                    if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
+                        profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
+                except Exception as e:  # noqa: BLE001  (one failing row must not hide the others)
+                    ours = name.startswith("recon-")
+                    row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
+                finally:
+                    _set_dw2_strategy(prev)
             rows.append(row)
     del ref
     C.free(device)

@@ -279,7 +279,8 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
         "eager", "compiled-eager",
     }  # fmt: skip
     mlp = {r["provider"] for r in by_bench["bench_mlp"]}
-    assert {"eager", "torch.compile", "cublaslt-addmm-gelu"} <= mlp
+    assert {"eager", "torch.compile", "cublaslt-addmm-gelu", "recon-triton (persistent)"} <= mlp
+    assert "recon-triton (persistent)" in {r["provider"] for r in by_bench["bench_lora"]}
     # a peer that cannot run here is a row that says why, not a crash (SDPA's CUDA-only
     # backends on the CPU; flex_attention without dropout support)
     st = {(r["case"], r["mode"], r["provider"]): r["status"] for r in by_bench["bench_attention"]}
