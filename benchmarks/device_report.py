@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for title, lines in (
         ("sm_90a gate", gate_lines(W)),
         ("recon check", check_lines(W)),
-        ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e")),
+        ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e") + test_lines(W, "pad0")),
         ("sanitizers", tail(os.path.join(W, "sanitize", "summary.txt"), 10)),
     ):
         if lines:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for title, lines in (
         ("sm_90a gate", gate_lines(W)),
         ("recon check", check_lines(W)),
-        ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e")),
+        ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e") + test_lines(W, "pad0")),
         ("sanitizers", tail(os.path.join(W, "sanitize", "summary.txt"), 5)),
     ):
         if lines:

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 ORDER = [
     "build", "gate", "check", "bench_attn", "bench_mlp", "bench_lora", "launch", "tests",
-    "bench_train", "sanitize", "tests_e2e", "bench_hf", "static",
+    "bench_train", "pad0", "sanitize", "tests_e2e", "bench_hf", "static",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
