@@ -1703,7 +1703,10 @@ def bwd_pad_d(device: torch.device, d: int) -> bool:
     fault is the compiled code's; padded inputs run the regime that passed. Zero columns
     change no score, and their gradients are dropped: the result is exact, at the cost of
     BLOCK_D / d the work (72 -> 128: 1.8x) and the padded copies. The same launches in
-    float32 (FMA dots, no wgmma) passed, so auto leaves other GPUs unpadded."""
+    float32 (FMA dots, no wgmma) passed, so auto leaves other GPUs unpadded. Upstream has
+    similar reports of Hopper wgmma kernels with several tl.dot faulting under triton 3.6-3.7
+    and not 3.5 (triton-lang/triton#10486, #11366); not confirmed to be the same bug. The
+    device run's pad0 step reruns the faulting cases with "0"."""
     mode = os.environ.get("RECON_ATTN_BWD_PAD_D", "auto")
     if mode not in BWD_PAD_MODES:
         raise ValueError(f"RECON_ATTN_BWD_PAD_D: expected one of {BWD_PAD_MODES}, got {mode!r}")
