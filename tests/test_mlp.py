@@ -123,6 +123,20 @@ def test_gemm_descriptor_fallback():
     assert G._operand_desc(z, 1)[1] == 0
 
 
+def test_host_cdiv_and_next_pow2_equal_triton_s():
+    """The launchers' host arithmetic (triton/_common.py: plain Python, triton's own are
+    constexpr_functions costing ~2 us a call) gives triton's values."""
+    import triton
+
+    from recon_kernels.triton._common import cdiv, next_pow2
+
+    vals = [*range(0, 3000), 2**20 - 1, 2**20, 2**20 + 1, 2**31 - 1, 2**31, 3 * 2**33 + 7]
+    for n in vals:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 16, 64, 100, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 @pytest.fixture
 def dw2_store():
     from recon_kernels.triton import mlp as triton_mlp

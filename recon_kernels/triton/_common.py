@@ -15,6 +15,18 @@ TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloa
 SUPPORTED_DTYPES = tuple(TORCH_TO_TL)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host arithmetic: triton.cdiv is a constexpr_function
+    in triton 3.6+, ~2 us per host call, and a launch makes a dozen of these."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), host side
+    (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton ``input_precision`` that matches PyTorch matmul semantics for ``dtype``.
 

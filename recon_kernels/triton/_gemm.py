@@ -43,7 +43,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..codes import ACT_CODES as ACT_IDS  # the codes both backends share (csrc too)
 from ..codes import EPI_ADD, EPI_DACT, EPI_NONE  # noqa: F401  (mlp.py / lora.py use them)
-from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
+from ._common import (
+    INTERPRET,
+    autotune_enabled,
+    cast_rne,
+    cdiv,
+    check_dtype,
+    dot_precision,
+    mma,
+    next_pow2,
+)
 from .attention import _tma_ok  # the descriptor rules (strides, alignment, sm_90+)
 
 # --------------------------------------------------------------------------- activations
@@ -169,7 +178,7 @@ def fit_configs(
     of a dimension), cap fp32 tiles (no tensor cores on the "ieee" path, 4-byte smem),
     drop what exceeds the shared-memory budget or spills on this arch, de-duplicate.
     Never empty."""
-    p2 = lambda n: max(16, triton.next_power_of_2(max(n, 1)))
+    p2 = lambda n: max(16, next_pow2(max(n, 1)))
     out, seen = [], set()
     for c in configs:
         kw = c.kwargs
@@ -979,12 +988,13 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
         sms, bm, bn, min_k = _num_sms(device.index or 0), 128, 128, 1024
     else:
         return 1
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     if tiles * 2 > sms:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), k // min_k, 32))
+    return max(1, min(cdiv(sms, tiles), k // min_k, 32))
 
 
+@functools.lru_cache(maxsize=1024)
 def _min_block_m(M: int, N: int, K: int, esize: int) -> int:
     """Smallest BLOCK_M the autotuner may pick for this problem (sizes the CSUM workspace)."""
     if INTERPRET:
@@ -1060,7 +1070,7 @@ def gemm(
     R = a2.shape[1] if ab2 is not None else 0
     csum = None
     if colsum:
-        rows = triton.cdiv(M, _min_block_m(M, N, K, a.element_size()))
+        rows = cdiv(M, _min_block_m(M, N, K, a.element_size()))
         csum = torch.zeros((rows, N), dtype=torch.float32, device=out.device)
     tma_a = tma_b = 0
     ad, bd = a, b
@@ -1093,11 +1103,11 @@ def gemm(
         float(alpha),
         float(alpha2),
         split_k,
-        triton.next_power_of_2(M),
+        next_pow2(M),
         layout,
     )
     flags = dict(
-        BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))),
+        BLOCK_R=max(16, min(64, next_pow2(max(R, 1)))),
         ACT=ACT_IDS[act],
         PRO_ACT=pro_act,
         HAS_AB2=ab2 is not None,
@@ -1115,7 +1125,7 @@ def gemm(
     )
 
     def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
         return (min(tiles, _programs(out.device)) if pers else tiles, split_k)
 
     if tune:

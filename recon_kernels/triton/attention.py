@@ -31,7 +31,16 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..masks import kpm_bounds
-from ._common import INTERPRET, autotune_enabled, cast_rne, check_dtype, dot_precision, mma
+from ._common import (
+    INTERPRET,
+    autotune_enabled,
+    cast_rne,
+    cdiv,
+    check_dtype,
+    dot_precision,
+    mma,
+    next_pow2,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -286,7 +295,7 @@ def _pruner(kind: str):
                 kept.append(c)  # the consumers hold 128 x 128 x 2 / 256 = 128 per thread
                 continue
             # tiles much larger than the sequence only waste work
-            if bm > max(64, triton.next_power_of_2(nq)) or bn > max(32, triton.next_power_of_2(nk)):
+            if bm > max(64, next_pow2(nq)) or bn > max(32, next_pow2(nk)):
                 continue
             acc, smem = _footprint(kind, bm, bn, bd, c.num_stages, elem)
             limit = max(budget, 96) if wide and c.num_warps >= 8 else budget
@@ -1559,11 +1568,11 @@ def _mask_args(q, nk, mask, key_padding_mask):
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(n)
+    return next_pow2(n)
 
 
 def _tma_ok(*ts) -> bool:
@@ -1623,7 +1632,7 @@ def attention_fwd(
     out = torch.empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     mask_t, mstr, kpm_t, kstr, kvhi = _mask_args(q, NK, mask, key_padding_mask)
-    grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)
+    grid = lambda meta: (cdiv(NQ, meta["BLOCK_M"]) * B * H,)
     # the fast loop takes the row max of the raw scores (max(s) * scale): right only for
     # scale > 0; a negative scale (allowed, as in torch) runs the legacy loop
     fast = fwd_mode() == "fast" and scale > 0
@@ -1762,7 +1771,7 @@ def attention_bwd(
         delta if deterministic else torch.empty((B, H, D, NQ), dtype=torch.float32, device=q.device)
     )
     pre_bm = 64 if not INTERPRET else 32
-    _bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm) * B * H,)](
+    _bwd_preprocess_kernel[(cdiv(NQ, pre_bm) * B * H,)](
         out,
         dout,
         delta,
@@ -1801,20 +1810,20 @@ def attention_bwd(
         scale,
         *_drop_args(dropout_p, seed),
     )
-    key_grid = lambda meta: (triton.cdiv(NK, meta["BLOCK_N"]) * B * H,)  # noqa: E731
+    key_grid = lambda meta: (cdiv(NK, meta["BLOCK_N"]) * B * H,)  # noqa: E731
     if not deterministic:
         _attn_bwd_atomic_kernel[key_grid](
             q, k, v, dout, lse, delta, dk, dv, dq_acc, mask_t, kpm_t, kvhi, *strides, *sizes,
             **common,
         )  # fmt: skip
-        _bwd_dq_convert_kernel[(triton.cdiv(NQ, pre_bm) * B * H,)](
+        _bwd_dq_convert_kernel[(cdiv(NQ, pre_bm) * B * H,)](
             dq_acc, dq, NQ, D, scale, BLOCK_M=pre_bm, BLOCK_D=block_d, UPCAST=INTERPRET
         )
         return dq, dk, dv
     _attn_bwd_dkdv_kernel[key_grid](
         q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]) * B * H,)](
+    _attn_bwd_dq_kernel[lambda meta: (cdiv(NQ, meta["BLOCK_M"]) * B * H,)](
         q, k, v, dout, lse, delta, dq, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
     return dq, dk, dv
