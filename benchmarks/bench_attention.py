@@ -19,9 +19,10 @@ switches, unmasked D=128 cases, forward only), recon-triton-det and recon-cuda-d
 (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
 one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
-flex_attention with a block mask, none in dense cases; no dropout), eager (the float reference as written) and
-compiled-eager (torch.compile of it), the last two only where N x N scores fit (N <= 4096);
---quick compiles it for the first bert and the first gpt case only.
+flex_attention with a block mask, none in dense cases; no dropout), eager (the float
+reference as written) and compiled-eager (torch.compile of it), the last two only where
+N x N scores fit (N <= 4096); --quick compiles it for the first bert and the first gpt
+case only.
 A peer that cannot run here or rejects a case is a row "unavailable: why", never a crash.
 
 Forward and forward+backward; TFLOP/s on useful FLOPs (4·B·H·Nq·Nk_real·D forward, halved
@@ -142,19 +143,16 @@ def providers(
         f.env = env
         return f
 
-    def recon_cuda_under(env: dict[str, str]) -> Callable | str:
-        return recon_under("cuda", env)
-
     # recon-cuda-sm80: the portable CUDA kernels forced (RECON_CUDA_ATTN_FWD and _BWD=sm80)
     # beside recon-cuda (auto: the sm_90a ones on Hopper), the A/B of csrc/attention_*_sm90.cu
     # (the variables are read at every call, forward and backward alike)
-    out["recon-cuda-sm80"] = recon_cuda_under(
-        {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
+    out["recon-cuda-sm80"] = recon_under(
+        "cuda", {"RECON_CUDA_ATTN_FWD": "sm80", "RECON_CUDA_ATTN_BWD": "sm80"}
     )
     # recon-cuda-pingpong: the sm_90a forward's consumer warpgroups taking turns at their
     # GEMMs (RECON_CUDA_ATTN_PINGPONG=1), the A/B of FlashAttention-3's schedule. (The lazy
     # rescaling A/B, RECON_CUDA_ATTN_LAZY=0, ran on the H200: no measurable difference.)
-    out["recon-cuda-pingpong"] = recon_cuda_under({"RECON_CUDA_ATTN_PINGPONG": "1"})
+    out["recon-cuda-pingpong"] = recon_under("cuda", {"RECON_CUDA_ATTN_PINGPONG": "1"})
     if os.environ.get("RECON_GATE_PINGPONG") == "off" and callable(out["recon-cuda-pingpong"]):
         out["recon-cuda-pingpong"] = C.unavailable(
             "turned off by the device gate (benchmarks/sm90_gate.py: its pp probe failed)"
