@@ -493,15 +493,18 @@ def test_attention_fwd_tma_dropout_matches_reference(tma, monkeypatch):
 @pytest.mark.parametrize("bn", ["128", "64"])
 def test_attention_fwd_bn_switch_first_choices(bn, monkeypatch):
     """RECON_ATTN_FWD_BN=128 (default): 128 x 128 on 8 warps first where it does not spill
-    (BLOCK_D <= 64; BLOCK_D = 128 with descriptor loads), the register budget still
-    deciding (key padding at D = 128 keeps 128 x 64); 64: the previous order."""
+    (BLOCK_D <= 64; BLOCK_D = 128 with descriptor loads, key padding too), the register
+    budget still deciding (key padding at D = 128 with pointer loads keeps 128 x 64); 64:
+    the previous order."""
     monkeypatch.setenv("RECON_ATTN_FWD_BN", bn)
     wide = (128, 128, 8, 2) if bn == "128" else (128, 64, 8, 3)
     assert _first("fwd", 64, "split", monkeypatch, FAST=True)[0] == wide
     assert _first("fwd", 128, "split", monkeypatch, FAST=True, TMA=True)[0] == wide
     assert _first("fwd", 128, "split", monkeypatch, FAST=True)[0] == (128, 64, 8, 3)
     kpm = dict(FAST=True, TMA=True, HAS_KPM=True)
-    assert _first("fwd", 128, "split", monkeypatch, **kpm)[0] == (128, 64, 8, 3)
+    assert _first("fwd", 128, "split", monkeypatch, **kpm)[0] == wide
+    kpm_pointers = dict(FAST=True, HAS_KPM=True)
+    assert _first("fwd", 128, "split", monkeypatch, **kpm_pointers)[0] == (128, 64, 8, 3)
     assert _first("fwd", 64, "split", monkeypatch, FAST=False)[0] == (128, 64, 8, 3)
 
 
