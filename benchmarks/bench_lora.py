@@ -8,12 +8,13 @@ bf16, tokens T in {8k, 32k}, in = out = 4096, r in {8, 16, 64}, the fine-tuning 
 every GEMM's flops (base and rank-r); "vs base alone" is the time of the frozen base matmul
 (x Wᵀ + b and its dx; a floor, not a peer) over the row's: 1.0 would mean the adapter is
 free. Peers: eager peft-style and torch.compile of it. recon-triton (persistent) runs
-recon-triton under RECON_GEMM_PERSISTENT=1 (one program per SM walking the tiles). merge_lora is memory-bound: GB/s of
-reading W and writing the merged copy (in-place merge: the same traffic), against eager
-W + s·(B @ A). Writes DIR/bench_lora.csv and DIR/bench_lora.md (rewritten after every
-case) and DIR/bench_lora_profile.md (per-kernel time of the first case's forward +
-backward: recon-triton, recon-cuda, eager peft-style). --quick (the device run): T = 8k,
-r in {16, 64}, torch.compile on the first case, Triton autotuning off. --smoke: tiny shapes on the CPU (script test).
+recon-triton under RECON_GEMM_PERSISTENT=1 (one program per SM walking the tiles).
+merge_lora is memory-bound: GB/s of reading W and writing the merged copy (in-place merge:
+the same traffic), against eager W + s·(B @ A). Writes DIR/bench_lora.csv and
+DIR/bench_lora.md (rewritten after every case) and DIR/bench_lora_profile.md (per-kernel
+time of the first case's forward + backward: recon-triton, recon-cuda, eager peft-style).
+--quick (the device run): T = 8k, r in {16, 64}, torch.compile on the first case, Triton
+autotuning off. --smoke: tiny shapes on the CPU (script test).
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ forward and forward + backward (gradients of x, W1, b1, W2, b2). Two cases per s
 - ``gelu`` (exact erf): recon-triton, recon-cuda (when built), recon-triton (dW2 recompute)
   (the backward recomputes act(h) on every dW2 tile instead of storing it from the dh GEMM,
   the default), recon-triton (persistent) (RECON_GEMM_PERSISTENT=1: one program per SM
-  walking the tiles),
-  against eager and torch.compile of eager;
+  walking the tiles), against eager and torch.compile of eager;
 - ``gelu_tanh``: recon-* with the tanh GELU against eager and cuBLASLt's
   GEMM + bias + GELU epilogue (``torch._addmm_activation(use_gelu=True)``, whose GELU is
   the tanh form; forward only: autograd has no derivative for it).
@@ -19,8 +18,9 @@ TFLOP/s counts the GEMM flops only (4 T C hidden forward, 3x that for forward + 
 Memory, per fwd+bwd row: MB kept alive by the autograd graph after forward and the peak
 above the inputs during forward + backward. Writes DIR/bench_mlp.csv and DIR/bench_mlp.md
 (rewritten after every case), and DIR/bench_mlp_profile.md: per-kernel GPU time of the
-first case's forward + backward (recon-triton, recon-cuda, eager). --quick (the device run): T = 8k, two shapes, torch.compile
-on the first, Triton autotuning off. --smoke: tiny shapes on the CPU (script test).
+first case's forward + backward (recon-triton, recon-cuda, eager). --quick (the device
+run): T = 8k, two shapes, torch.compile on the first, Triton autotuning off. --smoke: tiny
+shapes on the CPU (script test).
 """
 
 from __future__ import annotations

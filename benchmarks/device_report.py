@@ -120,6 +120,18 @@ def gate_lines(work: str) -> list[str]:
     return [ln for ln in tail(os.path.join(work, "gate.log"), 40) if ln.startswith("gate:")]
 
 
+def verdicts(work: str, sanitizer_lines: int) -> list[tuple[str, list[str]]]:
+    """(title, lines) of the gate, check, GPU test and sanitizer steps, for results.md and
+    the summary alike (the summary keeps fewer sanitizer lines)."""
+    tests = test_lines(work, "tests") + test_lines(work, "tests_e2e") + test_lines(work, "pad0")
+    return [
+        ("sm_90a gate", gate_lines(work)),
+        ("recon check", check_lines(work)),
+        ("GPU tests", tests),
+        ("sanitizers", tail(os.path.join(work, "sanitize", "summary.txt"), sanitizer_lines)),
+    ]
+
+
 def bench_summary(rows: list[dict]) -> list[str]:
     """recon rows vs the best peer of the same case and mode; unavailable peers once each."""
     out = []
@@ -183,12 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# device_check part {args.part}", "", head, ""] + tail(env, 12)
     md += ["", "## steps", ""] + step_table(steps)
     md += ["", f"elapsed {args.elapsed} s of the {args.deadline} s deadline", ""]
-    for title, lines in (
-        ("sm_90a gate", gate_lines(W)),
-        ("recon check", check_lines(W)),
-        ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e") + test_lines(W, "pad0")),
-        ("sanitizers", tail(os.path.join(W, "sanitize", "summary.txt"), 10)),
-    ):
+    for title, lines in verdicts(W, sanitizer_lines=10):
         if lines:
             md += [f"## {title}", "", "```", *lines, "```", ""]
     for n in names:
@@ -205,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     s = [f"== device_check part {args.part} summary: {head}"]
     s += [f"   elapsed {args.elapsed} s of the {args.deadline} s deadline; files in {O}"]
     s += step_table(steps)
-    for title, lines in (
-        ("sm_90a gate", gate_lines(W)),
-        ("recon check", check_lines(W)),
-        ("GPU tests", test_lines(W, "tests") + test_lines(W, "tests_e2e") + test_lines(W, "pad0")),
-        ("sanitizers", tail(os.path.join(W, "sanitize", "summary.txt"), 5)),
-    ):
+    for title, lines in verdicts(W, sanitizer_lines=5):
         if lines:
             s += [f"-- {title}", *lines]
     for n in names:

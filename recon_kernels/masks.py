@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-# the last mask's bounds: (mask, its _version, the stream, bounds). A model passes one padding mask to
-# every layer, forward and backward: 7 small launches once per step instead of per call.
+# the last mask's bounds: (mask, its _version, the stream, bounds). A model passes one
+# padding mask to every layer, forward and backward: 7 small launches once per step
+# instead of per call.
 # Held by reference (its memory cannot be reused for another mask while cached); an
 # in-place change bumps _version; never read while a CUDA graph captures (a replay must
 # recompute them from the mask it is given).
