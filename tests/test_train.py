@@ -289,8 +289,16 @@ def test_torchrun_two_processes_gloo_equals_one_process(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(p2.pid, signal.SIGKILL)
             out2, err2 = p2.communicate()
+        # a rank still running prints its threads' stacks on the SIGTERM (init_distributed's
+        # faulthandler): those come first, before torchrun's own traceback
+        stacks = (
+            err2[err2.find("(most recent call first)") - 40 :][:6000]
+            if "most recent call first" in err2
+            else ""
+        )
         pytest.fail(
-            f"torchrun did not finish in 180 s; stderr:\n{err2[-3000:]}\nstdout:\n{out2[-1500:]}"
+            f"torchrun did not finish in 180 s; rank stacks:\n{stacks}\n"
+            f"stderr:\n{err2[-3000:]}\nstdout:\n{out2[-1500:]}"
         )
     assert p2.returncode == 0, err2[-3000:]
     state = json.load(open(os.path.join(two, "step_0000003", "trainer_state.json")))
@@ -358,3 +366,39 @@ def test_bench_train_plan_runs_auto_first_on_a_gpu():
     full = bench_train.plan(False, gpu, ["gpt"])
     assert full[:2] == [("gpt", "recon-auto"), ("gpt", "recon-triton")]
     assert ("gpt", "recon+compile") in full
+
+
+def test_rank_stopped_by_sigterm_prints_its_stack(tmp_path):
+    """A rank that torchrun stops with SIGTERM (a hang timed out, or another rank failed)
+    prints where it waits, then terminates (init_distributed's faulthandler). The rank here
+    joined a 1-process group itself, so init_distributed only registers the handler."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, time\n"
+        "import torch.distributed as dist\n"
+        "from python_models.runs.distributed import init_distributed\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/pg', rank=0, world_size=1)\n"
+        "os.environ.update(WORLD_SIZE='2', RANK='1')\n"
+        "init_distributed('cpu')\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    p = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=60)[1][-3000:]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == -signal.SIGTERM, err[-3000:]
+    assert "most recent call first" in err and f'File "{script}", line 8' in err, err[-3000:]

@@ -57,7 +57,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TEXT_MODELS, TrainConfig
-from .distributed import DistInfo, init_distributed, pick_device
+from .distributed import DistInfo, init_distributed, pick_device, shutdown_distributed
 from .metrics import plot_loss, read_metrics, truncate_metrics
 from .seeding import derive_seed
 from .tasks import (
@@ -460,9 +460,7 @@ def train(
         tokens_per_s=tokens_per_s,
         elapsed_s=elapsed,
     )
-    if run.dinfo.initialized_here:
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed(run.dinfo)
     return result
 
 
