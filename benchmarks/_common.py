@@ -117,6 +117,18 @@ def no_gpu(args: argparse.Namespace, name: str) -> bool:
     return True
 
 
+def start(
+    argv: list[str] | None, name: str, description: str
+) -> tuple[argparse.Namespace, str] | None:
+    """A bench's ``main()`` preamble: the common options parsed, :func:`setup` run, and
+    (args, device) returned; None (after :func:`no_gpu`'s note) when there is nothing to run."""
+    ap = argparse.ArgumentParser(description=description)
+    add_args(ap, name)
+    args = ap.parse_args(argv)
+    device = setup(args)
+    return None if no_gpu(args, name) else (args, device)
+
+
 # --------------------------------------------------------------------------- timing
 
 

@@ -37,7 +37,6 @@ of recon-triton, recon-cuda, sdpa-cudnn and flex in the PROFILED_CASES.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -372,12 +371,10 @@ def bench_case(
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    C.add_args(ap, NAME)
-    args = ap.parse_args(argv)
-    device = C.setup(args)
-    if C.no_gpu(args, NAME):
+    started = C.start(argv, NAME, __doc__.splitlines()[0])
+    if started is None:
         return 0
+    args, device = started
     dtype = torch.float32 if args.smoke else torch.bfloat16
     info = C.env_info(device)
     budget = C.Budget(args.deadline_s)

@@ -27,7 +27,6 @@ interpreter runs the kernels in Python: a test of the script, not a measurement)
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -147,12 +146,10 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_args(ap, NAME)
-    args = ap.parse_args(argv)
-    device = C.setup(args)
-    if C.no_gpu(args, NAME):
+    started = C.start(argv, NAME, __doc__.split("\n\n")[0])
+    if started is None:
         return 0
+    args, device = started
     info = C.env_info(device)
     budget = C.Budget(args.deadline_s)
     calls = 3 if args.smoke else 50 if args.quick else 200

@@ -19,7 +19,6 @@ autotuning off. --smoke: tiny shapes on the CPU (script test).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import _common as C
@@ -204,12 +203,10 @@ def markdown(head: str, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_args(ap, NAME)
-    args = ap.parse_args(argv)
-    device = C.setup(args)
-    if C.no_gpu(args, NAME):
+    started = C.start(argv, NAME, __doc__.split("\n\n")[0])
+    if started is None:
         return 0
+    args, device = started
     import recon_kernels as rk
 
     backends = {b: rk.why_unavailable(b, device) for b in ("triton", "cuda")}

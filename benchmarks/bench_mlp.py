@@ -25,7 +25,6 @@ shapes on the CPU (script test).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import _common as C
@@ -193,12 +192,10 @@ NOTES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_args(ap, NAME)
-    args = ap.parse_args(argv)
-    device = C.setup(args)
-    if C.no_gpu(args, NAME):
+    started = C.start(argv, NAME, __doc__.split("\n\n")[0])
+    if started is None:
         return 0
+    args, device = started
     import recon_kernels as rk
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
