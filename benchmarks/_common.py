@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 
@@ -373,6 +373,56 @@ def skipped(why: str) -> str:
 
 def is_ok(r: dict) -> bool:
     return r.get("status", STATUS_OK) == STATUS_OK and isinstance(r.get("ms"), float)
+
+
+def measure_row(
+    row: dict,
+    call: Callable[[], torch.Tensor],
+    grads_of: Sequence[torch.Tensor],
+    dy: torch.Tensor,
+    device: str,
+    quick: bool,
+    flops: float,
+    *,
+    ref: torch.Tensor | None = None,
+    profiles: list | None = None,
+    profiled: Collection[str] = (),
+) -> dict:
+    """Fill ``row`` (its "mode" fwd or fwd+bwd, its "provider") for the op ``call()``: the
+    forward's max error against ``ref`` (when given), the time, for fwd+bwd the memory
+    (gradients of ``grads_of`` for the output gradient ``dy``), TFLOP/s for ``flops`` and
+    the status; a :func:`kernel_profile` of fwd+bwd into ``profiles`` for the providers in
+    ``profiled``. An exception becomes the row's status (an error for recon's own
+    providers, unavailable for a peer), so one failing row does not hide the others."""
+    name, mode = row["provider"], row["mode"]
+    try:
+        if mode == "fwd":
+
+            def run():
+                with torch.no_grad():
+                    return call()
+
+            if ref is not None:
+                row["max_err"] = (run().float() - ref).abs().max().item()
+        else:
+
+            def run():
+                torch.autograd.grad(call(), grads_of, dy)
+
+        # timing first: compilation and autotuning (with do_bench's L2-flush buffer) must
+        # not count towards the memory peak
+        row["ms"], row["p20"], row["p80"] = time_ms(run, device, quick)
+        if mode == "fwd+bwd":
+            row["saved_mb"], row["peak_mb"] = memory_mb(
+                call, lambda y: torch.autograd.grad(y, grads_of, dy), device
+            )
+        row["tflops"] = flops / row["ms"] * 1e-9
+        row["status"] = STATUS_OK
+        if profiles is not None and mode == "fwd+bwd" and name in profiled:
+            profiles.append((f"{row['case']} {mode} {name}", kernel_profile(run, device)))
+    except Exception as e:  # noqa: BLE001  (one failing row must not hide the others)
+        row["status"] = f"error: {short_error(e)}" if name.startswith("recon-") else unavailable(e)
+    return row
 
 
 def add_peer_ratios(rows: list[dict], is_peer: Callable[[str], bool]) -> None:

@@ -112,35 +112,20 @@ def bench_case(
                 rows.append({**row, "status": fn})
                 continue
             with C.environ(ENV.get(name, {})):
-                try:
-                    if mode == "fwd":
-
-                        def run(fn=fn):
-                            with torch.no_grad():
-                                return fn()
-
-                        if name != BASE:
-                            row["max_err"] = (run().float() - ref).abs().max().item()
-                    else:
-
-                        def run(fn=fn, inputs=inputs):
-                            torch.autograd.grad(fn(), inputs, dy)
-
-                    # timing first: autotuning must not count towards the memory peak
-                    row["ms"], row["p20"], row["p80"] = C.time_ms(run, device, args.quick)
-                    if mode == "fwd+bwd":
-                        row["saved_mb"], row["peak_mb"] = C.memory_mb(
-                            fn, lambda y, inputs=inputs: torch.autograd.grad(y, inputs, dy), device
-                        )
-                    row["tflops"] = flops_fn(T, k, n, r, mode) / row["ms"] * 1e-9
-                    row["status"] = C.STATUS_OK
-                    if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
-                        profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
-                    if name == BASE:
-                        base_ms[mode] = row["ms"]
-                except Exception as e:  # noqa: BLE001
-                    ours = name.startswith("recon-")
-                    row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
+                C.measure_row(
+                    row,
+                    fn,
+                    inputs,
+                    dy,
+                    device,
+                    args.quick,
+                    flops_fn(T, k, n, r, mode),
+                    ref=None if name == BASE else ref,
+                    profiles=profiles,
+                    profiled=PROFILED,
+                )
+            if name == BASE and C.is_ok(row):
+                base_ms[mode] = row["ms"]
             rows.append(row)
     for row in rows:
         if C.is_ok(row) and row["mode"] in base_ms:

@@ -143,38 +143,22 @@ def bench_case(
                 rows.append({**row, "status": fn})
                 continue
             prev = _set_dw2_strategy(strategy)
-            with C.environ(ENV.get(name, {})):
-                try:
-                    if mode == "fwd":
-
-                        def run(fn=fn):
-                            with torch.no_grad():
-                                return fn(*params)
-
-                        row["max_err"] = (run().float() - ref).abs().max().item()
-                    else:
-
-                        def run(fn=fn):
-                            torch.autograd.grad(fn(*params), params, dy)
-
-                    # timing first: compilation and autotuning (with do_bench's L2-flush
-                    # buffer) must not count towards the memory peak
-                    row["ms"], row["p20"], row["p80"] = C.time_ms(run, device, args.quick)
-                    if mode == "fwd+bwd":
-                        row["saved_mb"], row["peak_mb"] = C.memory_mb(
-                            lambda fn=fn: fn(*params),
-                            lambda y: torch.autograd.grad(y, params, dy),
-                            device,
-                        )
-                    row["tflops"] = mlp_flops(T, C_, H, mode) / row["ms"] * 1e-9
-                    row["status"] = C.STATUS_OK
-                    if profiles is not None and mode == "fwd+bwd" and name in PROFILED:
-                        profiles.append((f"{case} {mode} {name}", C.kernel_profile(run, device)))
-                except Exception as e:  # noqa: BLE001  (one failing row must not hide the others)
-                    ours = name.startswith("recon-")
-                    row["status"] = f"error: {C.short_error(e)}" if ours else C.unavailable(e)
-                finally:
-                    _set_dw2_strategy(prev)
+            try:
+                with C.environ(ENV.get(name, {})):
+                    C.measure_row(
+                        row,
+                        lambda fn=fn: fn(*params),
+                        params,
+                        dy,
+                        device,
+                        args.quick,
+                        mlp_flops(T, C_, H, mode),
+                        ref=ref,
+                        profiles=profiles,
+                        profiled=PROFILED,
+                    )
+            finally:
+                _set_dw2_strategy(prev)
             rows.append(row)
     del ref
     C.free(device)

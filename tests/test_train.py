@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -401,4 +402,7 @@ def test_rank_stopped_by_sigterm_prints_its_stack(tmp_path):
             p.kill()
             p.communicate()
     assert p.returncode == -signal.SIGTERM, err[-3000:]
-    assert "most recent call first" in err and f'File "{script}", line 8' in err, err[-3000:]
+    # the handler dumps the frame the signal interrupts: the sleep (line 8), or line 7 when
+    # SIGTERM lands before print() has returned (CI saw that once)
+    assert "most recent call first" in err, err[-3000:]
+    assert re.search(rf'File "{re.escape(str(script))}", line [78] in <module>', err), err[-3000:]
