@@ -5,9 +5,9 @@
 Shapes (bf16): BERT/MAE-like bidirectional with key padding (16k tokens, N=512, D=64,
 H=12, padding 0/25/50%), GPT-like causal (16k tokens, N=1k/4k/8k, D=64 (H=12) and
 D=128 (H=16)), encoder-like dense (bidirectional, no mask: 16k tokens, N=4k/8k, D=128,
-H=16; the FlashAttention-3 paper's non-causal anchors), and training cases with attention
-dropout 0.1 (against SDPA's flash/efficient dropout; no error column there). Cases run
-most important first, so a time budget cuts the least important.
+H=16, the FlashAttention-3 paper's non-causal anchors; N=4k, D=256, H=8), and training
+cases with attention dropout 0.1 (against SDPA's flash/efficient dropout; no error column
+there). Cases run most important first, so a time budget cuts the least important.
 
 Providers: recon-triton, recon-cuda (when built; recon-cuda-sm80 forces the portable
 kernels, RECON_CUDA_ATTN_FWD and _BWD=sm80, the A/B of the sm_90a ones;
@@ -15,8 +15,8 @@ recon-cuda-pingpong, RECON_CUDA_ATTN_PINGPONG=1, the sm_90a forward's warpgroups
 turns at their GEMMs), recon-triton-ws (RECON_ATTN_FWD_WS=1, the Triton forward's
 warp-specialised loop: dense cases at D=128 only, forward only), recon-triton-tma-off and
 recon-triton-bn64 (RECON_ATTN_FWD_TMA=off, RECON_ATTN_FWD_BN=64: the forward's other A/B
-switches, unmasked D=128 cases, forward only), recon-triton-det and recon-cuda-det
-(deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
+switches, unmasked D=128 cases, tma-off D=256 too, forward only), recon-triton-det and
+recon-cuda-det (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
 one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
 flex_attention with a block mask, none in dense cases; no dropout), eager (the float
@@ -71,7 +71,7 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
     def enc(N, D):
         # bidirectional without a mask (a ViT / MAE encoder): the FlashAttention-3 paper's
         # non-causal anchors (benchmarks/results/static-sm90) and RECON_ATTN_FWD_WS's case
-        H = 12 if D == 64 else 16
+        H = {64: 12, 128: 16, 256: 8}[D]
         return dict(
             name=f"enc-N{N}-D{D}", N=N, D=D, H=H, B=16384 // N, causal=False, pad=0.0, dense=True
         )
@@ -87,10 +87,14 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
             gpt(1024, 128),
             bert(0.25, drop=0.1),
             bert(0.5),
+            enc(4096, 256),
         ]
     out = [bert(0.25), bert(0.0), bert(0.5)]
     out += [gpt(N, D) for D in (64, 128) for N in (1024, 4096, 8192)]
     out += [enc(N, 128) for N in (4096, 8192)]
+    # head dim 256 (the Triton forward's descriptor loop with 128 x 64 tiles split over two
+    # warpgroups, A/B: recon-triton-tma-off)
+    out += [enc(4096, 256)]
     # training with attention dropout (BERT / GPT-2 use 0.1): SDPA's flash and efficient
     # kernels take dropout_p too; the error column is left empty (other random numbers)
     out += [bert(0.25, drop=0.1), gpt(4096, 64, drop=0.1)]
@@ -172,17 +176,19 @@ def providers(
     else:
         out["recon-triton-ws"] = recon_under("triton", {"RECON_ATTN_FWD_WS": "1"})
         out["recon-triton-ws"].modes = ("fwd",)
-    # the Triton forward's other A/B switches at D = 128 (never timed on a GPU; forward
-    # only: they change nothing in the backward): K/V by cp.async pointers instead of
-    # device-side TMA descriptors, and 128 x 64 tiles before 128 x 128
-    for label, env in (
-        ("recon-triton-tma-off", {"RECON_ATTN_FWD_TMA": "off"}),
-        ("recon-triton-bn64", {"RECON_ATTN_FWD_BN": "64"}),
+    # the Triton forward's other A/B switches (never timed on a GPU; forward only: they
+    # change nothing in the backward): K/V by cp.async pointers instead of device-side TMA
+    # descriptors (head dim 128 and 256, where "auto" takes descriptors), and 128 x 64
+    # tiles before 128 x 128 (head dim 128)
+    for label, env, dims in (
+        ("recon-triton-tma-off", {"RECON_ATTN_FWD_TMA": "off"}, (128, 256)),
+        ("recon-triton-bn64", {"RECON_ATTN_FWD_BN": "64"}, (128,)),
     ):
-        if case["D"] != 128 or kpm is not None or p:
+        if case["D"] not in dims or kpm is not None or p:
+            where = " and ".join(str(d) for d in dims)
             out[label] = C.skipped(
-                f"{next(iter(env))}={next(iter(env.values()))}: timed at head dim 128 without "
-                "masks or dropout only"
+                f"{next(iter(env))}={next(iter(env.values()))}: timed at head dim {where} "
+                "without masks or dropout only"
             )
         else:
             out[label] = recon_under("triton", env)

@@ -155,8 +155,8 @@ def test_eager_backend_explicit_backward_matches_autograd(mode):
 
 # --------------------------------------------------------------------------- kernels
 
-# (B, H, Nq, Nk, D): every N in {1, 17, 100, 130} and D in {16, 40, 64, 72, 128}
-# appears, with Nq == Nk, Nq < Nk and Nq > Nk.
+# (B, H, Nq, Nk, D): every N in {1, 17, 100, 130} and D in {16, 40, 64, 72, 128, 200, 256}
+# (every head-dim bucket, 256 partial and full) appears, with Nq == Nk, Nq < Nk and Nq > Nk.
 SHAPES = [
     (2, 3, 1, 1, 16),
     (2, 2, 17, 17, 40),
@@ -165,6 +165,8 @@ SHAPES = [
     (1, 2, 17, 100, 128),
     (2, 1, 100, 17, 40),
     (1, 1, 1, 130, 72),
+    (1, 2, 17, 100, 200),
+    (2, 1, 33, 33, 256),
 ]
 
 

@@ -35,6 +35,9 @@ ATTN_FILTERS = [
     "fwd bf16 D=128 causal=1 kpm=0 mask=0 drop=0",
     "fwd fp16 D=64 causal=1 kpm=0 mask=0 drop=0",
     "fwd bf16 D=256 causal=0 kpm=0 mask=1 drop=0",
+    # D = 256 through descriptors (auto): 128 x 64, rows split over the two warpgroups
+    "fwd bf16 D=256 causal=0 kpm=0 mask=0 drop=0",
+    "fwd fp16 D=256 causal=0 kpm=1 mask=0 drop=0",
     # RECON_ATTN_FWD_MASKED=wide: 128 x 64 with the general mask or dropout at D = 128
     "fwd bf16 D=128 causal=0 kpm=0 mask=1 drop=0",
     "fwd bf16 D=128 causal=0 kpm=1 mask=0 drop=1",
@@ -137,10 +140,17 @@ def test_no_spills_and_tensor_cores(report):
         assert r["smem"] <= 227 * 1024, f"{r['case']}: {r['smem']} B shared memory > 227 KiB"
 
 
-@pytest.mark.parametrize("filt", [f for f in ATTN_FILTERS if "D=256" not in f])
+# D = 256: only the forward with descriptor loads and no general mask or dropout has a tile
+# that both splits its rows and fits (see attention._pruner); the other D = 256 rows are
+# checked for spills only
+SPLIT_FILTERS = [
+    f for f in ATTN_FILTERS if "D=256" not in f or (f.startswith("fwd") and "mask=0 drop=0" in f)
+]
+
+
+@pytest.mark.parametrize("filt", SPLIT_FILTERS)
 def test_attention_no_replicated_work(report, filt):
-    """D <= 128 (D = 256 has no tile that both splits its rows and fits: see
-    attention._pruner; its rows are checked for spills only)."""
+    """D <= 128, and the D = 256 forward through descriptors."""
     (r,) = _pick(report, filt)
     assert r["hgmma_per_iter"] == r["hgmma_ideal"], (
         f"{r['case']}: expected the tile's ideal {r['hgmma_ideal']} HGMMA per iteration, "
@@ -169,13 +179,17 @@ FWD_LOOP = {
     # D = 128 with key padding: device descriptors and 128 x 128 as without it (was the
     # cp.async 128 x 64, 11.22 / 10.5)
     "fwd bf16 D=128 causal=0 kpm=1 mask=0 drop=0": ((128, 128), {"3.9": 8.0, "3.6": 7.5}),
+    # D = 256 with descriptors: 128 x 64 on 8 warps (measured 14.25 / 13.62, key padding
+    # 14.25 / 13.72; the pointer loop's 64 x 32 with replicated rows: 51.75 / 40.75)
+    "fwd bf16 D=256 causal=0 kpm=0 mask=0 drop=0": ((128, 64), {"3.9": 14.3, "3.6": 13.7}),
+    "fwd fp16 D=256 causal=0 kpm=1 mask=0 drop=0": ((128, 64), {"3.9": 14.3, "3.6": 13.8}),
 }
 
 
 @pytest.mark.parametrize("filt", list(FWD_LOOP))
 def test_attention_fwd_loop_instructions(report, filt):
     """The forward's steady loop: the 128 x 128 tile, at most the bound's instructions per
-    score element, and at D = 128 the K/V tiles loaded by TMA (UTMALDG, device descriptors);
+    score element, and at D = 128, 256 the K/V tiles loaded by TMA (UTMALDG, device descriptors);
     a regression of the tile order, the descriptor path or the loop body fails here."""
     (r,) = _pick(report, filt)
     tile, bounds = FWD_LOOP[filt]
@@ -186,10 +200,10 @@ def test_attention_fwd_loop_instructions(report, filt):
         f"{r['case']} (triton {r['triton']}): {r['instr_per_elem']} SASS instructions per "
         f"score element in the steady loop, expected <= {bound}"
     )
-    if r["D"] == 128:
+    if r["D"] >= 128:
         assert r["tma"] > 0, f"{r['case']}: expected UTMALDG (RECON_ATTN_FWD_TMA=auto)"
     else:
-        assert r["tma"] == 0, f"{r['case']}: TMA is only the default at BLOCK_D = 128"
+        assert r["tma"] == 0, f"{r['case']}: TMA is only the default at BLOCK_D = 128, 256"
 
 
 @pytest.mark.parametrize("filt", ATOMIC_FILTERS)
@@ -421,17 +435,23 @@ def test_attention_fwd_masked_tiles_switch(mode, tile, mask_mode, monkeypatch):
     assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile
 
 
-TMA_SHAPES = [(2, 1, 17, 100, 40), (2, 2, 100, 17, 72), (2, 1, 1, 1, 40), (1, 2, 17, 100, 128)]
+TMA_SHAPES = [
+    (2, 1, 17, 100, 40),
+    (2, 2, 100, 17, 72),
+    (2, 1, 1, 1, 40),
+    (1, 2, 17, 100, 128),
+    (1, 1, 17, 100, 200),
+]
 
 
-# auto is off below BLOCK_D = 128, so it runs on the D = 128 shape only (the off cases
-# cover the others)
+# auto is off below BLOCK_D = 128, so it runs on the D = 128, 200 (-> 256) shapes only (the
+# off cases cover the others)
 TMA_CASES = [
     (tma, mode, shape)
     for tma in ("host", "device", "off", "auto")
     for mode in ("none", "causal", "mask_kpm", "causal_kpm")
     for shape in TMA_SHAPES
-    if tma != "auto" or shape[-1] == 128
+    if tma != "auto" or shape[-1] > 64
 ]
 
 
@@ -441,7 +461,7 @@ TMA_CASES = [
 def test_attention_fwd_tma_switch_matches_reference(tma, mode, shape, monkeypatch):
     """RECON_ATTN_FWD_TMA in the interpreter (which emulates tensor descriptors): output and
     every gradient vs the float64 reference under the 2x rule, odd Nq/Nk (1, 17, 100) and
-    head dims (40, 72: the descriptor's zero fill pads them to 64, 128), fully masked rows
+    head dims (40, 72, 200: the descriptor's zero fill pads them to 64, 128, 256), fully masked rows
     (batch 0 all padding, a mask row that sees nothing): O = 0 and lse = +inf there; and
     the launch really took descriptors where the mode says so."""
     import torch
@@ -457,8 +477,11 @@ def test_attention_fwd_tma_switch_matches_reference(tma, mode, shape, monkeypatc
     real = A._tma_ok
     monkeypatch.setattr(A, "_tma_ok", lambda *t: used.append(real(*t)) or used[-1])
     _check_kernel("triton", "cpu", torch.bfloat16, shape, mode)
-    # auto: device descriptors at D = 128 without a general mask (key padding included)
-    want = tma in ("host", "device") or (tma == "auto" and shape[-1] == 128 and "mask" not in mode)
+    # auto: device descriptors at BLOCK_D = 128, 256 without a general mask (key padding
+    # included)
+    want = tma in ("host", "device") or (
+        tma == "auto" and A._block_d(shape[-1]) >= 128 and "mask" not in mode
+    )
     if want:
         assert used and all(used), f"{tma} {mode}: descriptors not used ({used})"
     else:
@@ -508,9 +531,33 @@ def test_attention_fwd_bn_switch_first_choices(bn, monkeypatch):
     assert _first("fwd", 64, "split", monkeypatch, FAST=False)[0] == (128, 64, 8, 3)
 
 
-def test_attention_fwd_wide_tile_with_tma_matches_reference(monkeypatch):
-    """The GPU's first choice at D = 128 (128 x 128 with descriptors) run in the
-    interpreter: two query and key blocks, the second partial, causal and not."""
+def test_attention_fwd_d256_tiles(monkeypatch):
+    """BLOCK_D = 256: with descriptor loads and no general mask or dropout every candidate
+    splits its rows (128 x 64 on 8 warps first, key padding too); with pointer loads, a
+    mask, dropout or float32 operands the legacy 8-warp tiles (rows replicated) as before."""
+    import torch
+
+    from recon_kernels.triton.attention import splits_rows
+
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    for extra in ({}, {"HAS_KPM": True}, {"CAUSAL": True}):
+        kept = _first("fwd", 256, "split", monkeypatch, Q=bf16, FAST=True, TMA=True, **extra)
+        assert kept[0] == (128, 64, 8, 2), (extra, kept)
+        assert all(splits_rows("fwd", bm, bn, w) for bm, bn, w, _ in kept), (extra, kept)
+    legacy = (64, 32, 8, 2)
+    assert _first("fwd", 256, "split", monkeypatch, Q=bf16, FAST=True)[0] == legacy
+    for extra in ({"HAS_MASK": True}, {"DROPOUT": True}):
+        kept = _first("fwd", 256, "split", monkeypatch, Q=bf16, FAST=True, TMA=True, **extra)
+        assert kept[0] == legacy, (extra, kept)
+    f32 = torch.empty(0, dtype=torch.float32)
+    assert _first("fwd", 256, "split", monkeypatch, Q=f32, FAST=True, TMA=True)[0] == legacy
+
+
+@pytest.mark.parametrize("d,tile", [(128, (128, 128)), (200, (128, 64))])
+def test_attention_fwd_wide_tile_with_tma_matches_reference(d, tile, monkeypatch):
+    """The GPU's first choice at D = 128 (128 x 128 with descriptors) and D = 200 (BLOCK_D
+    256: 128 x 64, the head dim zero-filled by the descriptors) run in the interpreter: two
+    query and key blocks, the second partial, causal and not."""
     import torch
 
     from recon_kernels.triton import attention as A
@@ -524,9 +571,9 @@ def test_attention_fwd_wide_tile_with_tma_matches_reference(monkeypatch):
     monkeypatch.setattr(kern, "cache", {})
     monkeypatch.setenv("RECON_TRITON_AUTOTUNE", "0")
     for mode in ("none", "causal"):
-        _check_kernel("triton", "cpu", torch.bfloat16, (1, 1, 200, 130, 128), mode)
+        _check_kernel("triton", "cpu", torch.bfloat16, (1, 1, 200, 130, d), mode)
         used = kern.best_config
-        assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == (128, 128)
+        assert (used.kwargs["BLOCK_M"], used.kwargs["BLOCK_N"]) == tile
 
 
 # RECON_ATTN_FWD_WS=1 (D = 128, non-causal): most SASS instructions per score element of a

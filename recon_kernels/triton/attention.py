@@ -260,11 +260,23 @@ def _pruner(kind: str):
         # operand bytes (the forward's K, V may be tensor descriptors: Q is always a tensor)
         q = named_args.get("Q")
         elem = q.element_size() if isinstance(q, torch.Tensor) else 2
-        # D = 256: no tile splits its rows over two warpgroups and fits the registers (the
-        # dK, dV or O accumulators alone take 128+ per thread), nor runs on 4 warps without
-        # spilling its operand fragments: the legacy rules (8 warps, some rows replicated)
-        split = tile_mode() == "split" and bd < 256
-        budget = _budget(kind, flag, split)
+        # D = 256: no backward tile splits its rows over two warpgroups and fits the
+        # registers (the dK, dV or dQ accumulators alone take 128+ per thread), nor runs on
+        # 4 warps without spilling its operand fragments: the legacy rules (8 warps, some
+        # rows replicated). The forward with descriptor loads and no general mask or
+        # dropout does split them: its loop keeps no K/V addresses, so 128 x 64 on 8 warps
+        # (O + S: 160 per thread) and 64 x 64 on 4 spill nowhere (triton 3.6 and 3.9);
+        # float32 operands (no wgmma: FMA dots) keep the legacy tiles
+        wide256 = (
+            bd == 256
+            and elem == 2
+            and kind == "fwd"
+            and flag("FAST")
+            and flag("TMA")
+            and not (flag("HAS_MASK") or flag("DROPOUT"))
+        )
+        split = tile_mode() == "split" and (bd < 256 or wide256)
+        budget = 160 if split and wide256 else _budget(kind, flag, split)
         # RECON_ATTN_FWD_MASKED=wide: the fast loop with a mask or dropout on 8 warps fits
         # 96 (128 x 64 at D = 128: 0 spills); 4-warp tiles keep the budget (64 x 64 spills)
         wide = (
@@ -372,8 +384,11 @@ def fwd_tma_mode() -> str:
       128 with no general mask or dropout: there they take the 128 x 128 tile, 7.97 / 7.48
       instructions per score element under triton 3.9 / 3.6 against 11.2 / 10.5 for the
       cp.async 128 x 64, with key padding too, whose loop below the first padding key is
-      the unmasked one; at BLOCK_D = 64 "device" is 7.22 / 7.03 against 7.27 / 7.00 with
-      pointers, not better under 3.6), pointers elsewhere;
+      the unmasked one; BLOCK_D = 256 likewise: descriptors let 128 x 64 split its rows
+      over two warpgroups without spilling, 14.25 / 13.62 instructions per score element
+      against 51.75 / 40.75 for the pointer loop's 64 x 32 with rows replicated; at
+      BLOCK_D = 64 "device" is 7.22 / 7.03 against 7.27 / 7.00 with pointers, not better
+      under 3.6), pointers elsewhere;
     * "off": pointer loads (cp.async) always.
 
     Any mode falls back to pointers per launch where a descriptor is not allowed (_tma_ok)."""
@@ -388,7 +403,7 @@ def fwd_desc_kind(block_d: int, has_mask: bool, has_kpm: bool, dropout: bool) ->
     of _tma_ok: "host" or "device" descriptors, or "off" (pointers)."""
     mode = fwd_tma_mode()
     if mode == "auto":
-        return "device" if block_d == 128 and not (has_mask or dropout) else "off"
+        return "device" if block_d in (128, 256) and not (has_mask or dropout) else "off"
     return mode
 
 
