@@ -257,16 +257,20 @@ def ideal_hgmma(dots, num_warps: int) -> int:
     return sum(math.ceil(m / (64 * wg)) * math.ceil(n / 256) * (k // 16) for m, n, k in dots)
 
 
-def attention_dots(kernel: str, bm: int, bn: int, bd: int) -> list[tuple[int, int, int]]:
-    """The (M, N, K) tensor-core products of one main-loop iteration."""
+def attention_dots(
+    kernel: str, bm: int, bn: int, bd: int, d_split: int = 1
+) -> list[tuple[int, int, int]]:
+    """The (M, N, K) tensor-core products of one main-loop iteration (``d_split`` > 1: the
+    backward program owning BLOCK_D / d_split gradient columns, scores over all of D)."""
+    g = bd // d_split
     if kernel == "fwd":
         return [(bm, bn, bd), (bm, bd, bn)]
     if kernel == "dq":
-        return [(bm, bn, bd), (bm, bn, bd), (bm, bd, bn)]
+        return [(bm, bn, bd), (bm, bn, bd), (bm, g, bn)]
     if kernel == "dkdv":
-        return [(bn, bm, bd), (bn, bd, bm), (bn, bm, bd), (bn, bd, bm)]
+        return [(bn, bm, bd), (bn, g, bm), (bn, bm, bd), (bn, g, bm)]
     if kernel == "atomic":  # dK/dV's four plus dQᵀ = Kᵀ dSᵀ (D, M), K = BLOCK_N
-        return [(bn, bm, bd), (bn, bd, bm), (bn, bm, bd), (bn, bd, bm), (bd, bm, bn)]
+        return [(bn, bm, bd), (bn, g, bm), (bn, bm, bd), (bn, g, bm), (g, bm, bn)]
     raise ValueError(f"kernel: expected fwd, dq, dkdv or atomic, got {kernel!r}")
 
 
@@ -373,9 +377,12 @@ def attention_cases(dtypes=("bf16", "fp16"), all_configs_for=("bf16",)) -> list[
                     configs = A._pruner(kname)(kern.configs, named)
                     if dt not in all_configs_for:
                         configs = configs[:1]
+                    # D_SPLIT programs per backward tile (bwd_d_split), in the tag if > 1
+                    d_split = named.get("D_SPLIT", 1)
                     for rank, c in enumerate(configs):
                         cases.append(
                             dict(
+                                **({"d_split": d_split} if d_split > 1 else {}),
                                 family="attention",
                                 kernel=kname,
                                 dtype=dt,
@@ -450,6 +457,7 @@ def case_tag(c: dict) -> str:
             f"{c['kernel']} {c['dtype']} D={c['D']} N={c['N']} causal={int(c['causal'])} "
             f"kpm={int(c['kpm'])} mask={int(c['mask'])} drop={int(c['dropout'])} "
             f"BM={c['BM']} BN={c['BN']} w={c['warps']} s={c['stages']}"
+            + (f" dsplit={c['d_split']}" if c.get("d_split", 1) > 1 else "")
         )
     return (
         f"gemm {c['kernel']} {c['dtype']} kcontig={''.join(str(int(x)) for x in c['contiguous_k'])} "
@@ -493,6 +501,8 @@ def compile_case(c: dict):
             BLOCK_N=c["BN"],
             **c.get("extra", {}),
         )
+        if c.get("d_split", 1) > 1:
+            const["D_SPLIT"] = c["d_split"]
         const = {k: v for k, v in const.items() if k in fn.arg_names}
         flags = (c["D"], c["mask"], c["kpm"], c["dropout"])
         for k, v in A.static_constexprs(c["kernel"], *flags, c["causal"]).items():
@@ -505,7 +515,10 @@ def compile_case(c: dict):
         k = compile_kernel(
             fn, ptrs, const, c["warps"], c["stages"], floats, _attn_ints(c["N"], c["D"])
         )
-        return k, attention_dots(c["kernel"], c["BM"], c["BN"], c["D"]), c["BM"] * c["BN"]
+        # per score element of the problem: D_SPLIT programs share each (BM, BN) tile
+        ds = const.get("D_SPLIT", 1)
+        dots = attention_dots(c["kernel"], c["BM"], c["BN"], c["D"], ds)
+        return k, dots, c["BM"] * c["BN"] // ds
     k = _compile_gemm(
         c["dtype"],
         (c["BM"], c["BN"], c["BK"], c["warps"], c["stages"]),

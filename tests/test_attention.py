@@ -824,6 +824,118 @@ def test_backward_head_dim_padding_switch(monkeypatch):
         bwd_pad_d(gpu, 72)
 
 
+def _spy_d_split(monkeypatch, deterministic):
+    """Records (kernel, D_SPLIT, grid size) of each backward kernel launch."""
+    from recon_kernels.triton import attention as TA
+
+    seen = []
+    names = ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") if deterministic else (
+        "_attn_bwd_atomic_kernel",
+    )  # fmt: skip
+    for name in names:
+        kernel = getattr(TA, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                def run(*args, **kwargs):
+                    meta = {"BLOCK_M": 32, "BLOCK_N": 16}  # the interpreter's one config
+                    seen.append((name, kwargs["D_SPLIT"], grid(meta)[0]))
+                    return kernel[grid](*args, **kwargs)
+
+                return run
+
+        monkeypatch.setattr(TA, name, Spy())
+    return seen
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize(
+    "shape,mode",
+    [
+        ((2, 1, 130, 130, 72), "kpm"),
+        ((2, 2, 37, 45, 40), "mask_kpm"),
+        ((1, 2, 17, 100, 72), "causal"),
+        ((2, 1, 20, 33, 64), "none"),
+    ],
+    ids=["130x72-kpm", "37x45x40-mask_kpm", "17x100x72-causal", "20x33x64-none"],
+)
+def test_backward_d_split_matches_reference(
+    backend, device, deterministic, dtype, shape, mode, monkeypatch
+):
+    """RECON_ATTN_BWD_DSPLIT=2 (what "auto" does at BLOCK_D = 256): two programs per
+    backward tile, each owning half of dK, dV, dQ's columns (the scores over all of D), at
+    head dims below and at their block, every mask mode: the 2x rule on every gradient, and
+    the kernels launched with D_SPLIT = 2 on twice the programs."""
+    monkeypatch.setenv("RECON_ATTN_BWD_DSPLIT", "2")
+    seen = _spy_d_split(monkeypatch, deterministic)
+    _check_kernel(backend, device, dtype, shape, mode, deterministic=deterministic)
+    B, H, NQ, NK, _ = shape
+    blocks = {"_attn_bwd_dq_kernel": -(-NQ // 32)}
+    want = [
+        (name, 2, 2 * B * H * blocks.get(name, -(-NK // 16)))
+        for name in (
+            ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+            if deterministic
+            else ("_attn_bwd_atomic_kernel",)
+        )
+    ]
+    assert seen == want, seen
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+def test_backward_d_split_with_dropout(backend, device, deterministic, monkeypatch):
+    """D_SPLIT = 2 with dropout: both programs of a tile regenerate the same keep mask."""
+    monkeypatch.setenv("RECON_ATTN_BWD_DSPLIT", "2")
+    seen = _spy_d_split(monkeypatch, deterministic)
+    (B, H, NQ, NK, D), mode, p = DROP_CASES[0]
+    dtype = torch.bfloat16
+    q, k, v, do = _inputs(B, H, NQ, NK, D, seed=3)
+    mask, kpm, causal = _masks(mode, B, H, NQ, NK)
+    seed = _seed_after(11)
+
+    def ref_fn(q, k, v):
+        return R.attention(q, k, v, mask, kpm, None, causal, dropout_p=p, seed=seed)
+
+    ref, ref_g = _run(ref_fn, (q, k, v), do)
+    low, low_g = _run(ref_fn, [t.to(dtype) for t in (q, k, v)], do.to(dtype))
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+
+    def op(q, k, v):
+        torch.manual_seed(11)
+        return rk.masked_softmax_attention(
+            q, k, v, dev(mask), key_padding_mask=dev(kpm), dropout_p=p, backend=backend,
+            deterministic=deterministic,
+        )  # fmt: skip
+
+    out, g = _run(op, [t.to(device=device, dtype=dtype) for t in (q, k, v)], do.to(device, dtype))
+    assert seen and all(ds == 2 for _, ds, _ in seen), seen
+    assert_rule("out", out.cpu(), ref, low, dtype)
+    for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
+        assert_rule(name, a.cpu(), b, c, dtype)
+
+
+def test_backward_d_split_switch(monkeypatch):
+    from recon_kernels.triton.attention import bwd_d_split
+
+    monkeypatch.delenv("RECON_ATTN_BWD_DSPLIT", raising=False)
+    monkeypatch.delenv("RECON_ATTN_TILES", raising=False)
+    # auto: 16-bit operands at BLOCK_D = 256 only
+    assert bwd_d_split(256, 2) == 2 and bwd_d_split(256, 4) == 1 and bwd_d_split(128, 2) == 1
+    monkeypatch.setenv("RECON_ATTN_TILES", "legacy")
+    assert bwd_d_split(256, 2) == 1
+    monkeypatch.delenv("RECON_ATTN_TILES")
+    monkeypatch.setenv("RECON_ATTN_BWD_DSPLIT", "1")
+    assert bwd_d_split(256, 2) == 1
+    monkeypatch.setenv("RECON_ATTN_BWD_DSPLIT", "2")
+    assert bwd_d_split(64, 4) == 2 and bwd_d_split(32, 2) == 2 and bwd_d_split(16, 2) == 1
+    monkeypatch.setenv("RECON_ATTN_BWD_DSPLIT", "on")
+    with pytest.raises(ValueError, match=r"RECON_ATTN_BWD_DSPLIT: expected one of .*'on'"):
+        bwd_d_split(256, 2)
+
+
 @pytest.mark.parametrize("backend,device", TRITON_CASES)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

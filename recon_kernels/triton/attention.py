@@ -127,7 +127,8 @@ _TILES = {
             (32, 64, 4, 2),
             (32, 32, 4, 2),
             (16, 32, 4, 2),
-            # D = 256 (no tile above fits): mma.sync, some rows replicated, 0 spills
+            # D = 256 at D_SPLIT = 1 (float32, RECON_ATTN_BWD_DSPLIT=1; no tile above fits):
+            # mma.sync, some rows replicated, 0 spills
             (32, 32, 8, 1),
         ],
         # dQ: the MMA rows are the BLOCK_M queries
@@ -143,6 +144,25 @@ _TILES = {
         ],
     },
 }
+
+
+# D_SPLIT = 2 (bwd_d_split: BLOCK_D = 256), most preferred first: each program keeps
+# BLOCK_N x 128 dK / dV (or BLOCK_M x 128 dQ) accumulators and the whole-D Q, dO (K, V)
+# operand tiles. 0 spills under triton 3.6 and 3.9 (benchmarks/sass_report.py); larger
+# tiles spill (64 x 64 / 4 warps: dK, dV and Sᵀ, dPᵀ take 192 per thread) or overflow
+# shared memory. Tried at D_SPLIT = 2 only; with a general mask or dropout dK/dV and the
+# atomic kernel skip their single-stage tiles (16-40 spill bytes under 3.9).
+_DSPLIT_TILES = {
+    "dkdv": [(32, 128, 8, 1), (32, 64, 4, 2), (16, 64, 4, 2)],
+    # 16 x 128 on 2 stages asks 221-223 KiB of shared memory (of the 227 an sm_90 block has)
+    "atomic": [(16, 128, 8, 2), (16, 128, 8, 1)],
+    "dq": [(128, 64, 8, 1), (64, 32, 4, 2)],
+}
+_DSPLIT_SMEM = 224 * 1024
+
+
+def _tile(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
@@ -161,6 +181,8 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
         # the legacy tiles after them: D = 256 falls back to those (see _pruner)
         legacy = _TILES["legacy"].get(kind) or _TILES["legacy"]["bwd"]
         tiles = tiles + [t for t in legacy if t not in tiles]
+    if mode == "split":
+        tiles = tiles + [t for t in _DSPLIT_TILES.get(kind, []) if t not in tiles]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=hook)
         for bm, bn, w, st in tiles
@@ -176,23 +198,32 @@ def _desc_blocks(nargs) -> None:
             desc.block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
 
-def _footprint(kind: str, bm: int, bn: int, bd: int, stages: int, elem: int = 2) -> tuple[int, int]:
+def _footprint(
+    kind: str, bm: int, bn: int, bd: int, stages: int, elem: int = 2, d_split: int = 1
+) -> tuple[int, int]:
     """(fp32 accumulator elements per CTA, shared-memory bytes at ``elem``-byte operands).
 
     fwd keeps O (M x D) and S (M x N) live; dK/dV keeps dK, dV (N x D) and Sᵀ, dPᵀ (N x M);
     dQ keeps dQ (M x D) and S, dP (M x N). Shared memory holds the pipelined operand tiles
     (K, V per stage for fwd/dQ; Q, dO per stage for dK/dV) plus the resident ones, in the
     inputs' dtype: float32 operands take twice the bytes (the 128 x 128 forward at D = 128
-    asked an H200 for 262168 B)."""
+    asked an H200 for 262168 B). ``d_split`` > 1: the gradient accumulators (and the extra
+    operand tiles of the program's columns) are BLOCK_D / d_split wide."""
+    g = bd // d_split  # gradient columns per program
+    # the separately loaded column tiles: their own buffers when pipelined (one stage
+    # stages them through the other operands', as compiled)
+    extra = 1 if d_split > 1 and stages > 1 else 0
     if kind == "fwd":
         acc, smem = bm * bd + bm * bn, stages * bn * bd * 4 + bm * bd * 2
     elif kind == "dkdv":
-        acc, smem = 2 * bn * bd + 2 * bn * bm, stages * bm * bd * 4 + bn * bd * 4
+        acc = 2 * bn * g + 2 * bn * bm
+        smem = stages * bm * (bd + extra * g) * 4 + bn * bd * 4
     elif kind == "atomic":  # dK/dV's, plus the dQᵀ (D, M) product and dSᵀ in shared memory
-        acc = 2 * bn * bd + 2 * bn * bm + bd * bm
-        smem = stages * bm * bd * 4 + bn * bd * 6 + bn * bm * 2
+        acc = 2 * bn * g + 2 * bn * bm + g * bm
+        smem = stages * bm * (bd + extra * g) * 4 + bn * (bd * 4 + g * 2) + bn * bm * 2
     else:
-        acc, smem = bm * bd + 2 * bm * bn, stages * bn * bd * 4 + bm * bd * 4
+        acc = bm * g + 2 * bm * bn
+        smem = stages * bn * (bd * 4 + extra * g * 2) + bm * bd * 4
     return acc, smem * elem // 2
 
 
@@ -230,7 +261,7 @@ def _budget(kind: str, flag, split: bool) -> int:
             return 128
         if kind == "atomic":  # dK/dV's tiles + dQᵀ: 32 x 128, D = 128: 176 spills nowhere;
             return 176  # 64 x 128, D = 128 (224) spills (dropout: see _pruner)
-    if kind == "atomic":  # D = 256: 32 x 32 on 8 warps (104) spills with no mask or dropout
+    if kind == "atomic":  # D = 256, D_SPLIT = 1: 32 x 32 on 8 warps (104 per thread)
         return 104
     if flag("HAS_MASK"):
         budget = 88
@@ -262,8 +293,9 @@ def _pruner(kind: str):
         elem = q.element_size() if isinstance(q, torch.Tensor) else 2
         # D = 256: no backward tile splits its rows over two warpgroups and fits the
         # registers (the dK, dV or dQ accumulators alone take 128+ per thread), nor runs on
-        # 4 warps without spilling its operand fragments: the legacy rules (8 warps, some
-        # rows replicated). The forward with descriptor loads and no general mask or
+        # 4 warps without spilling its operand fragments: D_SPLIT = 2 (the default for
+        # 16-bit operands) halves the accumulators and takes its own tiles; D_SPLIT = 1
+        # keeps the legacy rules (8 warps, some rows replicated). The forward with descriptor loads and no general mask or
         # dropout does split them: its loop keeps no K/V addresses, so 128 x 64 on 8 warps
         # (O + S: 160 per thread) and 64 x 64 on 4 spill nowhere (triton 3.6 and 3.9);
         # float32 operands (no wgmma: FMA dots) keep the legacy tiles
@@ -275,8 +307,26 @@ def _pruner(kind: str):
             and flag("TMA")
             and not (flag("HAS_MASK") or flag("DROPOUT"))
         )
-        split = tile_mode() == "split" and (bd < 256 or wide256)
-        budget = 160 if split and wide256 else _budget(kind, flag, split)
+        # D_SPLIT = 2 (the backward at BLOCK_D = 256): its own tiles, in their order
+        d_split = int(named_args.get("D_SPLIT", kwargs.get("D_SPLIT")) or 1)
+        if tile_mode() == "split" and kind != "fwd":
+            if d_split > 1:
+                tiles = _DSPLIT_TILES[kind]
+                if flag("HAS_MASK") or flag("DROPOUT"):  # the single-stage tiles spill there
+                    tiles = [t for t in tiles if t[3] > 1 or kind == "dq"]
+                order = {t: i for i, t in enumerate(tiles)}
+                pref = [c for c in configs if _tile(c) in order]
+                configs = sorted(pref, key=lambda c: order[_tile(c)]) or configs
+            else:
+                regular = set(_TILES["split"][kind]) | set(_TILES["legacy"]["bwd"])
+                configs = [c for c in configs if _tile(c) in regular] or configs
+        split = tile_mode() == "split" and (bd < 256 or wide256 or d_split > 1)
+        if split and wide256:
+            budget = 160
+        elif d_split > 1 and kind == "atomic":  # 16 x 128: 152, 32 x 128 on 1 stage (176) spills
+            budget = 160
+        else:
+            budget = _budget(kind, flag, split)
         # RECON_ATTN_FWD_MASKED=wide: the fast loop with a mask or dropout on 8 warps fits
         # 96 (128 x 64 at D = 128: 0 spills); 4-warp tiles keep the budget (64 x 64 spills)
         wide = (
@@ -311,9 +361,10 @@ def _pruner(kind: str):
             # tiles much larger than the sequence only waste work
             if bm > max(64, next_pow2(nq)) or bn > max(32, next_pow2(nk)):
                 continue
-            acc, smem = _footprint(kind, bm, bn, bd, c.num_stages, elem)
+            acc, smem = _footprint(kind, bm, bn, bd, c.num_stages, elem, d_split)
             limit = max(budget, 96) if wide and c.num_warps >= 8 else budget
-            if acc > limit * 32 * c.num_warps or smem > 200 * 1024:
+            smem_cap = _DSPLIT_SMEM if d_split > 1 else 200 * 1024
+            if acc > limit * 32 * c.num_warps or smem > smem_cap:
                 continue
             if split and not splits_rows(kind, bm, bn, c.num_warps):
                 continue
@@ -351,6 +402,7 @@ def _ws_tile(c) -> bool:
 
 
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
+_BWD_KEY = [*_KEY, "D_SPLIT"]
 
 
 FWD_MODES = ("fast", "legacy")
@@ -450,6 +502,32 @@ def fwd_bn_mode() -> str:
     return mode
 
 
+BWD_DSPLIT_MODES = ("auto", "1", "2")
+
+
+def bwd_d_split(block_d: int, elem: int = 2) -> int:
+    """RECON_ATTN_BWD_DSPLIT: how many programs share each backward tile's gradient
+    columns (dK, dV, dQ), each computing Sᵀ and dPᵀ over the whole head dim and owning
+    BLOCK_D / D_SPLIT columns. "auto" (default): 2 at BLOCK_D = 256 with 16-bit operands
+    (tile mode "split"), 1 elsewhere; "1": never; "2": wherever BLOCK_D >= 32 (the
+    interpreter tests).
+
+    Why: at D = 256 no backward tile holds the dK and dV accumulators of 64 keys in one
+    warpgroup's registers (256 per thread), and 8 warps on 64 rows replicate the score
+    products (triton puts a chained dot's warps on its rows), so the tiles fell back to
+    32 x 32 mma.sync with rows replicated (99 / 139 instructions per score element, dK/dV
+    and atomic, triton 3.6). Split in two, 64 keys x 128 columns fit one warpgroup on
+    wgmma; the price is Sᵀ and dPᵀ (and exp2) computed twice."""
+    mode = os.environ.get("RECON_ATTN_BWD_DSPLIT", "auto")
+    if mode not in BWD_DSPLIT_MODES:
+        raise ValueError(f"RECON_ATTN_BWD_DSPLIT: expected one of {BWD_DSPLIT_MODES}, got {mode!r}")
+    if mode == "2":
+        return 2 if block_d >= 32 else 1
+    if mode == "auto" and block_d == 256 and elem == 2 and tile_mode() == "split":
+        return 2
+    return 1
+
+
 def static_constexprs(
     kind: str, block_d: int = 128, has_mask=False, has_kpm=False, dropout=False, causal=False
 ) -> dict:
@@ -470,7 +548,7 @@ def static_constexprs(
             "DEV_DESC": desc == "device",
             "WS": ws,
         }
-    return {}
+    return {"D_SPLIT": bwd_d_split(block_d)}
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -1048,7 +1126,7 @@ def _bwd_preprocess_kernel(
 
 
 @triton.autotune(
-    configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
+    configs=_configs("dkdv"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
 )
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
@@ -1108,6 +1186,7 @@ def _attn_bwd_dkdv_kernel(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    D_SPLIT: tl.constexpr,
 ):
     """One program per key block: dV = Pᵀ dO and dK = scale · dSᵀ Q over all query blocks.
 
@@ -1115,14 +1194,18 @@ def _attn_bwd_dkdv_kernel(
     dK, dV are written contiguous (B, H, Nk, D)."""
     num_n = tl.cdiv(NK, BLOCK_N)
     pid = tl.program_id(0)
-    pid_n = pid % num_n
-    bh = (pid // num_n).to(tl.int64)
+    # D_SPLIT programs per key block, each owning BLOCK_D / D_SPLIT gradient columns
+    pid_d = pid % D_SPLIT
+    pid_n = pid // D_SPLIT % num_n
+    bh = (pid // D_SPLIT // num_n).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_g = pid_d * (BLOCK_D // D_SPLIT) + tl.arange(0, BLOCK_D // D_SPLIT)
     n_ok = offs_n < NK
     d_ok = offs_d < HEAD_DIM
+    g_ok = offs_g < HEAD_DIM
     kv_msk = n_ok[:, None] & d_ok[None, :]
     k = tl.load(
         K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
@@ -1139,8 +1222,8 @@ def _attn_bwd_dkdv_kernel(
     LSE += b * slb + h * slh
     DELTA += bh * NQ
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
     lo = 0
     if CAUSAL:
@@ -1187,11 +1270,21 @@ def _attn_bwd_dkdv_kernel(
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if D_SPLIT == 1:
+            do_g = do
+        else:  # this program's dO and Q columns, for dV and dK (dQ's from K)
+            g_msk = m_ok[:, None] & g_ok[None, :]
+            do_g = tl.load(
+                DO + offs_m[:, None] * sdom + offs_g[None, :] * sdod, mask=g_msk, other=0.0
+            )
+            q_g = tl.load(Q + offs_m[:, None] * sqm + offs_g[None, :] * sqd, mask=g_msk, other=0.0)
         if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
             keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
-            dv = mma(cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+            dv = mma(
+                cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST
+            )
         else:
-            dv = mma(cast_rne(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+            dv = mma(cast_rne(pt, do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpt = mma(
             v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
@@ -1199,17 +1292,20 @@ def _attn_bwd_dkdv_kernel(
         if DROPOUT:
             dpt = tl.where(keep, dpt * drop_scale, 0.0)
         dst = pt * (dpt - delta[None, :])
-        dk = mma(cast_rne(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
+        if D_SPLIT == 1:
+            q_g = tl.trans(qt)
+        dk = mma(cast_rne(dst, qt.dtype, UPCAST), q_g, dk, PRECISION, UPCAST)
     dk = dk * sm_scale
     if DROPOUT:
         dv = dv * drop_scale
-    out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
-    tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
+    out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_g[None, :]
+    out_msk = n_ok[:, None] & g_ok[None, :]
+    tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=out_msk)
+    tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=out_msk)
 
 
 @triton.autotune(
-    configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
+    configs=_configs("dq"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
 )
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
@@ -1268,21 +1364,26 @@ def _attn_bwd_dq_kernel(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    D_SPLIT: tl.constexpr,
 ):
     """One program per query block: dQ = scale · dS K over the key blocks it can see.
     dQ is written contiguous (B, H, Nq, D)."""
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid = tl.program_id(0)
-    pid_m = pid % num_m
+    # D_SPLIT programs per query block, each owning BLOCK_D / D_SPLIT columns of dQ
+    pid_d = pid % D_SPLIT
+    pid_m = pid // D_SPLIT % num_m
     if CAUSAL:
         pid_m = num_m - 1 - pid_m
-    bh = (pid // num_m).to(tl.int64)
+    bh = (pid // D_SPLIT // num_m).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_g = pid_d * (BLOCK_D // D_SPLIT) + tl.arange(0, BLOCK_D // D_SPLIT)
     m_ok = offs_m < NQ
     d_ok = offs_d < HEAD_DIM
+    g_ok = offs_g < HEAD_DIM
     q_msk = m_ok[:, None] & d_ok[None, :]
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_msk, other=0.0
@@ -1300,7 +1401,7 @@ def _attn_bwd_dq_kernel(
     K += b * skb + h * skh
     V += b * svb + h * svh
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
     hi = NK
     if CAUSAL:
@@ -1348,18 +1449,26 @@ def _attn_bwd_dq_kernel(
             keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = mma(cast_rne(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
+        if D_SPLIT == 1:
+            k_g = tl.trans(kt)
+        else:  # this program's K columns
+            k_g = tl.load(
+                K + offs_n[:, None] * skn + offs_g[None, :] * skd,
+                mask=n_ok[:, None] & g_ok[None, :],
+                other=0.0,
+            )
+        dq = mma(cast_rne(ds, kt.dtype, UPCAST), k_g, dq, PRECISION, UPCAST)
     dq = dq * sm_scale
     tl.store(
-        DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_g[None, :],
         cast_rne(dq, DQ.dtype.element_ty, UPCAST),
-        mask=q_msk,
+        mask=m_ok[:, None] & g_ok[None, :],
     )
 
 
 @triton.autotune(
     configs=_configs("atomic"),
-    key=_KEY,
+    key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _pruner("atomic")},
     reset_to_zero=["DQ_ACC"],
 )
@@ -1422,6 +1531,7 @@ def _attn_bwd_atomic_kernel(
     DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    D_SPLIT: tl.constexpr,
 ):
     """The whole backward in one pass over the key blocks (deterministic=False): 5 GEMMs
     per tile instead of the two-kernel path's 7 (S and dP are not recomputed for dQ).
@@ -1433,14 +1543,18 @@ def _attn_bwd_atomic_kernel(
     of the atomic adds varies run to run: dQ is not bit-reproducible (dK, dV are)."""
     num_n = tl.cdiv(NK, BLOCK_N)
     pid = tl.program_id(0)
-    pid_n = pid % num_n
-    bh = (pid // num_n).to(tl.int64)
+    # D_SPLIT programs per key block, each owning BLOCK_D / D_SPLIT gradient columns
+    pid_d = pid % D_SPLIT
+    pid_n = pid // D_SPLIT % num_n
+    bh = (pid // D_SPLIT // num_n).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_g = pid_d * (BLOCK_D // D_SPLIT) + tl.arange(0, BLOCK_D // D_SPLIT)
     n_ok = offs_n < NK
     d_ok = offs_d < HEAD_DIM
+    g_ok = offs_g < HEAD_DIM
     kv_msk = n_ok[:, None] & d_ok[None, :]
     k = tl.load(
         K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
@@ -1452,15 +1566,22 @@ def _attn_bwd_atomic_kernel(
         mask=kv_msk,
         other=0.0,
     )
-    kt = tl.trans(k)  # (D, N): the A operand of dQᵀ
+    if D_SPLIT == 1:
+        kt = tl.trans(k)  # (D, N): the A operand of dQᵀ
+    else:  # this program's K columns
+        kt = tl.load(
+            K + b * skb + h * skh + offs_n[None, :] * skn + offs_g[:, None] * skd,
+            mask=n_ok[None, :] & g_ok[:, None],
+            other=0.0,
+        )
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
     LSE += b * slb + h * slh
     DELTA += bh * NQ
     DQ_ACC += bh * HEAD_DIM * NQ
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
     lo = 0
     if CAUSAL:
@@ -1507,11 +1628,21 @@ def _attn_bwd_atomic_kernel(
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if D_SPLIT == 1:
+            do_g = do
+        else:  # this program's dO and Q columns, for dV and dK (dQ's from K)
+            g_msk = m_ok[:, None] & g_ok[None, :]
+            do_g = tl.load(
+                DO + offs_m[:, None] * sdom + offs_g[None, :] * sdod, mask=g_msk, other=0.0
+            )
+            q_g = tl.load(Q + offs_m[:, None] * sqm + offs_g[None, :] * sqd, mask=g_msk, other=0.0)
         if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
             keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
-            dv = mma(cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+            dv = mma(
+                cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST
+            )
         else:
-            dv = mma(cast_rne(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+            dv = mma(cast_rne(pt, do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dpt = mma(
             v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
@@ -1519,20 +1650,25 @@ def _attn_bwd_atomic_kernel(
         if DROPOUT:
             dpt = tl.where(keep, dpt * drop_scale, 0.0)
         dst = cast_rne(pt * (dpt - delta[None, :]), qt.dtype, UPCAST)
-        dk = mma(dst, tl.trans(qt), dk, PRECISION, UPCAST)
-        dqt = mma(kt, dst, tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
+        if D_SPLIT == 1:
+            q_g = tl.trans(qt)
+        dk = mma(dst, q_g, dk, PRECISION, UPCAST)
+        dqt = mma(
+            kt, dst, tl.zeros([BLOCK_D // D_SPLIT, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
+        )
         tl.atomic_add(
-            DQ_ACC + offs_d[:, None] * NQ + offs_m[None, :],
+            DQ_ACC + offs_g[:, None] * NQ + offs_m[None, :],
             dqt,
-            mask=d_ok[:, None] & m_ok[None, :],
+            mask=g_ok[:, None] & m_ok[None, :],
             sem="relaxed",
         )
     dk = dk * sm_scale
     if DROPOUT:
         dv = dv * drop_scale
-    out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=kv_msk)
-    tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=kv_msk)
+    out_off = bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_g[None, :]
+    out_msk = n_ok[:, None] & g_ok[None, :]
+    tl.store(DK + out_off, cast_rne(dk, DK.dtype.element_ty, UPCAST), mask=out_msk)
+    tl.store(DV + out_off, cast_rne(dv, DV.dtype.element_ty, UPCAST), mask=out_msk)
 
 
 @triton.jit
@@ -1828,7 +1964,9 @@ def attention_bwd(
         scale,
         *_drop_args(dropout_p, seed),
     )
-    key_grid = lambda meta: (cdiv(NK, meta["BLOCK_N"]) * B * H,)  # noqa: E731
+    d_split = bwd_d_split(block_d, q.element_size())
+    common["D_SPLIT"] = d_split
+    key_grid = lambda meta: (cdiv(NK, meta["BLOCK_N"]) * B * H * d_split,)  # noqa: E731
     if not deterministic:
         _attn_bwd_atomic_kernel[key_grid](
             q, k, v, dout, lse, delta, dk, dv, dq_acc, mask_t, kpm_t, kvhi, *strides, *sizes,
@@ -1841,7 +1979,7 @@ def attention_bwd(
     _attn_bwd_dkdv_kernel[key_grid](
         q, k, v, dout, lse, delta, dk, dv, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
-    _attn_bwd_dq_kernel[lambda meta: (cdiv(NQ, meta["BLOCK_M"]) * B * H,)](
+    _attn_bwd_dq_kernel[lambda meta: (cdiv(NQ, meta["BLOCK_M"]) * B * H * d_split,)](
         q, k, v, dout, lse, delta, dq, mask_t, kpm_t, kvhi, *strides, *sizes, **common
     )
     return dq, dk, dv
