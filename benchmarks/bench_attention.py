@@ -15,7 +15,8 @@ recon-cuda-pingpong, RECON_CUDA_ATTN_PINGPONG=1, the sm_90a forward's warpgroups
 turns at their GEMMs), recon-triton-ws (RECON_ATTN_FWD_WS=1, the Triton forward's
 warp-specialised loop: dense cases at D=128 only, forward only), recon-triton-tma-off and
 recon-triton-bn64 (RECON_ATTN_FWD_TMA=off, RECON_ATTN_FWD_BN=64: the forward's other A/B
-switches, unmasked D=128 cases, tma-off D=256 too, forward only), recon-triton-det and
+switches, unmasked D=128 cases, tma-off D=256 too, forward only), recon-triton-dsplit1
+(RECON_ATTN_BWD_DSPLIT=1: the D=256 backward unsplit, fwd+bwd only), recon-triton-det and
 recon-cuda-det (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
 one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
@@ -57,6 +58,8 @@ def shapes(quick: bool, smoke: bool) -> list[dict]:
             dict(name="gpt-drop10", N=20, D=16, H=1, B=1, causal=True, pad=0.0, drop=0.1),
             # the dense case, where recon-triton-ws runs (head dim 128, whole key blocks)
             dict(name="enc-N128-D128", N=128, D=128, H=1, B=1, causal=False, pad=0.0, dense=True),
+            # head dim 256: the backward's column split and its A/B (recon-triton-dsplit1)
+            dict(name="enc-N40-D256", N=40, D=256, H=1, B=1, causal=False, pad=0.0, dense=True),
         ]
 
     def bert(pad, drop=0.0):
@@ -193,6 +196,19 @@ def providers(
         else:
             out[label] = recon_under("triton", env)
             out[label].modes = ("fwd",)
+    # recon-triton-dsplit1: the Triton backward at head dim 256 without its column split
+    # (RECON_ATTN_BWD_DSPLIT=1: 32 x 32 mma.sync tiles, rows replicated), fwd+bwd only
+    if case["D"] != 256:
+        out["recon-triton-dsplit1"] = C.skipped(
+            "RECON_ATTN_BWD_DSPLIT=1 changes the backward at head dim 256 only"
+        )
+    else:
+        out["recon-triton-dsplit1"] = recon_under("triton", {"RECON_ATTN_BWD_DSPLIT": "1"})
+        if callable(out["recon-triton-dsplit1"]):
+            out["recon-triton-dsplit1"].modes = ("fwd+bwd",)
+            out["recon-triton-dsplit1"].skip_why = (
+                "skipped: a backward switch (the forward is recon-triton's)"
+            )
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):
@@ -340,9 +356,8 @@ def bench_case(
                 rows.append({**row, "status": f"skipped: {name[:-4]}'s forward (same kernel)"})
                 continue
             if mode not in getattr(fn, "modes", (mode,)):
-                rows.append(
-                    {**row, "status": "skipped: a forward switch (the backward is recon-triton's)"}
-                )
+                why = "skipped: a forward switch (the backward is recon-triton's)"
+                rows.append({**row, "status": getattr(fn, "skip_why", why)})
                 continue
             if mode != "fwd" and name in failed:  # do not pay a failing compile twice
                 rows.append({**row, "status": failed[name] + " (as in fwd)"})

@@ -275,7 +275,7 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
             assert float(r["p20"]) <= float(r["ms"]) <= float(r["p80"]), r
     att = {r["provider"] for r in by_bench["bench_attention"]}
     assert att == {
-        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-ws", "recon-triton-tma-off", "recon-triton-bn64", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
+        "recon-triton", "recon-cuda", "recon-cuda-sm80", "recon-cuda-pingpong", "recon-triton-ws", "recon-triton-tma-off", "recon-triton-bn64", "recon-triton-dsplit1", "recon-triton-det", "recon-cuda-det", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex",
         "eager", "compiled-eager",
     }  # fmt: skip
     mlp = {r["provider"] for r in by_bench["bench_mlp"]}
@@ -287,6 +287,10 @@ def test_dry_run_runs_the_smoke_benches_within_a_tiny_deadline(tmp_path):
     assert st[("bert-pad25", "fwd", "sdpa-efficient")].startswith("unavailable: RuntimeError")
     assert st[("gpt-drop10", "fwd", "flex")] == "unavailable: flex_attention has no dropout"
     assert st[("bert-pad25", "fwd", "sdpa-flash")] == "ok"
+    # the D = 256 backward A/B: timed fwd+bwd at head dim 256, skipped elsewhere and in fwd
+    assert st[("enc-N40-D256", "fwd+bwd", "recon-triton-dsplit1")] == "ok"
+    assert st[("enc-N40-D256", "fwd", "recon-triton-dsplit1")].startswith("skipped: a backward")
+    assert st[("bert-pad25", "fwd+bwd", "recon-triton-dsplit1")].startswith("skipped:")
     md = (out / "results.md").read_text()
     assert "## steps" in md and "| bench_attn | ok |" in md and "x best peer" in md
     # the kernel profiles (the first MLP / LoRA case, attention's PROFILED_CASES) travel in

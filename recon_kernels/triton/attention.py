@@ -295,18 +295,13 @@ def _pruner(kind: str):
         # registers (the dK, dV or dQ accumulators alone take 128+ per thread), nor runs on
         # 4 warps without spilling its operand fragments: D_SPLIT = 2 (the default for
         # 16-bit operands) halves the accumulators and takes its own tiles; D_SPLIT = 1
-        # keeps the legacy rules (8 warps, some rows replicated). The forward with descriptor loads and no general mask or
-        # dropout does split them: its loop keeps no K/V addresses, so 128 x 64 on 8 warps
-        # (O + S: 160 per thread) and 64 x 64 on 4 spill nowhere (triton 3.6 and 3.9);
-        # float32 operands (no wgmma: FMA dots) keep the legacy tiles
-        wide256 = (
-            bd == 256
-            and elem == 2
-            and kind == "fwd"
-            and flag("FAST")
-            and flag("TMA")
-            and not (flag("HAS_MASK") or flag("DROPOUT"))
-        )
+        # keeps the legacy rules (8 warps, some rows replicated). The forward with
+        # descriptor loads does split them: its loop keeps no K/V addresses, so 128 x 64 on
+        # 8 warps (O + S: 160 per thread) and 64 x 64 on 4 spill nowhere, a general mask or
+        # key padding included; with dropout (its hash tiles) 128 x 32 (144) and 64 x 32
+        # spill nowhere, 128 x 64 does under 3.9 (causal, key padding: 32 bytes). Triton
+        # 3.6 and 3.9; float32 operands (no wgmma: FMA dots) keep the legacy tiles
+        wide256 = bd == 256 and elem == 2 and kind == "fwd" and flag("FAST") and flag("TMA")
         # D_SPLIT = 2 (the backward at BLOCK_D = 256): its own tiles, in their order
         d_split = int(named_args.get("D_SPLIT", kwargs.get("D_SPLIT")) or 1)
         if tile_mode() == "split" and kind != "fwd":
@@ -322,7 +317,7 @@ def _pruner(kind: str):
                 configs = [c for c in configs if _tile(c) in regular] or configs
         split = tile_mode() == "split" and (bd < 256 or wide256 or d_split > 1)
         if split and wide256:
-            budget = 160
+            budget = 144 if flag("DROPOUT") else 160
         elif d_split > 1 and kind == "atomic":  # 16 x 128: 152, 32 x 128 on 1 stage (176) spills
             budget = 160
         else:
@@ -436,11 +431,12 @@ def fwd_tma_mode() -> str:
       128 with no general mask or dropout: there they take the 128 x 128 tile, 7.97 / 7.48
       instructions per score element under triton 3.9 / 3.6 against 11.2 / 10.5 for the
       cp.async 128 x 64, with key padding too, whose loop below the first padding key is
-      the unmasked one; BLOCK_D = 256 likewise: descriptors let 128 x 64 split its rows
-      over two warpgroups without spilling, 14.25 / 13.62 instructions per score element
-      against 51.75 / 40.75 for the pointer loop's 64 x 32 with rows replicated; at
-      BLOCK_D = 64 "device" is 7.22 / 7.03 against 7.27 / 7.00 with pointers, not better
-      under 3.6), pointers elsewhere;
+      the unmasked one; BLOCK_D = 256 with any masks or dropout: descriptors let 128 x 64
+      (dropout: 128 x 32) split its rows over two warpgroups without spilling, 14.25 /
+      13.62 instructions per score element against 51.75 / 40.75 for the pointer loop's
+      64 x 32 with rows replicated, 18.97 / 20.97 against 62.25 / 50.5 with a general mask,
+      38.62 / 36.94 against 83.25 / 70 with dropout; at BLOCK_D = 64 "device" is 7.22 /
+      7.03 against 7.27 / 7.00 with pointers, not better under 3.6), pointers elsewhere;
     * "off": pointer loads (cp.async) always.
 
     Any mode falls back to pointers per launch where a descriptor is not allowed (_tma_ok)."""
@@ -455,7 +451,9 @@ def fwd_desc_kind(block_d: int, has_mask: bool, has_kpm: bool, dropout: bool) ->
     of _tma_ok: "host" or "device" descriptors, or "off" (pointers)."""
     mode = fwd_tma_mode()
     if mode == "auto":
-        return "device" if block_d in (128, 256) and not (has_mask or dropout) else "off"
+        if block_d == 256 or (block_d == 128 and not (has_mask or dropout)):
+            return "device"
+        return "off"
     return mode
 
 
