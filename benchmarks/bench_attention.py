@@ -203,12 +203,10 @@ def providers(
             "RECON_ATTN_BWD_DSPLIT=1 changes the backward at head dim 256 only"
         )
     else:
-        out["recon-triton-dsplit1"] = recon_under("triton", {"RECON_ATTN_BWD_DSPLIT": "1"})
-        if callable(out["recon-triton-dsplit1"]):
-            out["recon-triton-dsplit1"].modes = ("fwd+bwd",)
-            out["recon-triton-dsplit1"].skip_why = (
-                "skipped: a backward switch (the forward is recon-triton's)"
-            )
+        fn = out["recon-triton-dsplit1"] = recon_under("triton", {"RECON_ATTN_BWD_DSPLIT": "1"})
+        if callable(fn):
+            fn.modes = ("fwd+bwd",)
+            fn.skip_why = "skipped: a backward switch (the forward is recon-triton's)"
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):

@@ -170,8 +170,7 @@ def test_attention_no_replicated_work(report, filt):
     # Rows replicated between warpgroups show as 2x this.
     want = ds * (1.0 + 4.0 / r["BN"] if r["kernel"] == "fwd" else 1.0)
     assert r["ex2_per_elem"] <= want + 1e-3, (
-        f"{r['case']}: expected <= {want:.3f} MUFU.EX2 per score element, "
-        f"got {r['ex2_per_elem']}"
+        f"{r['case']}: expected <= {want:.3f} MUFU.EX2 per score element, got {r['ex2_per_elem']}"
     )
 
 
