@@ -16,7 +16,8 @@ turns at their GEMMs), recon-triton-ws (RECON_ATTN_FWD_WS=1, the Triton forward'
 warp-specialised loop: dense cases at D=128 only, forward only), recon-triton-tma-off and
 recon-triton-bn64 (RECON_ATTN_FWD_TMA=off, RECON_ATTN_FWD_BN=64: the forward's other A/B
 switches, unmasked D=128 cases, tma-off D=256 too, forward only), recon-triton-dsplit1
-(RECON_ATTN_BWD_DSPLIT=1: the D=256 backward unsplit, fwd+bwd only), recon-triton-det and
+(RECON_ATTN_BWD_DSPLIT=1: the D=256 backward unsplit, fwd+bwd only), recon-triton-bwd1loop
+(RECON_ATTN_BWD_FAST=0: the backward without its interior loop, fwd+bwd only), recon-triton-det and
 recon-cuda-det (deterministic=True, fwd+bwd only: Triton's two-kernel backward, the A/B of its atomic-dQ
 one; the CUDA sm_90a backward with its dQ sums in order); peers sdpa-flash, sdpa-efficient,
 sdpa-cudnn (torch.nn.attention.sdpa_kernel with one backend each), flex (compiled
@@ -204,6 +205,18 @@ def providers(
         )
     else:
         fn = out["recon-triton-dsplit1"] = recon_under("triton", {"RECON_ATTN_BWD_DSPLIT": "1"})
+        if callable(fn):
+            fn.modes = ("fwd+bwd",)
+            fn.skip_why = "skipped: a backward switch (the forward is recon-triton's)"
+    # recon-triton-bwd1loop: the Triton backward with one tested loop (RECON_ATTN_BWD_FAST=0,
+    # no interior loop without load masks or tests), fwd+bwd only, the A/B of that loop
+    # (where that loop runs many blocks: head dims 64-256, N >= 128)
+    if case["D"] not in (64, 128, 256) or case["N"] < 128:
+        out["recon-triton-bwd1loop"] = C.skipped(
+            "RECON_ATTN_BWD_FAST=0: timed at head dims 64, 128, 256 and N >= 128 only"
+        )
+    else:
+        fn = out["recon-triton-bwd1loop"] = recon_under("triton", {"RECON_ATTN_BWD_FAST": "0"})
         if callable(fn):
             fn.modes = ("fwd+bwd",)
             fn.skip_why = "skipped: a backward switch (the forward is recon-triton's)"

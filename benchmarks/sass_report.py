@@ -6,7 +6,8 @@ prologue/epilogue variant of the MLP and LoRA ops over its tiles) with
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and reads the cubin with the
 cuobjdump shipped in the triton wheel. Per kernel it records:
 
-* regs, spill bytes (stack + local), shared memory;
+* regs, spill bytes (stack + local), spill instructions (STL / LDL) anywhere and inside
+  loops, shared memory;
 * the steady main loop (the innermost backward branch with the most tensor-core
   instructions; ties go to the shortest, i.e. the unmasked full-block loop): HGMMA per
   iteration next to the tile's ideal (each warpgroup owns 64-row slices, full N <= 256),
@@ -237,9 +238,15 @@ def sass_metrics(sass: str) -> dict:
             loops, key=lambda lp: (lp["hgmma"] + lp["hmma"] > 0, lp["mma_work"], -lp["instrs"])
         )
     all_waits = [int(m.group(1), 16) for t in texts for m in [_WAIT.search(t)] if m]
+    spill = re.compile(r"\b(STL|LDL)\b")
     return dict(
         total_instrs=len(texts),
         loops=len(loops),
+        # local-memory (spill) stores and loads inside any innermost loop, and anywhere
+        loop_spills=sum(
+            bool(spill.search(texts[i])) for lo, hi in find_loops(instrs) for i in range(lo, hi + 1)
+        ),
+        spill_instrs=sum(bool(spill.search(t)) for t in texts),
         main=main,
         kernel_wait_depth=max(all_waits) if all_waits else None,
         tma=sum(bool(re.search(r"\bU(TMALDG|BLKCP|TMASTG|TMAPF)\b", t)) for t in texts),

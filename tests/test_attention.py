@@ -599,6 +599,8 @@ DROP_CASES = [
     ((2, 3, 17, 100, 40), "mask_kpm", 0.3),
     ((2, 2, 100, 17, 72), "causal_kpm", 0.5),
     ((1, 2, 1, 130, 64), "none", 0.1),
+    # whole blocks below the causal diagonal: the backward's interior loop with dropout
+    ((1, 2, 70, 100, 64), "causal", 0.2),
 ]
 
 
@@ -915,6 +917,45 @@ def test_backward_d_split_with_dropout(backend, device, deterministic, monkeypat
     assert_rule("out", out.cpu(), ref, low, dtype)
     for name, a, b, c in zip(("dq", "dk", "dv"), g, ref_g, low_g):
         assert_rule(name, a.cpu(), b, c, dtype)
+
+
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fast", "one-loop"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "two-pass"])
+@pytest.mark.parametrize(
+    "shape,mode,d_split",
+    [
+        ((1, 2, 100, 70, 64), "causal", "auto"),
+        ((1, 2, 70, 100, 64), "causal", "auto"),
+        ((3, 1, 96, 80, 64), "rpad_causal", "auto"),
+        ((2, 1, 64, 96, 32), "none", "auto"),
+        ((3, 1, 70, 100, 64), "rpad", "2"),
+    ],
+    ids=["100x70-causal", "70x100-causal", "96x80-rpad_causal", "64x96-none", "rpad-dsplit2"],
+)
+def test_backward_interior_blocks_match_reference(
+    backend, device, fast, deterministic, shape, mode, d_split, monkeypatch
+):
+    """RECON_ATTN_BWD_FAST=1 (default): the backward's interior blocks (whole query and key
+    blocks, every pair allowed) run a loop with no load masks and no test, the causal
+    diagonal, the partial last blocks and the padding keys the tested loop; at Nq > Nk and
+    Nq < Nk (the diagonal offset), right padding (whole key blocks before a sequence's first
+    padding key), whole blocks only, and with D_SPLIT = 2. "0" (one tested loop) too."""
+    monkeypatch.setenv("RECON_ATTN_BWD_FAST", fast)
+    monkeypatch.setenv("RECON_ATTN_BWD_DSPLIT", d_split)
+    _check_kernel(backend, device, torch.bfloat16, shape, mode, deterministic=deterministic)
+
+
+def test_backward_fast_switch(monkeypatch):
+    from recon_kernels.triton.attention import bwd_fast, static_constexprs
+
+    monkeypatch.delenv("RECON_ATTN_BWD_FAST", raising=False)
+    assert bwd_fast() and static_constexprs("dkdv")["FAST"]
+    monkeypatch.setenv("RECON_ATTN_BWD_FAST", "0")
+    assert not bwd_fast() and not static_constexprs("atomic")["FAST"]
+    monkeypatch.setenv("RECON_ATTN_BWD_FAST", "yes")
+    with pytest.raises(ValueError, match=r"RECON_ATTN_BWD_FAST: expected one of .*'yes'"):
+        bwd_fast()
 
 
 def test_backward_d_split_switch(monkeypatch):

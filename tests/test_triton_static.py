@@ -3,7 +3,8 @@
 benchmarks/sass_report.py compiles a representative subset of the configs the autotuner
 picks first (a subprocess without the interpreter) and these tests fail on a regression:
 
-* no spills, tensor-core instructions, shared memory within the sm_90 limit;
+* no spills (the backward: none inside a loop, at most BWD_SAVE_BYTES around its two
+  loops), tensor-core instructions, shared memory within the sm_90 limit;
 * attention: no work replicated across warpgroups (HGMMA per main-loop iteration equals
   the tile's ideal, HGMMA work ratio 1.0, MUFU.EX2 per score element 1 in the backward,
   1 + 4 / BN in the forward (the per-row rescale), times D_SPLIT); the fused
@@ -135,9 +136,21 @@ def test_every_selected_kernel_compiled(report):
         assert "error" not in r, f"{r['case']}: {r.get('error')}"
 
 
+# The backward's two loops (RECON_ATTN_BWD_FAST=1: the interior blocks, then the tested
+# rest): ptxas may save a few prologue registers (output addresses) around the interior
+# loop, at most 56 bytes for the first choices (triton 3.9, D = 128 atomic), a one-time
+# cost per program. None inside a loop (the sweep, benchmarks/results/static-sm90: none in
+# any first choice; one STL/LDL in the loop of the 3.6 D = 256 dK/dV rank-1 32 x 64 tile).
+BWD_SAVE_BYTES = 64
+
+
 def test_no_spills_and_tensor_cores(report):
     for r in report:
-        assert r["spill_bytes"] == 0, f"{r['case']}: {r['spill_bytes']} spill bytes"
+        assert r["loop_spills"] == 0, f"{r['case']}: {r['loop_spills']} spill instructions in loops"
+        bound = BWD_SAVE_BYTES if r.get("kernel") in ("dkdv", "dq", "atomic") else 0
+        assert r["spill_bytes"] <= bound, (
+            f"{r['case']}: {r['spill_bytes']} spill bytes, expected <= {bound}"
+        )
         assert r["tensor_core"], f"{r['case']}: no HGMMA/HMMA instruction"
         assert r["smem"] <= 227 * 1024, f"{r['case']}: {r['smem']} B shared memory > 227 KiB"
 

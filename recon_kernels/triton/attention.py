@@ -397,7 +397,7 @@ def _ws_tile(c) -> bool:
 
 
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
-_BWD_KEY = [*_KEY, "D_SPLIT"]
+_BWD_KEY = [*_KEY, "D_SPLIT", "FAST", "EVEN_D"]
 
 
 FWD_MODES = ("fast", "legacy")
@@ -526,6 +526,32 @@ def bwd_d_split(block_d: int, elem: int = 2) -> int:
     return 1
 
 
+BWD_FAST_MODES = ("1", "0")
+
+
+def bwd_fast() -> bool:
+    """RECON_ATTN_BWD_FAST: "1" (default) splits each backward program's loop in two: the
+    interior blocks (a whole key block and whole query blocks with every pair allowed: below
+    the causal diagonal, before the sequence's first padding key, no general mask, head dim
+    = BLOCK_D) load without masks and test nothing; the rest (the causal diagonal, the
+    last, partial blocks, padding keys, a general mask) test every pair. Not at BLOCK_D =
+    256 with dropout (the second loop spills inside it under triton 3.6). "0": one loop
+    that tests every pair (the A/B).
+
+    Why: the test (bounds, causal) and the masked loads were a fixed cost on every score
+    element of every block. Static sweep (sm_90a, bf16, first-choice tiles, SASS
+    instructions per score element, triton 3.6 / 3.9), before -> after: D = 128 atomic
+    24.69 -> 19.44 / 26.69 -> 22.81, causal 26.88 -> 19.81 / 29.19 -> 22.81; dK/dV 18.88 ->
+    15.62 / 21.0 -> 18.31; dQ 10.91 -> 9.03 / 12.84 -> 10.53, causal 13.97 -> 9.03 /
+    14.84 -> 10.53. The price: the kernel holds both loops, and ptxas saves a few
+    registers around the interior one (at most 56 bytes of spill stores, none inside a
+    loop)."""
+    mode = os.environ.get("RECON_ATTN_BWD_FAST", "1")
+    if mode not in BWD_FAST_MODES:
+        raise ValueError(f"RECON_ATTN_BWD_FAST: expected one of {BWD_FAST_MODES}, got {mode!r}")
+    return mode == "1"
+
+
 def static_constexprs(
     kind: str, block_d: int = 128, has_mask=False, has_kpm=False, dropout=False, causal=False
 ) -> dict:
@@ -546,7 +572,7 @@ def static_constexprs(
             "DEV_DESC": desc == "device",
             "WS": ws,
         }
-    return {"D_SPLIT": bwd_d_split(block_d)}
+    return {"D_SPLIT": bwd_d_split(block_d), "FAST": bwd_fast(), "EVEN_D": True}
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -1123,6 +1149,289 @@ def _bwd_preprocess_kernel(
         )
 
 
+@triton.jit
+def _bwd_kv_loop(
+    dk,
+    dv,
+    k,
+    v,
+    kt,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    DQ_ACC,
+    MASK,
+    KPM,
+    offs_n,
+    offs_d,
+    offs_g,
+    b,
+    h,
+    sqm,
+    sqd,
+    sdom,
+    sdod,
+    slm,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    qk_scale,
+    drop_key,
+    drop_thresh,
+    drop_scale,
+    lo,
+    gap_lo,
+    gap_hi,
+    hi,
+    BLOCK_M: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    GUARD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    D_SPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """The query-block loop of one key block (dK/dV, and with ATOMIC dQᵀ += Kᵀ dSᵀ into
+    DQ_ACC): dV += Pᵀ dO, dK += dSᵀ Q over the query blocks [lo, gap_lo) and [gap_hi, hi).
+
+    GUARD: loads masked at the query and head-dim bounds, every (query, key) pair tested
+    (bounds, causal, masks). Not GUARD (RECON_ATTN_BWD_FAST=1, the interior blocks: whole
+    query blocks, a whole key block, head dim = BLOCK_D, no general mask, no causal pair
+    masked, no padding key): no load masks and no test, the loop [lo, hi) (pass gap_lo =
+    gap_hi)."""
+    BLOCK_N: tl.constexpr = k.shape[0]
+    BLOCK_D: tl.constexpr = k.shape[1]
+    offs_i = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    g_ok = offs_g < HEAD_DIM
+    for it in range(lo, hi - (gap_hi - gap_lo), BLOCK_M):
+        if GUARD:
+            start_m = it + tl.where(it >= gap_lo, gap_hi - gap_lo, 0)
+        else:
+            start_m = it
+        offs_m = start_m + offs_i
+        if GUARD:
+            m_ok = offs_m < NQ
+            qt = tl.load(
+                Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                mask=m_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        else:
+            qt = tl.load(Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd)
+            lse = tl.load(LSE + offs_m * slm) * 1.4426950408889634
+        st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
+        if GUARD:
+            ok = _allowed(
+                offs_m, offs_n, b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn, NQ, NK,
+                HAS_MASK, HAS_KPM, CAUSAL, True, True,
+            )  # fmt: skip
+            pt = tl.where(ok, pt, 0.0)
+            do = tl.load(
+                DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+        else:
+            do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod)
+        if D_SPLIT == 1:
+            do_g = do
+            q_g = tl.trans(qt)
+        elif GUARD:  # this program's dO and Q columns, for dV and dK (dQ's from K)
+            g_msk = m_ok[:, None] & g_ok[None, :]
+            do_g = tl.load(
+                DO + offs_m[:, None] * sdom + offs_g[None, :] * sdod, mask=g_msk, other=0.0
+            )
+            q_g = tl.load(Q + offs_m[:, None] * sqm + offs_g[None, :] * sqd, mask=g_msk, other=0.0)
+        else:
+            do_g = tl.load(DO + offs_m[:, None] * sdom + offs_g[None, :] * sdod)
+            q_g = tl.load(Q + offs_m[:, None] * sqm + offs_g[None, :] * sqd)
+        if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
+            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
+            dv = mma(
+                cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST
+            )
+        else:
+            dv = mma(cast_rne(pt, do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST)
+        if GUARD:
+            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        else:
+            delta = tl.load(DELTA + offs_m)
+        dpt = mma(
+            v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
+        )
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        dst = cast_rne(pt * (dpt - delta[None, :]), qt.dtype, UPCAST)
+        dk = mma(dst, q_g, dk, PRECISION, UPCAST)
+        if ATOMIC:
+            dqt = mma(
+                kt,
+                dst,
+                tl.zeros([BLOCK_D // D_SPLIT, BLOCK_M], dtype=tl.float32),
+                PRECISION,
+                UPCAST,
+            )
+            dq_ptrs = DQ_ACC + offs_g[:, None] * NQ + offs_m[None, :]
+            if GUARD:
+                tl.atomic_add(dq_ptrs, dqt, mask=g_ok[:, None] & m_ok[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dqt, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_ranges(
+    KVHI,
+    b,
+    pid_n,
+    NQ,
+    NK,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    INTERIOR: tl.constexpr,
+):
+    """The query blocks one key block visits, [lo, q_end), and the interior among them,
+    [gap_lo, gap_hi): whole query blocks that see every key of a whole key block (below
+    the causal diagonal, the key block before the sequence's first padding key, no general
+    mask). INTERIOR False: none (gap_lo = gap_hi)."""
+    n0 = pid_n * BLOCK_N
+    lo = 0
+    if CAUSAL:
+        # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
+        lo = tl.maximum(n0 - (NK - NQ), 0) // BLOCK_M * BLOCK_M
+    q_end = NQ
+    if HAS_KPM:
+        # a key block wholly after the sequence's last real key adds nothing anywhere
+        q_end = tl.where(n0 < tl.load(KVHI + 2 * b + 1), NQ, 0)
+    q_end = tl.maximum(q_end, lo)
+    gap_lo = lo
+    gap_hi = lo
+    if INTERIOR and not HAS_MASK:
+        if CAUSAL:
+            # from here on every query of a block sees the whole key block
+            gap_lo = tl.maximum(n0 + BLOCK_N - 1 - (NK - NQ), 0)
+            gap_lo = tl.minimum(tl.maximum(tl.cdiv(gap_lo, BLOCK_M) * BLOCK_M, lo), q_end)
+        whole = n0 + BLOCK_N <= NK
+        if HAS_KPM:
+            whole = whole & (n0 + BLOCK_N <= tl.load(KVHI + 2 * b))
+        gap_hi = tl.where(
+            whole, tl.minimum(tl.maximum(NQ // BLOCK_M * BLOCK_M, gap_lo), q_end), gap_lo
+        )
+    return lo, gap_lo, gap_hi, q_end
+
+
+@triton.jit
+def _bwd_q_loop(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    MASK,
+    KPM,
+    offs_m,
+    offs_d,
+    offs_g,
+    b,
+    h,
+    skn,
+    skd,
+    svn,
+    svd,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    qk_scale,
+    drop_key,
+    drop_thresh,
+    drop_scale,
+    lo,
+    hi,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    GUARD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    D_SPLIT: tl.constexpr,
+):
+    """The key-block loop of one query block: dQ += dS K over the key blocks [lo, hi).
+    lse is in log2 units. GUARD as in _bwd_kv_loop: without it (the interior: whole key
+    blocks every query of a whole block sees) no load masks and no test."""
+    BLOCK_M: tl.constexpr = q.shape[0]
+    offs_j = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    g_ok = offs_g < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_j
+        if GUARD:
+            n_ok = offs_n < NK
+            kt = tl.load(
+                K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            vt = tl.load(
+                V + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                mask=n_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+        else:
+            kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd)
+            vt = tl.load(V + offs_n[None, :] * svn + offs_d[:, None] * svd)
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if GUARD:
+            ok = _allowed(
+                offs_m, offs_n, b, h, MASK, KPM, smb, smh, smm, smn, skpb, skpn, NQ, NK,
+                HAS_MASK, HAS_KPM, CAUSAL, True, False,
+            )  # fmt: skip
+            p = tl.where(ok, p, 0.0)
+        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        if DROPOUT:
+            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if D_SPLIT == 1:
+            k_g = tl.trans(kt)
+        elif GUARD:  # this program's K columns
+            k_g = tl.load(
+                K + offs_n[:, None] * skn + offs_g[None, :] * skd,
+                mask=n_ok[:, None] & g_ok[None, :],
+                other=0.0,
+            )
+        else:
+            k_g = tl.load(K + offs_n[:, None] * skn + offs_g[None, :] * skd)
+        dq = mma(cast_rne(ds, kt.dtype, UPCAST), k_g, dq, PRECISION, UPCAST)
+    return dq
+
+
 @triton.autotune(
     configs=_configs("dkdv"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
 )
@@ -1185,6 +1494,8 @@ def _attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
+    FAST: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False,
 ):
     """One program per key block: dV = Pᵀ dO and dK = scale · dSᵀ Q over all query blocks.
 
@@ -1223,76 +1534,26 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
-    lo = 0
-    if CAUSAL:
-        # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
-        lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
-    q_end = NQ
-    if HAS_KPM:
-        # a key block wholly after the sequence's last real key gets dK = dV = 0
-        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + 2 * b + 1), NQ, 0)
-    for start_m in range(lo, q_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < NQ
-        qt = tl.load(
-            Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-            mask=m_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
-        ok = _allowed(
-            offs_m,
-            offs_n,
-            b,
-            h,
-            MASK,
-            KPM,
-            smb,
-            smh,
-            smm,
-            smn,
-            skpb,
-            skpn,
-            NQ,
-            NK,
-            HAS_MASK,
-            HAS_KPM,
-            CAUSAL,
-            True,
-            True,
-        )
-        pt = tl.where(ok, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
-        do = tl.load(
-            DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if D_SPLIT == 1:
-            do_g = do
-        else:  # this program's dO and Q columns, for dV and dK (dQ's from K)
-            g_msk = m_ok[:, None] & g_ok[None, :]
-            do_g = tl.load(
-                DO + offs_m[:, None] * sdom + offs_g[None, :] * sdod, mask=g_msk, other=0.0
-            )
-            q_g = tl.load(Q + offs_m[:, None] * sqm + offs_g[None, :] * sqd, mask=g_msk, other=0.0)
-        if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
-            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
-            dv = mma(
-                cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST
-            )
-        else:
-            dv = mma(cast_rne(pt, do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST)
-        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        dpt = mma(
-            v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
-        )
-        if DROPOUT:
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
-        dst = pt * (dpt - delta[None, :])
-        if D_SPLIT == 1:
-            q_g = tl.trans(qt)
-        dk = mma(cast_rne(dst, qt.dtype, UPCAST), q_g, dk, PRECISION, UPCAST)
+    # (not at BLOCK_D = 256 with dropout: the second loop spills inside under triton 3.6)
+    INTERIOR: tl.constexpr = FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT)
+    lo, gap_lo, gap_hi, q_end = _bwd_kv_ranges(
+        KVHI, b, pid_n, NQ, NK, BLOCK_M, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, INTERIOR
+    )
+    if INTERIOR:  # the interior query blocks: no load masks, no test
+        dk, dv = _bwd_kv_loop(
+            dk, dv, k, v, k, Q, DO, LSE, DELTA, DELTA, MASK, KPM, offs_n, offs_d, offs_g, b,
+            h, sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
+            qk_scale, drop_key, drop_thresh, drop_scale, gap_lo, gap_hi, gap_hi, gap_hi,
+            BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, False, DROPOUT, PRECISION, UPCAST, D_SPLIT,
+            False,
+        )  # fmt: skip
+    # the rest (causal diagonal, the last query block, masks): every pair tested
+    dk, dv = _bwd_kv_loop(
+        dk, dv, k, v, k, Q, DO, LSE, DELTA, DELTA, MASK, KPM, offs_n, offs_d, offs_g, b, h,
+        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
+        qk_scale, drop_key, drop_thresh, drop_scale, lo, gap_lo, gap_hi, q_end, BLOCK_M,
+        HAS_MASK, HAS_KPM, CAUSAL, True, DROPOUT, PRECISION, UPCAST, D_SPLIT, False,
+    )  # fmt: skip
     dk = dk * sm_scale
     if DROPOUT:
         dv = dv * drop_scale
@@ -1363,6 +1624,8 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
+    FAST: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False,
 ):
     """One program per query block: dQ = scale · dS K over the key blocks it can see.
     dQ is written contiguous (B, H, Nq, D)."""
@@ -1406,56 +1669,28 @@ def _attn_bwd_dq_kernel(
         hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + NK - NQ), 0)
     if HAS_KPM:
         hi = tl.minimum(hi, tl.load(KVHI + 2 * b + 1))
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        kt = tl.load(
-            K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        vt = tl.load(
-            V + offs_n[None, :] * svn + offs_d[:, None] * svd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-        ok = _allowed(
-            offs_m,
-            offs_n,
-            b,
-            h,
-            MASK,
-            KPM,
-            smb,
-            smh,
-            smm,
-            smn,
-            skpb,
-            skpn,
-            NQ,
-            NK,
-            HAS_MASK,
-            HAS_KPM,
-            CAUSAL,
-            True,
-            False,
-        )
-        p = tl.where(ok, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-        if DROPOUT:
-            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, False)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if D_SPLIT == 1:
-            k_g = tl.trans(kt)
-        else:  # this program's K columns
-            k_g = tl.load(
-                K + offs_n[:, None] * skn + offs_g[None, :] * skd,
-                mask=n_ok[:, None] & g_ok[None, :],
-                other=0.0,
-            )
-        dq = mma(cast_rne(ds, kt.dtype, UPCAST), k_g, dq, PRECISION, UPCAST)
+    n_int = 0
+    if FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT):
+        # the interior: whole key blocks that every query of this (whole) block sees
+        n_int = hi
+        if CAUSAL:
+            n_int = tl.minimum(n_int, pid_m * BLOCK_M + NK - NQ + 1)
+        if HAS_KPM:  # before the sequence's first padding key
+            n_int = tl.minimum(n_int, tl.load(KVHI + 2 * b))
+        n_int = tl.where((pid_m + 1) * BLOCK_M <= NQ, tl.maximum(n_int, 0) // BLOCK_N * BLOCK_N, 0)
+        dq = _bwd_q_loop(
+            dq, q, do, lse, delta, K, V, MASK, KPM, offs_m, offs_d, offs_g, b, h, skn, skd, svn,
+            svd, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key,
+            drop_thresh, drop_scale, 0, n_int, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, False,
+            DROPOUT, PRECISION, UPCAST, D_SPLIT,
+        )  # fmt: skip
+    # the rest (causal diagonal, the last key block, masks): every pair tested
+    dq = _bwd_q_loop(
+        dq, q, do, lse, delta, K, V, MASK, KPM, offs_m, offs_d, offs_g, b, h, skn, skd, svn,
+        svd, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale, drop_key, drop_thresh,
+        drop_scale, n_int, hi, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, True, DROPOUT, PRECISION,
+        UPCAST, D_SPLIT,
+    )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
         DQ + bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_g[None, :],
@@ -1530,6 +1765,8 @@ def _attn_bwd_atomic_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
+    FAST: tl.constexpr = False,
+    EVEN_D: tl.constexpr = False,
 ):
     """The whole backward in one pass over the key blocks (deterministic=False): 5 GEMMs
     per tile instead of the two-kernel path's 7 (S and dP are not recomputed for dQ).
@@ -1581,85 +1818,26 @@ def _attn_bwd_atomic_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
-    lo = 0
-    if CAUSAL:
-        # queries i < j - (Nk - Nq) cannot see key j: start at the first block that can
-        lo = tl.maximum(pid_n * BLOCK_N - (NK - NQ), 0) // BLOCK_M * BLOCK_M
-    q_end = NQ
-    if HAS_KPM:
-        # a key block wholly after the sequence's last real key adds nothing anywhere
-        q_end = tl.where(pid_n * BLOCK_N < tl.load(KVHI + 2 * b + 1), NQ, 0)
-    for start_m in range(lo, q_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < NQ
-        qt = tl.load(
-            Q + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-            mask=m_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)  # (N, M)
-        ok = _allowed(
-            offs_m,
-            offs_n,
-            b,
-            h,
-            MASK,
-            KPM,
-            smb,
-            smh,
-            smm,
-            smn,
-            skpb,
-            skpn,
-            NQ,
-            NK,
-            HAS_MASK,
-            HAS_KPM,
-            CAUSAL,
+    # (not at BLOCK_D = 256 with dropout: the second loop spills inside under triton 3.6)
+    INTERIOR: tl.constexpr = FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT)
+    lo, gap_lo, gap_hi, q_end = _bwd_kv_ranges(
+        KVHI, b, pid_n, NQ, NK, BLOCK_M, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, INTERIOR
+    )
+    if INTERIOR:  # the interior query blocks: no load masks, no test
+        dk, dv = _bwd_kv_loop(
+            dk, dv, k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, offs_n, offs_d, offs_g, b,
+            h, sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
+            qk_scale, drop_key, drop_thresh, drop_scale, gap_lo, gap_hi, gap_hi, gap_hi,
+            BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, False, DROPOUT, PRECISION, UPCAST, D_SPLIT,
             True,
-            True,
-        )
-        pt = tl.where(ok, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
-        do = tl.load(
-            DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if D_SPLIT == 1:
-            do_g = do
-        else:  # this program's dO and Q columns, for dV and dK (dQ's from K)
-            g_msk = m_ok[:, None] & g_ok[None, :]
-            do_g = tl.load(
-                DO + offs_m[:, None] * sdom + offs_g[None, :] * sdod, mask=g_msk, other=0.0
-            )
-            q_g = tl.load(Q + offs_m[:, None] * sqm + offs_g[None, :] * sqd, mask=g_msk, other=0.0)
-        if DROPOUT:  # out = (P∘Z) V, Z = keep / (1 - p): dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ)∘Z
-            keep = _keep(drop_key, offs_m, offs_n, NK, drop_thresh, True)
-            dv = mma(
-                cast_rne(tl.where(keep, pt, 0.0), do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST
-            )
-        else:
-            dv = mma(cast_rne(pt, do.dtype, UPCAST), do_g, dv, PRECISION, UPCAST)
-        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        dpt = mma(
-            v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
-        )
-        if DROPOUT:
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
-        dst = cast_rne(pt * (dpt - delta[None, :]), qt.dtype, UPCAST)
-        if D_SPLIT == 1:
-            q_g = tl.trans(qt)
-        dk = mma(dst, q_g, dk, PRECISION, UPCAST)
-        dqt = mma(
-            kt, dst, tl.zeros([BLOCK_D // D_SPLIT, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST
-        )
-        tl.atomic_add(
-            DQ_ACC + offs_g[:, None] * NQ + offs_m[None, :],
-            dqt,
-            mask=g_ok[:, None] & m_ok[None, :],
-            sem="relaxed",
-        )
+        )  # fmt: skip
+    # the rest (causal diagonal, the last query block, masks): every pair tested
+    dk, dv = _bwd_kv_loop(
+        dk, dv, k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, offs_n, offs_d, offs_g, b, h,
+        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
+        qk_scale, drop_key, drop_thresh, drop_scale, lo, gap_lo, gap_hi, q_end, BLOCK_M,
+        HAS_MASK, HAS_KPM, CAUSAL, True, DROPOUT, PRECISION, UPCAST, D_SPLIT, True,
+    )  # fmt: skip
     dk = dk * sm_scale
     if DROPOUT:
         dv = dv * drop_scale
@@ -1963,7 +2141,7 @@ def attention_bwd(
         *_drop_args(dropout_p, seed),
     )
     d_split = bwd_d_split(block_d, q.element_size())
-    common["D_SPLIT"] = d_split
+    common.update(D_SPLIT=d_split, FAST=bwd_fast(), EVEN_D=D == block_d)
     key_grid = lambda meta: (cdiv(NK, meta["BLOCK_N"]) * B * H * d_split,)  # noqa: E731
     if not deterministic:
         _attn_bwd_atomic_kernel[key_grid](
