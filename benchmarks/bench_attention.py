@@ -197,29 +197,33 @@ def providers(
         else:
             out[label] = recon_under("triton", env)
             out[label].modes = ("fwd",)
+
+    def backward_switch(env: dict[str, str], skip: str | None) -> Callable | str:
+        """recon-triton under a backward A/B switch, fwd+bwd only (skip: why not here)."""
+        if skip is not None:
+            return C.skipped(skip)
+        fn = recon_under("triton", env)
+        if callable(fn):
+            fn.modes = ("fwd+bwd",)
+            fn.skip_why = "skipped: a backward switch (the forward is recon-triton's)"
+        return fn
+
     # recon-triton-dsplit1: the Triton backward at head dim 256 without its column split
-    # (RECON_ATTN_BWD_DSPLIT=1: 32 x 32 mma.sync tiles, rows replicated), fwd+bwd only
-    if case["D"] != 256:
-        out["recon-triton-dsplit1"] = C.skipped(
-            "RECON_ATTN_BWD_DSPLIT=1 changes the backward at head dim 256 only"
-        )
-    else:
-        fn = out["recon-triton-dsplit1"] = recon_under("triton", {"RECON_ATTN_BWD_DSPLIT": "1"})
-        if callable(fn):
-            fn.modes = ("fwd+bwd",)
-            fn.skip_why = "skipped: a backward switch (the forward is recon-triton's)"
+    # (RECON_ATTN_BWD_DSPLIT=1: 32 x 32 mma.sync tiles, rows replicated)
+    out["recon-triton-dsplit1"] = backward_switch(
+        {"RECON_ATTN_BWD_DSPLIT": "1"},
+        None
+        if case["D"] == 256
+        else "RECON_ATTN_BWD_DSPLIT=1 changes the backward at head dim 256 only",
+    )
     # recon-triton-bwd1loop: the Triton backward with one tested loop (RECON_ATTN_BWD_FAST=0,
-    # no interior loop without load masks or tests), fwd+bwd only, the A/B of that loop
-    # (where that loop runs many blocks: head dims 64-256, N >= 128)
-    if case["D"] not in (64, 128, 256) or case["N"] < 128:
-        out["recon-triton-bwd1loop"] = C.skipped(
-            "RECON_ATTN_BWD_FAST=0: timed at head dims 64, 128, 256 and N >= 128 only"
-        )
-    else:
-        fn = out["recon-triton-bwd1loop"] = recon_under("triton", {"RECON_ATTN_BWD_FAST": "0"})
-        if callable(fn):
-            fn.modes = ("fwd+bwd",)
-            fn.skip_why = "skipped: a backward switch (the forward is recon-triton's)"
+    # no interior loop without load masks or tests), where that loop runs many blocks
+    out["recon-triton-bwd1loop"] = backward_switch(
+        {"RECON_ATTN_BWD_FAST": "0"},
+        None
+        if case["D"] in (64, 128, 256) and case["N"] >= 128
+        else "RECON_ATTN_BWD_FAST=0: timed at head dims 64, 128, 256 and N >= 128 only",
+    )
     # recon-<b>-det: deterministic=True (triton: the two-kernel backward; cuda: the sm_90a
     # backward with its dQ sums in order), fwd+bwd only, the A/B of recon-<b>'s backward
     for b in ("triton", "cuda"):

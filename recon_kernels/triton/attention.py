@@ -1293,23 +1293,63 @@ def _bwd_kv_loop(
 
 
 @triton.jit
-def _bwd_kv_ranges(
+def _bwd_kv_sweep(
+    k,
+    v,
+    kt,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    DQ_ACC,
+    MASK,
+    KPM,
     KVHI,
+    offs_n,
+    offs_d,
+    offs_g,
     b,
+    h,
     pid_n,
+    sqm,
+    sqd,
+    sdom,
+    sdod,
+    slm,
+    smb,
+    smh,
+    smm,
+    smn,
+    skpb,
+    skpn,
     NQ,
     NK,
+    HEAD_DIM,
+    qk_scale,
+    drop_key,
+    drop_thresh,
+    drop_scale,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_KPM: tl.constexpr,
     CAUSAL: tl.constexpr,
-    INTERIOR: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    D_SPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    FAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
-    """The query blocks one key block visits, [lo, q_end), and the interior among them,
-    [gap_lo, gap_hi): whole query blocks that see every key of a whole key block (below
-    the causal diagonal, the key block before the sequence's first padding key, no general
-    mask). INTERIOR False: none (gap_lo = gap_hi)."""
+    """dK, dV (fp32, unscaled) of one key block over every query block it visits, [lo,
+    q_end) (ATOMIC: dQᵀ added into DQ_ACC on the way): with FAST and EVEN_D the interior
+    [gap_lo, gap_hi), whole query blocks that see every key of a whole key block (below the
+    causal diagonal, the key block before the sequence's first padding key, no general
+    mask), in the loop with no test, then the rest in the tested one."""
+    BLOCK_N: tl.constexpr = k.shape[0]
+    BLOCK_D: tl.constexpr = k.shape[1]
+    # (not at BLOCK_D = 256 with dropout: the interior loop spills inside under triton 3.6)
+    INTERIOR: tl.constexpr = FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT)
     n0 = pid_n * BLOCK_N
     lo = 0
     if CAUSAL:
@@ -1322,7 +1362,9 @@ def _bwd_kv_ranges(
     q_end = tl.maximum(q_end, lo)
     gap_lo = lo
     gap_hi = lo
-    if INTERIOR and not HAS_MASK:
+    dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
+    if INTERIOR:
         if CAUSAL:
             # from here on every query of a block sees the whole key block
             gap_lo = tl.maximum(n0 + BLOCK_N - 1 - (NK - NQ), 0)
@@ -1333,7 +1375,22 @@ def _bwd_kv_ranges(
         gap_hi = tl.where(
             whole, tl.minimum(tl.maximum(NQ // BLOCK_M * BLOCK_M, gap_lo), q_end), gap_lo
         )
-    return lo, gap_lo, gap_hi, q_end
+        # the interior query blocks: no load masks, no test
+        dk, dv = _bwd_kv_loop(
+            dk, dv, k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, offs_n, offs_d, offs_g, b,
+            h, sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
+            qk_scale, drop_key, drop_thresh, drop_scale, gap_lo, gap_hi, gap_hi, gap_hi,
+            BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, False, DROPOUT, PRECISION, UPCAST, D_SPLIT,
+            ATOMIC,
+        )  # fmt: skip
+    # the rest (causal diagonal, the last query block, masks): every pair tested
+    dk, dv = _bwd_kv_loop(
+        dk, dv, k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, offs_n, offs_d, offs_g, b, h,
+        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
+        qk_scale, drop_key, drop_thresh, drop_scale, lo, gap_lo, gap_hi, q_end, BLOCK_M,
+        HAS_MASK, HAS_KPM, CAUSAL, True, DROPOUT, PRECISION, UPCAST, D_SPLIT, ATOMIC,
+    )  # fmt: skip
+    return dk, dv
 
 
 @triton.jit
@@ -1531,28 +1588,12 @@ def _attn_bwd_dkdv_kernel(
     LSE += b * slb + h * slh
     DELTA += bh * NQ
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
-    # (not at BLOCK_D = 256 with dropout: the second loop spills inside under triton 3.6)
-    INTERIOR: tl.constexpr = FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT)
-    lo, gap_lo, gap_hi, q_end = _bwd_kv_ranges(
-        KVHI, b, pid_n, NQ, NK, BLOCK_M, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, INTERIOR
-    )
-    if INTERIOR:  # the interior query blocks: no load masks, no test
-        dk, dv = _bwd_kv_loop(
-            dk, dv, k, v, k, Q, DO, LSE, DELTA, DELTA, MASK, KPM, offs_n, offs_d, offs_g, b,
-            h, sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
-            qk_scale, drop_key, drop_thresh, drop_scale, gap_lo, gap_hi, gap_hi, gap_hi,
-            BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, False, DROPOUT, PRECISION, UPCAST, D_SPLIT,
-            False,
-        )  # fmt: skip
-    # the rest (causal diagonal, the last query block, masks): every pair tested
-    dk, dv = _bwd_kv_loop(
-        dk, dv, k, v, k, Q, DO, LSE, DELTA, DELTA, MASK, KPM, offs_n, offs_d, offs_g, b, h,
-        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
-        qk_scale, drop_key, drop_thresh, drop_scale, lo, gap_lo, gap_hi, q_end, BLOCK_M,
-        HAS_MASK, HAS_KPM, CAUSAL, True, DROPOUT, PRECISION, UPCAST, D_SPLIT, False,
+    dk, dv = _bwd_kv_sweep(
+        k, v, k, Q, DO, LSE, DELTA, DELTA, MASK, KPM, KVHI, offs_n, offs_d, offs_g, b, h, pid_n,
+        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale,
+        drop_key, drop_thresh, drop_scale, BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, DROPOUT,
+        PRECISION, UPCAST, D_SPLIT, False, FAST, EVEN_D,
     )  # fmt: skip
     dk = dk * sm_scale
     if DROPOUT:
@@ -1815,28 +1856,12 @@ def _attn_bwd_atomic_kernel(
     DELTA += bh * NQ
     DQ_ACC += bh * HEAD_DIM * NQ
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], dtype=tl.float32)
     drop_key = _drop_key(seed, bh) if DROPOUT else 0
-    # (not at BLOCK_D = 256 with dropout: the second loop spills inside under triton 3.6)
-    INTERIOR: tl.constexpr = FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT)
-    lo, gap_lo, gap_hi, q_end = _bwd_kv_ranges(
-        KVHI, b, pid_n, NQ, NK, BLOCK_M, BLOCK_N, HAS_MASK, HAS_KPM, CAUSAL, INTERIOR
-    )
-    if INTERIOR:  # the interior query blocks: no load masks, no test
-        dk, dv = _bwd_kv_loop(
-            dk, dv, k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, offs_n, offs_d, offs_g, b,
-            h, sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
-            qk_scale, drop_key, drop_thresh, drop_scale, gap_lo, gap_hi, gap_hi, gap_hi,
-            BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, False, DROPOUT, PRECISION, UPCAST, D_SPLIT,
-            True,
-        )  # fmt: skip
-    # the rest (causal diagonal, the last query block, masks): every pair tested
-    dk, dv = _bwd_kv_loop(
-        dk, dv, k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, offs_n, offs_d, offs_g, b, h,
-        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM,
-        qk_scale, drop_key, drop_thresh, drop_scale, lo, gap_lo, gap_hi, q_end, BLOCK_M,
-        HAS_MASK, HAS_KPM, CAUSAL, True, DROPOUT, PRECISION, UPCAST, D_SPLIT, True,
+    dk, dv = _bwd_kv_sweep(
+        k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, KVHI, offs_n, offs_d, offs_g, b, h, pid_n,
+        sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale,
+        drop_key, drop_thresh, drop_scale, BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, DROPOUT,
+        PRECISION, UPCAST, D_SPLIT, True, FAST, EVEN_D,
     )  # fmt: skip
     dk = dk * sm_scale
     if DROPOUT:
