@@ -947,12 +947,18 @@ def test_backward_interior_blocks_match_reference(
 
 
 def test_backward_fast_switch(monkeypatch):
-    from recon_kernels.triton.attention import bwd_fast, static_constexprs
+    from recon_kernels.triton.attention import bwd_fast, bwd_interior, static_constexprs
 
     monkeypatch.delenv("RECON_ATTN_BWD_FAST", raising=False)
-    assert bwd_fast() and static_constexprs("dkdv")["FAST"]
+    assert bwd_fast() and static_constexprs("dkdv")["INTERIOR"]
+    # the interior needs head dim = block, no general mask, and not D = 256 with dropout
+    assert bwd_interior(128, 128, False, True) and bwd_interior(256, 256, False, False)
+    assert not bwd_interior(128, 72, False, False) and not bwd_interior(64, 64, True, False)
+    assert not bwd_interior(256, 256, False, True)
+    assert not static_constexprs("dq", 128, has_mask=True)["INTERIOR"]
     monkeypatch.setenv("RECON_ATTN_BWD_FAST", "0")
-    assert not bwd_fast() and not static_constexprs("atomic")["FAST"]
+    assert not bwd_fast() and not static_constexprs("atomic")["INTERIOR"]
+    assert not bwd_interior(128, 128, False, False)
     monkeypatch.setenv("RECON_ATTN_BWD_FAST", "yes")
     with pytest.raises(ValueError, match=r"RECON_ATTN_BWD_FAST: expected one of .*'yes'"):
         bwd_fast()

@@ -397,7 +397,7 @@ def _ws_tile(c) -> bool:
 
 
 _KEY = ["NQ_KEY", "NK_KEY", "BLOCK_D", "HAS_MASK", "HAS_KPM", "CAUSAL", "DROPOUT"]
-_BWD_KEY = [*_KEY, "D_SPLIT", "FAST", "EVEN_D"]
+_BWD_KEY = [*_KEY, "D_SPLIT", "INTERIOR"]
 
 
 FWD_MODES = ("fast", "legacy")
@@ -552,6 +552,13 @@ def bwd_fast() -> bool:
     return mode == "1"
 
 
+def bwd_interior(block_d: int, d: int, has_mask: bool, dropout: bool) -> bool:
+    """Whether the backward kernels run their interior loop (the INTERIOR constexpr):
+    RECON_ATTN_BWD_FAST=1, head dim = its block, no general mask, and not BLOCK_D = 256 with
+    dropout (there the interior loop spills inside it under triton 3.6)."""
+    return bwd_fast() and d == block_d and not has_mask and not (block_d == 256 and dropout)
+
+
 def static_constexprs(
     kind: str, block_d: int = 128, has_mask=False, has_kpm=False, dropout=False, causal=False
 ) -> dict:
@@ -572,7 +579,10 @@ def static_constexprs(
             "DEV_DESC": desc == "device",
             "WS": ws,
         }
-    return {"D_SPLIT": bwd_d_split(block_d), "FAST": bwd_fast(), "EVEN_D": True}
+    return {
+        "D_SPLIT": bwd_d_split(block_d),
+        "INTERIOR": bwd_interior(block_d, block_d, has_mask, dropout),
+    }
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -1338,18 +1348,15 @@ def _bwd_kv_sweep(
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
     ATOMIC: tl.constexpr,
-    FAST: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    INTERIOR: tl.constexpr,
 ):
     """dK, dV (fp32, unscaled) of one key block over every query block it visits, [lo,
-    q_end) (ATOMIC: dQᵀ added into DQ_ACC on the way): with FAST and EVEN_D the interior
+    q_end) (ATOMIC: dQᵀ added into DQ_ACC on the way): with INTERIOR (bwd_interior) the
     [gap_lo, gap_hi), whole query blocks that see every key of a whole key block (below the
     causal diagonal, the key block before the sequence's first padding key, no general
     mask), in the loop with no test, then the rest in the tested one."""
     BLOCK_N: tl.constexpr = k.shape[0]
     BLOCK_D: tl.constexpr = k.shape[1]
-    # (not at BLOCK_D = 256 with dropout: the interior loop spills inside under triton 3.6)
-    INTERIOR: tl.constexpr = FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT)
     n0 = pid_n * BLOCK_N
     lo = 0
     if CAUSAL:
@@ -1551,8 +1558,7 @@ def _attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
-    FAST: tl.constexpr = False,
-    EVEN_D: tl.constexpr = False,
+    INTERIOR: tl.constexpr = False,
 ):
     """One program per key block: dV = Pᵀ dO and dK = scale · dSᵀ Q over all query blocks.
 
@@ -1593,7 +1599,7 @@ def _attn_bwd_dkdv_kernel(
         k, v, k, Q, DO, LSE, DELTA, DELTA, MASK, KPM, KVHI, offs_n, offs_d, offs_g, b, h, pid_n,
         sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale,
         drop_key, drop_thresh, drop_scale, BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, DROPOUT,
-        PRECISION, UPCAST, D_SPLIT, False, FAST, EVEN_D,
+        PRECISION, UPCAST, D_SPLIT, False, INTERIOR,
     )  # fmt: skip
     dk = dk * sm_scale
     if DROPOUT:
@@ -1665,8 +1671,7 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
-    FAST: tl.constexpr = False,
-    EVEN_D: tl.constexpr = False,
+    INTERIOR: tl.constexpr = False,
 ):
     """One program per query block: dQ = scale · dS K over the key blocks it can see.
     dQ is written contiguous (B, H, Nq, D)."""
@@ -1711,7 +1716,7 @@ def _attn_bwd_dq_kernel(
     if HAS_KPM:
         hi = tl.minimum(hi, tl.load(KVHI + 2 * b + 1))
     n_int = 0
-    if FAST and EVEN_D and not HAS_MASK and not (BLOCK_D == 256 and DROPOUT):
+    if INTERIOR:
         # the interior: whole key blocks that every query of this (whole) block sees
         n_int = hi
         if CAUSAL:
@@ -1806,8 +1811,7 @@ def _attn_bwd_atomic_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     D_SPLIT: tl.constexpr,
-    FAST: tl.constexpr = False,
-    EVEN_D: tl.constexpr = False,
+    INTERIOR: tl.constexpr = False,
 ):
     """The whole backward in one pass over the key blocks (deterministic=False): 5 GEMMs
     per tile instead of the two-kernel path's 7 (S and dP are not recomputed for dQ).
@@ -1861,7 +1865,7 @@ def _attn_bwd_atomic_kernel(
         k, v, kt, Q, DO, LSE, DELTA, DQ_ACC, MASK, KPM, KVHI, offs_n, offs_d, offs_g, b, h, pid_n,
         sqm, sqd, sdom, sdod, slm, smb, smh, smm, smn, skpb, skpn, NQ, NK, HEAD_DIM, qk_scale,
         drop_key, drop_thresh, drop_scale, BLOCK_M, HAS_MASK, HAS_KPM, CAUSAL, DROPOUT,
-        PRECISION, UPCAST, D_SPLIT, True, FAST, EVEN_D,
+        PRECISION, UPCAST, D_SPLIT, True, INTERIOR,
     )  # fmt: skip
     dk = dk * sm_scale
     if DROPOUT:
@@ -2166,7 +2170,10 @@ def attention_bwd(
         *_drop_args(dropout_p, seed),
     )
     d_split = bwd_d_split(block_d, q.element_size())
-    common.update(D_SPLIT=d_split, FAST=bwd_fast(), EVEN_D=D == block_d)
+    common.update(
+        D_SPLIT=d_split,
+        INTERIOR=bwd_interior(block_d, D, mask is not None, dropout_p > 0),
+    )
     key_grid = lambda meta: (cdiv(NK, meta["BLOCK_N"]) * B * H * d_split,)  # noqa: E731
     if not deterministic:
         _attn_bwd_atomic_kernel[key_grid](
